@@ -1,0 +1,274 @@
+"""LLMEngine: the runtime both workers drive. `add_request`, `step`, `abort_request`, `generate`.
+
+Not thread-safe: one thread (the worker's engine thread) owns an engine and calls it.
+Disaggregation hooks: `add_request(..., keep_blocks=True)` keeps a finished prompt's KV blocks
+until `release` (prefill side); `add_prefilled_request` admits a sequence whose KV already sits
+in reserved blocks (decode side).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.loader import load_weights, model_fingerprint
+from pdserve.engine.model import LayerCallback, Transformer
+from pdserve.engine.model_config import ModelConfig
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.errors import InvalidRequest, NotFound
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (deltas since the previous output)."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float] | None
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort"
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    new_text: str = ""
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished request, as returned by `generate`."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str
+    num_cached_tokens: int
+    text: str = ""
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.set_num_threads(config.num_threads)
+        model_dir = Path(config.model)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.fingerprint = model_fingerprint(model_dir)
+        dtype = _DTYPES[config.dtype]
+        weights = load_weights(model_dir, mc, dtype=dtype, device=config.device)
+        self.model = Transformer(mc, weights, self.max_model_len)
+        bytes_per_block = mc.kv_bytes_per_token * config.block_size * torch.finfo(dtype).bits // 32
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_block)
+        self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+                                     dtype=dtype, device=config.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, self.fingerprint)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = set(mc.eos_token_ids)
+        self.requests: dict[str, Sequence] = {}  # req_id -> live sequence
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (not cache hits)
+        self.num_generation_tokens = 0
+        self.capture_logits = False  # tests: keep each step's logits on the sequence
+        self._logits: dict[str, list[torch.Tensor]] = {}
+        logger.info("engine ready: %s, %d layers, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d",
+                    mc.architecture, mc.num_layers, num_blocks, config.block_size,
+                    self.kv_cache.nbytes / 2**20, self.max_model_len)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest when the request can never run on this engine."""
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        total = len(prompt_token_ids) + params.max_tokens
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(prompt_token_ids)} tokens; this model's maximum context is {self.max_model_len} "
+                "(prompt + at least one generated token): shorten the prompt")
+        if total > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the maximum context of {self.max_model_len}: lower max_tokens to at most "
+                f"{self.max_model_len - len(prompt_token_ids)}")
+        if self.block_manager.blocks_for_tokens(total) > self.block_manager.num_blocks:
+            raise InvalidRequest(
+                f"request needs {self.block_manager.blocks_for_tokens(total)} KV blocks but the whole cache has "
+                f"{self.block_manager.num_blocks}: shorten the prompt or max_tokens")
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    keep_blocks: bool = False) -> Sequence:
+        if req_id in self.requests:
+            raise InvalidRequest(f"request id {req_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(req_id, prompt_token_ids, params)
+        seq.keep_blocks = keep_blocks
+        self.requests[req_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def add_prefilled_request(self, req_id: str, prompt_token_ids: list[int], first_token_id: int,
+                              params: SamplingParams, block_ids: list[int],
+                              first_logprob: float | None = None, num_cached_tokens: int = 0) -> Sequence:
+        """Admit a sequence whose prompt KV already sits in `block_ids` (taken from the block manager
+        by the caller, covering prompt + max_tokens) and whose first token was sampled elsewhere."""
+        if req_id in self.requests:
+            raise InvalidRequest(f"request id {req_id!r} is already in use")
+        seq = Sequence(req_id, prompt_token_ids, params)
+        seq.reserved = True
+        seq.admitted = True
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        seq.num_cached_tokens = num_cached_tokens
+        seq.first_token_time = time.monotonic()
+        self.requests[req_id] = seq
+        seq.token_ids.append(first_token_id)
+        if first_logprob is not None:
+            seq.output_logprobs.append(first_logprob)
+        self.scheduler.register_full_blocks(seq)
+        if not self._check_stop(seq, first_token_id):
+            self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, req_id: str) -> bool:
+        """Finish a request now and free its blocks (unless held for a transfer). False if unknown."""
+        seq = self.requests.pop(req_id, None)
+        if seq is None:
+            return False
+        seq.keep_blocks = False
+        self.scheduler.finish(seq, "abort")
+        self._logits.pop(req_id, None)
+        return True
+
+    def release(self, req_id: str) -> None:
+        """Free the blocks a finished `keep_blocks` request still holds."""
+        seq = self.requests.pop(req_id, None)
+        if seq is None:
+            raise NotFound(f"unknown request {req_id!r}")
+        seq.keep_blocks = False
+        if seq.is_finished:
+            self.scheduler.release_blocks(seq)
+        else:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def step(self, on_layer_done: LayerCallback | None = None) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sample_rows = self.runner.execute(batch, on_layer_done)
+        sampling = [item.seq for item, r in zip(batch, sample_rows) if r >= 0]
+        token_ids: list[int] = []
+        logprobs: list[float] | None = None
+        if sampling:
+            assert logits is not None
+            generators = [s.generator for s in sampling]
+            token_ids, logprobs = self.sampler.sample(logits, [s.params for s in sampling], generators)
+            if self.capture_logits:
+                for s, row in zip(sampling, logits):
+                    self._logits.setdefault(s.req_id, []).append(row.clone())
+        outputs = []
+        now = time.monotonic()
+        sample_iter = iter(range(len(sampling)))
+        for item, r in zip(batch, sample_rows):
+            seq = item.seq
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(item.num_new_tokens,
+                                                       seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.scheduler.register_full_blocks(seq)
+            if r < 0:
+                continue
+            i = next(sample_iter)
+            token = token_ids[i]
+            seq.token_ids.append(token)
+            self.num_generation_tokens += 1
+            lp = None
+            if logprobs is not None and seq.params.logprobs:
+                lp = [logprobs[i]]
+                seq.output_logprobs.append(logprobs[i])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            finished = self._check_stop(seq, token)
+            outputs.append(RequestOutput(
+                req_id=seq.req_id, new_token_ids=[token], new_logprobs=lp, finished=finished,
+                finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+                num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        reason = None
+        if seq.num_output_tokens >= p.min_tokens and (
+                token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            return False
+        self.finish(seq, reason)
+        return True
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        if not seq.keep_blocks:
+            self.requests.pop(seq.req_id, None)
+
+    # ---- offline ----------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[Completion]:
+        """Run prompts to completion (offline batch). Returns completions in prompt order."""
+        prompts = list(prompts)
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        seqs = {rid: self.add_request(rid, p, sp) for rid, p, sp in zip(ids, prompts, params_list)}
+        while any(not s.is_finished for s in seqs.values()):
+            self.step()
+        return [
+            Completion(req_id=rid, prompt_token_ids=s.token_ids[:s.num_prompt_tokens],
+                       token_ids=s.output_token_ids,
+                       logprobs=s.output_logprobs if s.params.logprobs else None,
+                       finish_reason=s.finish_reason or "", num_cached_tokens=s.num_cached_tokens,
+                       logits=self._logits.pop(rid, []))
+            for rid, s in seqs.items()
+        ]
+
+    # ---- stats ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int | float]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_kv_blocks": bm.num_blocks,
+            "num_free_kv_blocks": bm.num_free_blocks,
+            "num_used_kv_blocks": bm.num_used_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": bm.num_prefix_queries,
+            "prefix_cache_hits": bm.num_prefix_hits,
+            "num_prompt_tokens_computed": self.num_prompt_tokens_computed,
+            "num_generation_tokens": self.num_generation_tokens,
+        }

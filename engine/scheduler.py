@@ -1,0 +1,164 @@
+"""Continuous batching with chunked prefill: decides, each step, which tokens of which sequences run.
+
+Running sequences go first (decodes one token each, unfinished prefills a chunk), then waiting
+ones in arrival order (FCFS) while the token budget, the batch-size cap and free KV blocks allow.
+When a decode needs a block and none is free, the most recently admitted running sequence is
+preempted: its blocks are freed and it is recomputed later (its full blocks usually come back as
+prefix-cache hits).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.engine.block_hash import chain_block_hashes
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, fingerprint: bytes) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.fingerprint = fingerprint
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def update_block_hashes(self, seq: Sequence) -> None:
+        seq.block_hashes = chain_block_hashes(seq.token_ids, self.bm.block_size, self.fingerprint, seq.block_hashes)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        scheduled: list[ScheduledSeq] = []
+        scheduled_ids: set[str] = set()
+
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or budget <= 0:
+                continue
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining == 1:
+                if not self._ensure_blocks(seq, scheduled_ids):
+                    continue
+                n = 1
+            elif chunked:
+                n = min(remaining, budget)
+            elif remaining <= budget or not scheduled:
+                n = remaining
+            else:
+                continue
+            scheduled.append(ScheduledSeq(seq, n))
+            scheduled_ids.add(seq.req_id)
+            budget -= n
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.reserved and seq.block_table:
+                n = seq.num_tokens - seq.num_computed_tokens  # KV already in place (decode worker)
+            else:
+                n = self._admit_blocks(seq, budget, bool(scheduled))
+                if n is None:
+                    break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            scheduled_ids.add(seq.req_id)
+            budget -= n
+        return scheduled
+
+    def _admit_blocks(self, seq: Sequence, budget: int, batch_nonempty: bool) -> int | None:
+        """Give a waiting sequence its blocks (prefix hits + fresh ones); None if it must wait."""
+        bs = self.bm.block_size
+        self.update_block_hashes(seq)
+        # Never take the block holding the last token from the cache: its logits are needed.
+        hashes = seq.block_hashes[: (seq.num_tokens - 1) // bs]
+        cached = self.bm.match_prefix(hashes)
+        num_new_blocks = self.bm.blocks_for_tokens(seq.num_tokens) - len(cached)
+        if self.bm.num_free_after_taking(cached) < num_new_blocks:
+            return None
+        remaining = seq.num_tokens - len(cached) * bs
+        if self.config.enable_chunked_prefill:
+            n = min(remaining, budget)
+        elif remaining <= budget or not batch_nonempty:
+            n = remaining
+        else:
+            return None
+        self.bm.take(cached)
+        seq.block_table = cached + self.bm.allocate(num_new_blocks)
+        seq.num_computed_tokens = len(cached) * bs
+        seq.num_registered_blocks = len(cached)
+        self.bm.record_prefix_query(len(hashes), len(cached))
+        if not seq.admitted:
+            seq.num_cached_tokens = len(cached) * bs
+            seq.admitted = True
+        return n
+
+    def _ensure_blocks(self, seq: Sequence, scheduled_ids: set[str]) -> bool:
+        """Make room for `seq`'s next token, preempting others if needed. False if `seq` itself was preempted."""
+        needed = self.bm.blocks_for_tokens(seq.num_tokens) - len(seq.block_table)
+        while needed > self.bm.num_free_blocks:
+            victim = next((s for s in reversed(self.running)
+                           if s is not seq and s.req_id not in scheduled_ids and not s.reserved), None)
+            if victim is None:
+                self.preempt(seq)
+                return False
+            self.preempt(victim)
+        if needed > 0:
+            seq.block_table.extend(self.bm.allocate(needed))
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        logger.debug("preempting %s (free blocks: %d)", seq.req_id, self.bm.num_free_blocks)
+        self.running.remove(seq)
+        self.bm.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Enter every newly computed full block of `seq` into the prefix-cache index."""
+        num_full = seq.num_computed_tokens // self.bm.block_size
+        if num_full <= seq.num_registered_blocks:
+            return
+        self.update_block_hashes(seq)
+        for i in range(seq.num_registered_blocks, num_full):
+            self.bm.register(seq.block_table[i], seq.block_hashes[i])
+        seq.num_registered_blocks = num_full
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues; free its blocks unless it holds them for a transfer."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if not seq.keep_blocks:
+            self.release_blocks(seq)
+
+    def release_blocks(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.bm.free(seq.block_table)
+            seq.block_table = []
