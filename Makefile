@@ -1,0 +1,36 @@
+# pdserve developer commands. `make demo` and `make test` are the two a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PDSERVE := $(VENV)/bin/pdserve
+export UCX_WARN_UNUSED_ENV_VARS := n
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-fast demo proto bench clean
+
+install: $(VENV)/.installed  ## create .venv and install pdserve with the test extra (quick when nothing changed)
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: install  ## the whole suite
+	$(PY) -m pytest -q -rs
+
+test-fast: install  ## unit tests only
+	$(PY) -m pytest -q tests/unit
+
+proto: install  ## regenerate the protobuf/gRPC code in proto/
+	$(PY) -m pdserve.proto.generate
+
+demo: install  ## make the built-in model and stream generations from it
+	$(PY) -m pdserve.demo
+
+bench: install  ## engine throughput benchmark
+	$(PY) benchmarks/engine_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
