@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def _h(text: str, **extra) -> dict:
+    return {"help": text, **extra}
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str  # Hugging Face model directory
-    block_size: int = 16  # tokens per KV block
-    kv_cache_memory_mb: int = 512  # KV pool size when num_kv_blocks is not given
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb
-    max_num_seqs: int = 64  # running batch size cap
-    max_num_batched_tokens: int = 512  # per-step token budget (prefill chunk size)
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    num_threads: int = 1  # torch intra-op threads
-    seed: int = 0  # for requests without their own seed
-    dtype: str = "float32"
-    device: str = "cpu"
+    model: str = field(default="", metadata=_h("Hugging Face model directory (config.json, *.safetensors, "
+                                               "tokenizer.json); empty: the built-in tiny model", metavar="DIR"))
+    block_size: int = field(default=16, metadata=_h("tokens per KV block"))
+    kv_cache_memory_mb: int = field(default=512, metadata=_h("KV pool size in MiB (when --num-kv-blocks is unset)"))
+    num_kv_blocks: int | None = field(default=None, metadata=_h("KV pool size in blocks (overrides the MiB size)"))
+    max_num_seqs: int = field(default=64, metadata=_h("maximum sequences in the running batch"))
+    max_num_batched_tokens: int = field(default=512, metadata=_h("per-step token budget (the prefill chunk size)"))
+    enable_chunked_prefill: bool = field(default=True, metadata=_h("split long prompts into chunks mixed with decodes"))
+    enable_prefix_caching: bool = field(default=True, metadata=_h("reuse the KV of identical prompt prefixes"))
+    max_model_len: int | None = field(default=None, metadata=_h("maximum context length (default: the model's)"))
+    num_threads: int = field(default=1, metadata=_h("torch intra-op threads for the forward pass"))
+    seed: int = field(default=0, metadata=_h("sampling seed for requests without their own"))
+    dtype: str = field(default="float32", metadata=_h("weights and KV dtype", choices=["float32", "bfloat16", "float16"]))
+    device: str = field(default="cpu", metadata=_h("torch device (cpu or cuda)"))
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

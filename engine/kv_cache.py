@@ -47,13 +47,7 @@ class PagedKVCache:
 
     def layer_regions(self, layer: int, block_ids: list[int]) -> list[tuple[int, int]]:
         """(byte_offset, nbytes) regions covering `block_ids` of one layer's K and V, adjacent blocks merged."""
-        regions: list[tuple[int, int]] = []
-        bn = self.block_nbytes
-        for kind in (0, 1):
-            base = (layer * 2 + kind) * self.num_blocks
-            for start, count in block_runs(block_ids):
-                regions.append(((base + start) * bn, count * bn))
-        return regions
+        return layer_regions(self.num_blocks, self.block_nbytes, layer, block_ids)
 
     def regions(self, block_ids: list[int], layers: range | None = None) -> list[tuple[int, int]]:
         """Regions for `block_ids` over several layers, in (layer, K/V, run) order."""
@@ -61,6 +55,17 @@ class PagedKVCache:
         for layer in layers if layers is not None else range(self.num_layers):
             out.extend(self.layer_regions(layer, block_ids))
         return out
+
+
+def layer_regions(num_blocks: int, block_nbytes: int, layer: int, block_ids: list[int]) -> list[tuple[int, int]]:
+    """Byte regions of `block_ids` of one layer (K runs, then V runs) in a pool of `num_blocks`
+    blocks with this module's layout; also used for a peer's pool, from its KVLayout."""
+    regions: list[tuple[int, int]] = []
+    for kind in (0, 1):
+        base = (layer * 2 + kind) * num_blocks
+        for start, count in block_runs(block_ids):
+            regions.append(((base + start) * block_nbytes, count * block_nbytes))
+    return regions
 
 
 def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +20,12 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.loader import load_weights, model_fingerprint
-from pdserve.engine.model import LayerCallback, Transformer
+from pdserve.engine.model import Transformer
 from pdserve.engine.model_config import ModelConfig
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.errors import InvalidRequest, NotFound
 
@@ -88,6 +88,9 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (not cache hits)
         self.num_generation_tokens = 0
         self.capture_logits = False  # tests: keep each step's logits on the sequence
+        # Called as hook(layer_index, batch) once a layer's K/V for the step are in the cache
+        # (prefill workers push KV from here while later layers still compute).
+        self.layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
         self._logits: dict[str, list[torch.Tensor]] = {}
         logger.info("engine ready: %s, %d layers, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d",
                     mc.architecture, mc.num_layers, num_blocks, config.block_size,
@@ -176,17 +179,19 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # ---- stepping ---------------------------------------------------------------------------
-    def step(self, on_layer_done: LayerCallback | None = None) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        hook = self.layer_hook
+        on_layer_done = None if hook is None else (lambda i: hook(i, batch))
         logits, sample_rows = self.runner.execute(batch, on_layer_done)
         sampling = [item.seq for item, r in zip(batch, sample_rows) if r >= 0]
         token_ids: list[int] = []
         logprobs: list[float] | None = None
         if sampling:
             assert logits is not None
-            generators = [s.generator for s in sampling]
+            generators = [s.generator_for_next_token() for s in sampling]
             token_ids, logprobs = self.sampler.sample(logits, [s.params for s in sampling], generators)
             if self.capture_logits:
                 for s, row in zip(sampling, logits):

@@ -11,6 +11,9 @@ from pdserve.engine.block_hash import BlockHash
 from pdserve.engine.sampling_params import SamplingParams
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed space
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -38,6 +41,14 @@ class Sequence:
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
+
+    def generator_for_next_token(self) -> torch.Generator | None:
+        """The seeded generator for the next draw, keyed on (seed, output position) so that a
+        request gives the same tokens wherever its earlier tokens were sampled (prefill or decode)."""
+        if self.generator is None:
+            return None
+        assert self.params.seed is not None
+        return self.generator.manual_seed((self.params.seed + _GOLDEN * self.num_output_tokens) % 2**63)
 
     @property
     def num_tokens(self) -> int:

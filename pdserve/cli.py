@@ -16,6 +16,12 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-model": ("pdserve.engine.builtin_model", "write the built-in deterministic model (tiny or small) to a directory"),
     "generate": ("pdserve.generate_cmd", "generate text: offline in process (--model) or from a running server (--url)"),
+    "up": ("pdserve.up", "start a whole cluster on this machine (router, prefill, decode) and print where to connect"),
+    "router": ("pdserve.router.server", "run the router (public gRPC API, worker registry, request dispatch)"),
+    "prefill": ("pdserve.prefill.server", "run a prefill worker"),
+    "decode": ("pdserve.decode.server", "run a decode worker"),
+    "worker": ("pdserve.decode.colocated", "run a colocated worker (prefill and decode in one process)"),
+    "bench": ("pdserve.loadtest.cli", "load-test pdserve or any OpenAI-compatible server (TTFT, TPOT, goodput)"),
 }
 
 

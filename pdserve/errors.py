@@ -45,6 +45,10 @@ class RequestAborted(PdserveError):
     """The request was aborted (client cancel, explicit Abort, deadline)."""
 
 
+class DeadlineExceeded(PdserveError):
+    """The request's deadline passed before it finished."""
+
+
 class NotFound(PdserveError):
     """An id (request, reservation, model) that the callee does not know."""
 
@@ -56,6 +60,7 @@ _STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode, int]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND, 404),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (KVTransferTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     (PeerUnavailable, grpc.StatusCode.UNAVAILABLE, 503),
     (KVTransferError, grpc.StatusCode.UNAVAILABLE, 503),
     (RequestAborted, grpc.StatusCode.CANCELLED, 499),

@@ -1,0 +1,106 @@
+"""The decode worker's gRPC service: Reserve, Release, Decode (stream tokens), Stats.
+
+A colocated worker is this same service with role COLOCATED: it only ever receives Decode
+requests that prefill locally.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from pdserve.convert import check_token_ids, sampling_from_proto
+from pdserve.decode.reservations import ReservationTable
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.errors import InvalidRequest
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.rpc import map_errors, map_stream_errors
+from pdserve.worker_runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeServicer(pb_grpc.DecodeWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime, reservations: ReservationTable) -> None:
+        self.runtime = runtime
+        self.reservations = reservations
+        self.num_local_prefills = 0
+        self.num_remote_prefills = 0
+
+    @property
+    def llm(self) -> LLMEngine:
+        assert self.runtime.engine is not None
+        return self.runtime.engine.engine
+
+    @map_errors
+    async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.TransferDescriptor:
+        if request.model_fingerprint and request.model_fingerprint != self.llm.fingerprint:
+            raise InvalidRequest("model fingerprint mismatch: this decode worker serves another model")
+        if not request.request_id or request.num_prompt_tokens < 1 or request.max_tokens < 1:
+            raise InvalidRequest("Reserve needs request_id, num_prompt_tokens >= 1 and max_tokens >= 1")
+        res = await self.reservations.reserve(request.request_id, request.num_prompt_tokens, request.max_tokens,
+                                              request.timeout_s or None)
+        kv = self.llm.kv_cache
+        return pb.TransferDescriptor(
+            request_id=request.request_id, transfer_address=self.runtime.transfer_address,
+            block_ids=res.block_ids, token=res.token, tag=int.from_bytes(res.token[:8], "little"),
+            layout=pb.KVLayout(num_layers=kv.num_layers, num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
+                               block_size=kv.block_size, num_blocks=kv.num_blocks, dtype=str(kv.kv.dtype)[6:]),
+            model_fingerprint=self.llm.fingerprint, expires_in_s=res.expires_at - res.created_at)
+
+    @map_errors
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        freed = await self.reservations.release(request.request_id)
+        assert self.runtime.engine is not None
+        aborted = await self.runtime.engine.call(lambda e: e.abort_request(request.request_id))
+        return pb.ReleaseResponse(found=bool(freed) or aborted, num_blocks_freed=freed)
+
+    @map_stream_errors
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
+        assert self.runtime.engine is not None
+        req_id = request.request_id
+        if not req_id:
+            raise InvalidRequest("request_id is required")
+        params = sampling_from_proto(request.sampling)
+        prompt = check_token_ids(request.prompt_token_ids, self.llm.model_config.vocab_size)
+        if request.prefilled:
+            res = await self.reservations.admit(req_id)
+            self.num_remote_prefills += 1
+            first_lp = request.first_logprob if request.HasField("first_logprob") else None
+
+            def add(e: LLMEngine):
+                try:
+                    return e.add_prefilled_request(req_id, prompt, request.first_token_id, params, res.block_ids,
+                                                   first_lp, request.num_cached_tokens)
+                except BaseException:
+                    e.block_manager.free(res.block_ids)
+                    raise
+            logger.debug("[%s] admitted with remote KV (%d prompt tokens)", req_id, len(prompt))
+        else:
+            self.num_local_prefills += 1
+            logger.debug("[%s] prefilling locally (%d prompt tokens)", req_id, len(prompt))
+
+            def add(e: LLMEngine):
+                return e.add_request(req_id, prompt, params)
+
+        first = True
+        async for out in self.runtime.engine.generate(req_id, add):
+            msg = pb.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs or [],
+                                    finish_reason=out.finish_reason or "")
+            if first:
+                msg.num_cached_tokens = out.num_cached_tokens
+                first = False
+            yield msg
+
+    @map_errors
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStats:
+        stats = self.runtime.base_stats()
+        stats.num_reserved_blocks = self.reservations.num_reserved_blocks
+        stats.num_reservations = len(self.reservations.reservations)
+        stats.num_local_prefills = self.num_local_prefills
+        stats.num_remote_prefills = self.num_remote_prefills
+        stats.num_expired_reservations = self.reservations.num_expired
+        stats.num_requests_active += len(self.reservations.reservations)
+        return stats

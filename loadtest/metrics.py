@@ -1,0 +1,156 @@
+"""Statistics of a finished run: latency percentiles, throughputs, goodput under SLOs, errors.
+
+Pure functions over `RequestResult`s; nothing here sends or times anything.
+TTFT, TPOT and E2E are per request; ITL pools every gap between streamed chunks of all
+successful requests. Throughputs count successful requests only, over the run's duration.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .request import RequestResult
+
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
+CANCELLED = "cancelled"  # error_kind of requests cut off by the run's time limit
+
+
+@dataclass(slots=True)
+class LatencyStats:
+    count: int
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    percentiles_ms: dict[str, float]  # "p50" -> ms
+
+
+@dataclass(slots=True)
+class SLO:
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.e2e_ms))
+
+    def is_met_by(self, result: RequestResult) -> bool:
+        """Success and every set bound met. A one-token output has no TPOT and passes that bound."""
+        if not result.success:
+            return False
+        ttft, tpot, e2e = result.ttft_s, result.tpot_s, result.e2e_s
+        if self.ttft_ms is not None and (ttft is None or ttft * 1000 > self.ttft_ms):
+            return False
+        if self.tpot_ms is not None and tpot is not None and tpot * 1000 > self.tpot_ms:
+            return False
+        if self.e2e_ms is not None and (e2e is None or e2e * 1000 > self.e2e_ms):
+            return False
+        return True
+
+
+@dataclass(slots=True)
+class Summary:
+    num_requests: int  # planned by the dataset
+    num_sent: int
+    num_completed: int
+    num_failed: int  # sent, finished with an error
+    num_cancelled: int  # sent, cut off by the time limit
+    num_not_sent: int  # never sent because the time limit came first
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float  # completed requests/s
+    input_throughput: float  # tokens/s
+    output_throughput: float  # tokens/s
+    total_token_throughput: float
+    goodput: float | None  # requests/s meeting every SLO; None without SLOs
+    num_good: int | None
+    slo: dict[str, float | None]
+    latency: dict[str, LatencyStats | None]  # "ttft" | "tpot" | "itl" | "e2e"
+    errors: dict[str, int] = field(default_factory=dict)  # error_kind -> count
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def latency_stats(values_s: list[float], percentiles: tuple[float, ...]) -> LatencyStats | None:
+    if not values_s:
+        return None
+    ms = np.asarray(values_s, dtype=np.float64) * 1000
+    return LatencyStats(
+        count=len(values_s),
+        mean_ms=float(ms.mean()),
+        std_ms=float(ms.std()),
+        min_ms=float(ms.min()),
+        max_ms=float(ms.max()),
+        percentiles_ms={_pct_key(p): float(np.percentile(ms, p)) for p in percentiles},
+    )
+
+
+def latency_values(results: list[RequestResult]) -> dict[str, list[float]]:
+    """Seconds per metric over successful requests."""
+    ok = [r for r in results if r.success]
+    return {
+        "ttft": [r.ttft_s for r in ok if r.ttft_s is not None],
+        "tpot": [r.tpot_s for r in ok if r.tpot_s is not None],
+        "itl": [gap for r in ok for gap in r.itl_s],
+        "e2e": [r.e2e_s for r in ok if r.e2e_s is not None],
+    }
+
+
+def summarize(results: list[RequestResult], num_requests: int, duration_s: float, slo: SLO,
+              percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)) -> Summary:
+    ok = [r for r in results if r.success]
+    num_cancelled = sum(1 for r in results if not r.success and r.error_kind == CANCELLED)
+    input_tokens = sum(r.prompt_len for r in ok)
+    output_tokens = sum(r.output_len for r in ok)
+    per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
+    num_good = sum(1 for r in ok if slo.is_met_by(r)) if slo.is_set else None
+    values = latency_values(results)
+    return Summary(
+        num_requests=num_requests,
+        num_sent=len(results),
+        num_completed=len(ok),
+        num_failed=len(results) - len(ok) - num_cancelled,
+        num_cancelled=num_cancelled,
+        num_not_sent=num_requests - len(results),
+        duration_s=duration_s,
+        total_input_tokens=input_tokens,
+        total_output_tokens=output_tokens,
+        request_throughput=per_s(len(ok)),
+        input_throughput=per_s(input_tokens),
+        output_throughput=per_s(output_tokens),
+        total_token_throughput=per_s(input_tokens + output_tokens),
+        goodput=per_s(num_good) if num_good is not None else None,
+        num_good=num_good,
+        slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms},
+        latency={name: latency_stats(values[name], percentiles) for name in LATENCY_METRICS},
+        errors=dict(Counter(r.error_kind or "unknown" for r in results if not r.success)),
+    )
+
+
+def throughput_timeline(results: list[RequestResult], t0: float, duration_s: float,
+                        bin_s: float = 1.0) -> dict[str, list[float]]:
+    """Per `bin_s` bin from t0: output tokens/s (each streamed chunk weighted by its request's
+    output_len / chunks) and completed requests/s."""
+    num_bins = max(1, int(np.ceil(duration_s / bin_s)))
+    edges = np.arange(num_bins + 1) * bin_s
+    ok = [r for r in results if r.success and r.chunk_times]
+    chunk_times = [t - t0 for r in ok for t in r.chunk_times]
+    weights = [r.output_len / len(r.chunk_times) for r in ok for _ in r.chunk_times]
+    tokens, _ = np.histogram(chunk_times, bins=edges, weights=weights)
+    done, _ = np.histogram([r.end_time - t0 for r in results if r.success], bins=edges)
+    return {
+        "bin_start_s": edges[:-1].tolist(),
+        "output_tokens_per_s": (tokens / bin_s).tolist(),
+        "completed_per_s": (done / bin_s).tolist(),
+    }
+
+
+def _pct_key(p: float) -> str:
+    return f"p{p:g}"

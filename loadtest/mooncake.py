@@ -1,0 +1,93 @@
+"""Mooncake trace replay: turns trace rows (timestamp, lengths, hash ids) into prompts.
+
+Each hash id becomes one block of token ids drawn from an RNG seeded by (seed, hash id), so
+equal hash ids give equal blocks and the trace's prefix sharing survives. Lengths and the
+block size are scaled by `length_scale` (512-token blocks become 16-token blocks at 1/32).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import BenchConfig
+from .request import BenchRequest
+from .tokens import TokenCodec
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRow:
+    timestamp_ms: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+def load_trace(path: str, start_s: float = 0.0, end_s: float | None = None, limit: int | None = None) -> list[TraceRow]:
+    """Rows in arrival order whose timestamp (from the trace's first) lies in [start_s, end_s)."""
+    rows: list[TraceRow] = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                rows.append(TraceRow(float(d["timestamp"]), int(d["input_length"]), int(d["output_length"]),
+                                     tuple(int(h) for h in d["hash_ids"])))
+    rows.sort(key=lambda r: r.timestamp_ms)
+    if not rows:
+        return rows
+    t0 = rows[0].timestamp_ms
+    window = [r for r in rows if (r.timestamp_ms - t0) / 1000 >= start_s
+              and (end_s is None or (r.timestamp_ms - t0) / 1000 < end_s)]
+    return window[:limit] if limit is not None else window
+
+
+def block_token_ids(hash_id: int, block_size: int, codec: TokenCodec, seed: int) -> list[int]:
+    """The token ids of the block with this hash id: a pure function of (hash_id, block_size, seed)."""
+    return codec.sample_ids(np.random.default_rng([seed, hash_id]), block_size)
+
+
+def scaled_lengths(row: TraceRow, config: BenchConfig) -> tuple[int, int]:
+    """(prompt tokens, max output tokens) of a row after scaling.
+
+    The prompt is its whole blocks of `scaled_block_size` plus a last block holding the rest
+    of round(input_length * length_scale), at least one token and at most a full block.
+    The output is round(output_length * length_scale), at least 1, capped at max_output_len.
+    """
+    block_size = config.scaled_block_size
+    num_blocks = len(row.hash_ids)
+    target = round(row.input_length * config.length_scale)
+    last = min(block_size, max(1, target - (num_blocks - 1) * block_size))
+    output_len = max(1, round(row.output_length * config.length_scale))
+    if config.max_output_len is not None:
+        output_len = min(output_len, config.max_output_len)
+    return (num_blocks - 1) * block_size + last, output_len
+
+
+def mooncake_requests(config: BenchConfig, codec: TokenCodec) -> list[BenchRequest]:
+    assert config.trace is not None
+    rows = load_trace(config.trace, config.trace_start_s, config.trace_end_s, config.num_prompts)
+    block_size = config.scaled_block_size
+    hash_id_to_block: dict[int, list[int]] = {}  # local memo: blocks repeat across requests
+    requests: list[BenchRequest] = []
+    t0 = rows[0].timestamp_ms if rows else 0.0
+    for i, row in enumerate(rows):
+        if not row.hash_ids:
+            continue
+        prompt_len, output_len = scaled_lengths(row, config)
+        token_ids: list[int] = []
+        for h in row.hash_ids:
+            if h not in hash_id_to_block:
+                hash_id_to_block[h] = block_token_ids(h, block_size, codec, config.seed)
+            token_ids.extend(hash_id_to_block[h])
+        token_ids = token_ids[:prompt_len]
+        prompt: list[int] | str = token_ids
+        if config.prompt_format == "text":
+            prompt = codec.decode(token_ids)
+            prompt_len = codec.count(prompt) or prompt_len
+        requests.append(BenchRequest(
+            request_id=f"bench-{i}", prompt=prompt, prompt_len=prompt_len, max_tokens=output_len,
+            arrival_offset_s=(row.timestamp_ms - t0) / 1000 * config.time_scale,
+        ))
+    return requests

@@ -1,0 +1,105 @@
+"""Python client for the router's gRPC API.
+
+    async with Client("127.0.0.1:50051") as client:
+        async for chunk in client.generate("Hello", max_tokens=32, temperature=0):
+            print(chunk.text, end="")
+        result = await client.complete("Hello", max_tokens=32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve import rpc
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    usage: pb.Usage
+    logprobs: list[float] = field(default_factory=list)
+    prefill_worker: str = ""
+    decode_worker: str = ""
+
+
+def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature: float | None = None,
+                  top_k: int = 0, top_p: float | None = None, seed: int | None = None,
+                  stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                  logprobs: bool = False, min_tokens: int = 0, request_id: str = "", model: str = "",
+                  skip_detokenize: bool = False) -> pb.GenerateRequest:
+    sampling = pb.SamplingOptions(max_tokens=max_tokens, top_k=top_k, stop=stop or [],
+                                  stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos, logprobs=logprobs,
+                                  min_tokens=min_tokens)
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, skip_detokenize=skip_detokenize)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+class Client:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = rpc.channel(address)
+        self._stub = pb_grpc.RouterStub(self._channel)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(self, prompt: str | list[int], *, timeout_s: float | None = None, **kwargs
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream a generation; raises grpc.aio.AioRpcError with the server's status on failure."""
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s)
+        try:
+            async for msg in call:
+                yield msg
+        finally:
+            call.cancel()
+
+    async def complete(self, prompt: str | list[int], *, timeout_s: float | None = None, **kwargs) -> Completion:
+        """Run a generation to the end and return it whole."""
+        out = Completion(request_id="", token_ids=[], text="", finish_reason="", usage=pb.Usage())
+        async for msg in self.generate(prompt, timeout_s=timeout_s, **kwargs):
+            out.request_id = msg.request_id
+            out.token_ids.extend(msg.token_ids)
+            out.text += msg.text
+            out.logprobs.extend(msg.logprobs)
+            out.prefill_worker = out.prefill_worker or msg.prefill_worker
+            out.decode_worker = out.decode_worker or msg.decode_worker
+            if msg.finish_reason:
+                out.finish_reason = msg.finish_reason
+                out.usage = msg.usage
+        return out
+
+    async def abort(self, request_id: str) -> bool:
+        return (await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0)).found
+
+    async def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
+        return await self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s)
+
+    async def workers(self, timeout_s: float = 5.0) -> list[pb.WorkerInfo]:
+        return list((await self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=timeout_s)).workers)
+
+
+__all__ = ["Client", "Completion", "build_request", "grpc"]

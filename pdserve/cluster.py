@@ -1,0 +1,196 @@
+"""Cluster: starts a whole pdserve deployment as real OS processes on this machine and stops it.
+
+Used by `pdserve up`, the integration tests and the benchmarks. Each process is a `pdserve`
+subcommand; readiness is the router's health check plus the expected number of healthy workers
+(polled with a deadline, never a fixed sleep); on failure the log tails are shown. Children get
+PR_SET_PDEATHSIG so that even a `kill -9` of the parent leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    address: str = ""
+    popen: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen else -1
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class ClusterSpec:
+    model: str = ""
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_colocated: int = 0
+    host: str = "127.0.0.1"
+    router_port: int = 0
+    router_args: list[str] = field(default_factory=list)
+    prefill_args: list[str] = field(default_factory=list)
+    decode_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)  # every worker role
+    log_dir: str = ""
+    log_level: str = "info"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.procs: list[Proc] = []
+        self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.router_address = ""
+
+    def _cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "pdserve", "--log-level", self.spec.log_level, *args]
+
+    def _spawn(self, name: str, argv: list[str], address: str = "") -> Proc:
+        proc = Proc(name, argv, self.log_dir / f"{name}.log", address)
+        env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONUNBUFFERED": "1", **self.spec.env}
+        log = proc.log_path.open("wb")
+        proc.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                      preexec_fn=_die_with_parent)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def start_router(self) -> Proc:
+        s = self.spec
+        port = s.router_port or free_port(s.host)
+        self.router_address = f"{s.host}:{port}"
+        model = ["--model", s.model] if s.model else []
+        return self._spawn("router", self._cmd("router", "--host", s.host, "--port", str(port), *model,
+                                               *s.router_args), self.router_address)
+
+    def start_worker(self, role: str, index: int) -> Proc:
+        s = self.spec
+        port = free_port(s.host)
+        extra = {"prefill": s.prefill_args, "decode": s.decode_args, "worker": s.decode_args}[role]
+        model = ["--model", s.model] if s.model else []
+        argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address, *model,
+                         *s.worker_args, *extra)
+        name = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}[role]
+        return self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        """Start every process and wait until the router sees all workers healthy. Returns the router address."""
+        if not self.spec.model:
+            from pdserve.engine.builtin_model import ensure_builtin_model
+
+            self.spec.model = str(ensure_builtin_model("tiny"))  # once, before any process races to make it
+        self.start_router()
+        for i in range(self.spec.num_prefill):
+            self.start_worker("prefill", i)
+        for i in range(self.spec.num_decode):
+            self.start_worker("decode", i)
+        for i in range(self.spec.num_colocated):
+            self.start_worker("worker", i)
+        try:
+            asyncio.run(self.wait_ready(timeout_s))
+        except BaseException:
+            self.stop()
+            raise
+        return self.router_address
+
+    @property
+    def num_workers(self) -> int:
+        s = self.spec
+        return s.num_prefill + s.num_decode + s.num_colocated
+
+    async def wait_ready(self, timeout_s: float, num_workers: int | None = None) -> None:
+        from pdserve.client import Client
+        from pdserve.rpc import is_serving
+
+        want = self.num_workers if num_workers is None else num_workers
+        deadline = time.monotonic() + timeout_s
+        async with Client(self.router_address) as client:
+            while True:
+                dead = [p for p in self.procs if not p.alive()]
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} exited with {dead[0].popen.returncode}:\n{dead[0].log_tail()}")
+                if await is_serving(self.router_address):
+                    try:
+                        healthy = [w for w in await client.workers() if w.healthy]
+                    except Exception:  # noqa: BLE001 - not up yet
+                        healthy = []
+                    if len(healthy) >= want:
+                        return
+                if time.monotonic() > deadline:
+                    tails = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.procs)
+                    raise TimeoutError(f"cluster not ready after {timeout_s} s\n{tails}")
+                await asyncio.sleep(0.2)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> Proc:
+        proc = next(p for p in self.procs if p.name == name)
+        if proc.alive():
+            proc.popen.send_signal(sig)  # type: ignore[union-attr]
+            proc.popen.wait(10)  # type: ignore[union-attr]
+        return proc
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM everything (workers first), then SIGKILL what is left after `timeout_s`."""
+        for proc in reversed(self.procs):
+            if proc.alive():
+                proc.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            if proc.popen is None:
+                continue
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in time; killing it", proc.name)
+                proc.popen.kill()
+                proc.popen.wait(5)
+
+    def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

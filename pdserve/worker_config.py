@@ -1,0 +1,34 @@
+"""WorkerConfig: the settings every worker role shares (network, registration, timeouts).
+
+Engine settings live in `pdserve.engine.config.EngineConfig`; a worker's flags are both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _h(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    host: str = field(default="127.0.0.1", metadata=_h("address the gRPC and UCX listeners bind to"))
+    port: int = field(default=0, metadata=_h("gRPC port (0: pick a free one)"))
+    transfer_port: int = field(default=0, metadata=_h("UCX transfer listener port (0: pick a free one)"))
+    advertise_host: str = field(default="", metadata=_h("host peers use to reach this worker (default: --host)"))
+    router: str = field(default="", metadata=_h("router address host:port to register with (empty: none)"))
+    worker_id: str = field(default="", metadata=_h("name in logs and stats (default: role@host:port)"))
+    reservation_timeout_s: float = field(default=30.0, metadata=_h(
+        "a reservation whose KV has not landed by then is freed (decode)"))
+    transfer_timeout_s: float = field(default=30.0, metadata=_h("bound on every KV transfer"))
+    transfer_lanes: int = field(default=4, metadata=_h("parallel UCX endpoints per peer"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536 or not 0 <= self.transfer_port < 65536:
+            raise ValueError("ports must be in [0, 65535]")
+        if self.reservation_timeout_s <= 0 or self.transfer_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0")
+        if self.transfer_lanes < 1:
+            raise ValueError("transfer_lanes must be >= 1")

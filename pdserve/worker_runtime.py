@@ -1,0 +1,162 @@
+"""WorkerRuntime: what every worker process (prefill, decode, colocated) runs around its servicer.
+
+Builds the engine (on its own thread), the UCX transfer agent with the KV pool registered, the
+gRPC server with health and reflection, and the registration heartbeat to the router; tears all
+of it down on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+
+import grpc
+
+from pdserve import rpc
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.worker_config import WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+KV_BUFFER = "kv"
+
+
+def resolve_model(engine_config: EngineConfig) -> EngineConfig:
+    """An empty --model means the built-in tiny model, made on first use."""
+    if engine_config.model:
+        return engine_config
+    from pdserve.engine.builtin_model import ensure_builtin_model
+
+    return replace(engine_config, model=str(ensure_builtin_model("tiny")))
+
+
+class WorkerRuntime:
+    def __init__(self, role: int, worker_config: WorkerConfig, engine_config: EngineConfig) -> None:
+        self.role = role
+        self.config = worker_config
+        self.engine_config = resolve_model(engine_config)
+        self.engine: AsyncEngine | None = None
+        self.agent = None
+        self.server: grpc.aio.Server | None = None
+        self.health = None
+        self.address = ""
+        self.worker_id = worker_config.worker_id
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.service_names: list[str] = []
+
+    @property
+    def role_name(self) -> str:
+        return pb.WorkerRole.Name(self.role).lower()
+
+    async def start(self, add_servicers: Callable[[grpc.aio.Server], list[str]]) -> None:
+        llm = await asyncio.to_thread(LLMEngine, self.engine_config)
+        self.engine = AsyncEngine(llm)
+        self.engine.start()
+        c = self.config
+        if self.role != pb.COLOCATED:  # a colocated worker moves no KV between processes
+            from pdserve.kvstore.transfer import TransferAgent
+
+            self.agent = TransferAgent(c.host, c.transfer_port, num_lanes=c.transfer_lanes,
+                                       timeout_s=c.transfer_timeout_s)
+            await self.agent.start()
+            self.agent.register_buffer(KV_BUFFER, llm.kv_cache.kv)
+        self.server, self.health = rpc.create_server([])
+        self.service_names = add_servicers(self.server)
+        port = rpc.bind(self.server, c.host, c.port)
+        await self.server.start()
+        host = c.advertise_host or c.host
+        self.address = f"{host}:{port}"
+        self.worker_id = self.worker_id or f"{self.role_name}@{self.address}"
+        await rpc.set_serving(self.health, self.service_names, True)
+        logger.info("%s serving gRPC on %s, KV transfers on %s", self.worker_id, self.address, self.transfer_address)
+        if c.router:
+            self._tasks.append(asyncio.create_task(self._register_loop()))
+
+    @property
+    def transfer_address(self) -> str:
+        if self.agent is None:
+            return ""
+        host, _, port = self.agent.address.rpartition(":")
+        return f"{self.config.advertise_host or host}:{port}"
+
+    def info(self, stats: pb.WorkerStats | None = None) -> pb.WorkerInfo:
+        llm = self.engine.engine if self.engine else None
+        return pb.WorkerInfo(worker_id=self.worker_id, role=self.role, address=self.address,
+                             transfer_address=self.transfer_address,
+                             model_fingerprint=llm.fingerprint if llm else b"", healthy=True, stats=stats)
+
+    def base_stats(self) -> pb.WorkerStats:
+        assert self.engine is not None
+        s = self.engine.engine.stats()
+        agent_stats = getattr(self.agent, "stats", None)
+        return pb.WorkerStats(
+            worker_id=self.worker_id, role=self.role, num_running=s["num_running"], num_waiting=s["num_waiting"],
+            num_kv_blocks=s["num_kv_blocks"], num_free_kv_blocks=s["num_free_kv_blocks"],
+            prefix_cache_queries=s["prefix_cache_queries"], prefix_cache_hits=s["prefix_cache_hits"],
+            num_prompt_tokens_computed=s["num_prompt_tokens_computed"],
+            num_generation_tokens=s["num_generation_tokens"], num_preemptions=s["num_preemptions"],
+            max_num_seqs=self.engine_config.max_num_seqs, block_size=self.engine_config.block_size,
+            num_requests_active=len(self.engine.engine.requests),
+            kv_bytes_sent=int(getattr(agent_stats, "bytes_sent", 0) or 0),
+            kv_bytes_received=int(getattr(agent_stats, "bytes_received", 0) or 0),
+            num_transfers_failed=int(getattr(agent_stats, "failures", 0) or 0),
+        )
+
+    async def _register_loop(self) -> None:
+        """Register with the router, then heartbeat at the interval it asks for."""
+        interval = 1.0
+        async with rpc.channel(self.config.router) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            while not self._stop.is_set():
+                try:
+                    resp = await stub.RegisterWorker(pb.RegisterWorkerRequest(worker=self.info()), timeout=2.0)
+                    interval = resp.heartbeat_interval_s or interval
+                except grpc.aio.AioRpcError as exc:
+                    logger.debug("registration with %s failed: %s", self.config.router, exc.code().name)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self, on_stop: Callable[[], object] | None = None) -> None:
+        self._stop.set()
+        if self.health is not None:
+            await rpc.set_serving(self.health, self.service_names, False)
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if on_stop is not None:
+            result = on_stop()
+            if asyncio.iscoroutine(result):
+                await result
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.agent is not None:
+            await self.agent.close()
+        logger.info("%s stopped", self.worker_id)
+
+
+def run_worker(main_coro_factory: Callable[[], object]) -> int:
+    """asyncio.run a worker's main coroutine (uvloop is not used: ucxx needs the default loop)."""
+    asyncio.run(main_coro_factory())  # type: ignore[arg-type]
+    return 0

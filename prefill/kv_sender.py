@@ -1,0 +1,122 @@
+"""Pushes a prefill's KV to its decode worker layer by layer, while later layers still compute.
+
+The engine thread calls `on_layer(layer, batch)` after each layer of each step; for every
+request with a destination it queues a push of that layer's newly completed blocks onto the
+asyncio loop. Pushes of one request run in order; `wait` returns when all have landed.
+Decides which blocks go where; the transfer layer only moves the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pdserve.engine.kv_cache import PagedKVCache, layer_regions
+from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout
+from pdserve.proto import pdserve_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+KV_BUFFER = "kv"
+
+
+@dataclass
+class PushPlan:
+    req_id: str
+    dest: pb.TransferDescriptor
+    num_prompt_tokens: int
+    num_pushed_blocks: int = 0  # prompt blocks whose every layer has been queued
+    step_range: tuple[int, int] = (0, 0)
+    chain: asyncio.Future | None = None  # completes when every queued push has
+    bytes_sent: int = 0
+    error: BaseException | None = None
+    last_push_done: float = 0.0
+
+
+class KVSender:
+    def __init__(self, agent, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.agent = agent
+        self.kv = kv_cache
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.plans: dict[str, PushPlan] = {}  # req_id -> plan, for requests being prefilled
+        self.bytes_sent = 0
+
+    def check_layout(self, dest: pb.TransferDescriptor, num_prompt_tokens: int) -> None:
+        lay, kv = dest.layout, self.kv
+        mine = (kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.block_size, str(kv.kv.dtype)[6:])
+        theirs = (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype)
+        if mine != theirs:
+            raise InvalidRequest(f"destination KV layout {theirs} does not match this worker's {mine}")
+        if len(dest.block_ids) < -(-num_prompt_tokens // kv.block_size):
+            raise InvalidRequest(f"destination has {len(dest.block_ids)} blocks, too few for the prompt")
+
+    def add(self, req_id: str, dest: pb.TransferDescriptor, num_prompt_tokens: int) -> PushPlan:
+        self.check_layout(dest, num_prompt_tokens)
+        plan = PushPlan(req_id, dest, num_prompt_tokens)
+        plan.chain = self.loop.create_future()
+        plan.chain.set_result(None)
+        self.plans[req_id] = plan
+        return plan
+
+    def remove(self, req_id: str) -> None:
+        self.plans.pop(req_id, None)
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def on_layer(self, layer: int, batch: list[ScheduledSeq]) -> None:
+        for item in batch:
+            plan = self.plans.get(item.seq.req_id)
+            if plan is None:
+                continue
+            seq = item.seq
+            if layer == 0:
+                end_tokens = seq.num_computed_tokens + item.num_new_tokens
+                if end_tokens >= plan.num_prompt_tokens:
+                    end_block = -(-plan.num_prompt_tokens // self.kv.block_size)
+                else:
+                    end_block = end_tokens // self.kv.block_size
+                plan.step_range = (plan.num_pushed_blocks, end_block)
+            start, end = plan.step_range
+            if end > start:
+                src = self.kv.layer_regions(layer, seq.block_table[start:end])
+                dst = layer_regions(plan.dest.layout.num_blocks, self.kv.block_nbytes, layer,
+                                    list(plan.dest.block_ids[start:end]))
+                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst)
+            if layer == self.kv.num_layers - 1:
+                plan.num_pushed_blocks = end
+
+    # ---- event loop -------------------------------------------------------------------------
+    def _queue_push(self, plan: PushPlan, src: list[tuple[int, int]], dst: list[tuple[int, int]]) -> None:
+        previous = plan.chain
+
+        async def push() -> None:
+            await previous
+            if plan.error is not None:
+                return
+            try:
+                sent = await self.agent.push(plan.dest.transfer_address, plan.dest.token, KV_BUFFER, src, dst,
+                                             timeout_s=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - recorded, raised by wait()
+                plan.error = exc
+                logger.warning("[%s] KV push failed: %s", plan.req_id, exc)
+                return
+            plan.bytes_sent += sent
+            self.bytes_sent += sent
+            plan.last_push_done = time.monotonic()
+
+        plan.chain = asyncio.ensure_future(push())
+
+    async def wait(self, plan: PushPlan) -> None:
+        """Until every queued push of `plan` has landed; raises the first push error."""
+        assert plan.chain is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(plan.chain), self.timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise KVTransferTimeout(f"[{plan.req_id}] KV push did not finish in {self.timeout_s} s") from exc
+        if plan.error is not None:
+            if isinstance(plan.error, KVTransferError):
+                raise plan.error
+            raise KVTransferError(f"[{plan.req_id}] KV push failed: {plan.error}") from plan.error

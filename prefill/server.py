@@ -1,0 +1,52 @@
+"""`pdserve prefill`: a prefill worker process.
+
+Computes prompts (chunked), pushes each layer's KV to the chosen decode worker over UCX as soon
+as it exists, and returns the first token to the router.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.engine.config import EngineConfig
+from pdserve.settings import add_config_arguments, config_from_args
+from pdserve.worker_config import WorkerConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, WorkerConfig, title="worker")
+    add_config_arguments(parser, EngineConfig, title="engine")
+
+
+async def serve(worker_config: WorkerConfig, engine_config: EngineConfig) -> None:
+    import asyncio
+
+    from pdserve.prefill.kv_sender import KVSender
+    from pdserve.prefill.servicer import PrefillServicer
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+    from pdserve.worker_runtime import WorkerRuntime
+
+    runtime = WorkerRuntime(pb.PREFILL, worker_config, engine_config)
+    runtime.install_signal_handlers()
+
+    def add(server) -> list[str]:
+        assert runtime.engine is not None
+        llm = runtime.engine.engine
+        sender = KVSender(runtime.agent, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s)
+        llm.layer_hook = sender.on_layer
+        pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender), server)
+        return ["pdserve.v1.PrefillWorker"]
+
+    await runtime.start(add)
+    try:
+        await runtime.wait()
+    finally:
+        await runtime.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    asyncio.run(serve(config_from_args(WorkerConfig, args), config_from_args(EngineConfig, args)))
+    return 0

@@ -1,0 +1,43 @@
+"""RouterConfig: every setting of the router (front door, worker choice, timeouts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _h(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    model: str = field(default="", metadata=_h("model directory (tokenizer, config); empty: the built-in tiny model",
+                                               metavar="DIR"))
+    served_model_name: str = field(default="", metadata=_h("model name clients use (default: the directory name)"))
+    host: str = field(default="127.0.0.1", metadata=_h("address the router binds to"))
+    port: int = field(default=50051, metadata=_h("gRPC port (0: pick a free one)"))
+    prefill_workers: str = field(default="", metadata=_h("static prefill worker addresses, comma-separated"))
+    decode_workers: str = field(default="", metadata=_h("static decode worker addresses, comma-separated"))
+    colocated_workers: str = field(default="", metadata=_h("static colocated worker addresses, comma-separated"))
+    local_prefill_threshold: int = field(default=32, metadata=_h(
+        "prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation)"))
+    request_timeout_s: float = field(default=600.0, metadata=_h("deadline of a request without its own"))
+    hop_timeout_s: float = field(default=60.0, metadata=_h("bound on each Reserve / Prefill call"))
+    health_interval_s: float = field(default=0.5, metadata=_h("how often each worker's Stats are polled"))
+    unhealthy_after: int = field(default=3, metadata=_h("failed polls before a worker is taken out of rotation"))
+    forget_after_s: float = field(default=30.0, metadata=_h("a registered worker silent this long is forgotten"))
+    block_size: int = field(default=16, metadata=_h("KV block size of the workers (for block hashes)"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port must be in [0, 65535]")
+        if self.local_prefill_threshold < 0:
+            raise ValueError("local_prefill_threshold must be >= 0")
+        if self.request_timeout_s <= 0 or self.hop_timeout_s <= 0 or self.health_interval_s <= 0:
+            raise ValueError("timeouts and intervals must be > 0")
+        if self.unhealthy_after < 1:
+            raise ValueError("unhealthy_after must be >= 1")
+
+    @staticmethod
+    def split(addresses: str) -> list[str]:
+        return [a.strip() for a in addresses.split(",") if a.strip()]

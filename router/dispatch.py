@@ -1,0 +1,273 @@
+"""Drives one request through the cluster: decode reserve -> prefill (KV pushed to decode) ->
+decode stream, or a local prefill on a decode/colocated worker, and streams the result.
+
+Every hop has a deadline; leaving early for any reason (finish, abort, client cancel, deadline,
+error) releases the request on every worker it touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.convert import sampling_to_proto
+from pdserve.engine.block_hash import chain_block_hashes
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.errors import InvalidRequest, PeerUnavailable, RequestAborted
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.config import RouterConfig
+from pdserve.router.registry import Worker, WorkerRegistry
+from pdserve.rpc import typed_error
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelMeta:
+    name: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    fingerprint: bytes
+    eos_token_id: int
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    calls: list = field(default_factory=list)  # downstream calls to cancel on abort
+
+
+@dataclass
+class Event:
+    """One message of a request's stream (what the gRPC and HTTP front ends turn into theirs)."""
+
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+    usage: pb.Usage | None = None
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    cached_tokens: int | None = None  # set once, by whichever worker computed the prompt
+
+
+class Dispatcher:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, tokenizer: Tokenizer, meta: ModelMeta) -> None:
+        self.config = config
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.active: dict[str, RequestState] = {}  # req_id -> live request
+        self.num_requests = 0
+        self.num_remote_prefills = 0
+        self.num_local_prefills = 0
+
+    # ---- validation ---------------------------------------------------------------------------
+    def prepare(self, prompt_text: str | None, prompt_ids: list[int] | None, params: SamplingParams,
+                model: str = "") -> list[int]:
+        if model and model != self.meta.name:
+            raise InvalidRequest(f"model {model!r} is not served here; this router serves {self.meta.name!r}")
+        if prompt_ids is None:
+            if not prompt_text:
+                raise InvalidRequest("prompt is empty: give prompt text or token ids")
+            prompt_ids = self.tokenizer.encode(prompt_text)
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty: give prompt text or token ids")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.meta.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {self.meta.vocab_size})")
+        limit = self.meta.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the model's maximum context is {limit}: "
+                                 "shorten the prompt")
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                 f"maximum context of {limit}: lower max_tokens to at most {limit - len(prompt_ids)}")
+        return list(prompt_ids)
+
+    def abort(self, req_id: str) -> bool:
+        state = self.active.get(req_id)
+        if state is None:
+            return False
+        state.aborted.set()
+        for call in state.calls:
+            call.cancel()
+        return True
+
+    # ---- the request path ---------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *, req_id: str = "",
+                       timeout_s: float | None = None, detokenize: bool = True) -> AsyncIterator[Event]:
+        req_id = req_id or f"req-{uuid.uuid4().hex[:16]}"
+        if req_id in self.active:
+            raise InvalidRequest(f"request_id {req_id!r} is already in flight")
+        deadline = time.monotonic() + min(timeout_s or self.config.request_timeout_s, self.config.request_timeout_s)
+        state = RequestState(req_id)
+        self.active[req_id] = state
+        self.num_requests += 1
+        detok = IncrementalDetokenizer(self.tokenizer, stop_strings=params.stop, prompt_ids=prompt_ids) \
+            if detokenize or params.stop else None
+        usage = pb.Usage(prompt_tokens=len(prompt_ids))
+        try:
+            async for ev in self._route(state, prompt_ids, params, deadline, usage):
+                if ev.cached_tokens is not None:
+                    usage.cached_tokens = ev.cached_tokens
+                usage.completion_tokens += len(ev.token_ids)
+                if detok is not None and ev.token_ids:
+                    ev.text = detok.feed(ev.token_ids)
+                    if detok.stopped:
+                        ev.finish_reason = "stop"
+                if ev.finish_reason:
+                    if detok is not None and not detok.stopped:
+                        ev.text += detok.flush()
+                    ev.usage = usage
+                    if not detokenize:
+                        ev.text = ""
+                    yield ev
+                    return
+                if not detokenize:
+                    ev.text = ""
+                yield ev
+        finally:
+            self.active.pop(req_id, None)
+
+    def _remaining(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise asyncio.TimeoutError()
+        return left
+
+    async def _route(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
+                     usage: pb.Usage) -> AsyncIterator[Event]:
+        decode = self.registry.pick_decode()
+        prefill = None
+        if decode.role == pb.DECODE and len(prompt_ids) >= self.config.local_prefill_threshold:
+            prefill = self.registry.pick_prefill()
+        if prefill is None:
+            self.num_local_prefills += 1
+            logger.debug("[%s] local prefill on %s (%d prompt tokens)", state.req_id, decode.worker_id, len(prompt_ids))
+            stream = self._decode_stream(state, decode, pb.DecodeRequest(
+                request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)), deadline)
+            first = True
+            async for ev in stream:
+                if first:
+                    ev.decode_worker = ev.prefill_worker = decode.worker_id
+                    first = False
+                yield ev
+            return
+
+        self.num_remote_prefills += 1
+        logger.debug("[%s] prefill on %s, decode on %s (%d prompt tokens)", state.req_id, prefill.worker_id,
+                     decode.worker_id, len(prompt_ids))
+        reserved = False
+        decode.inflight += 1
+        try:
+            try:
+                desc = await decode.decode_stub.Reserve(pb.ReserveRequest(
+                    request_id=state.req_id, num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens,
+                    model_fingerprint=self.meta.fingerprint,
+                    timeout_s=min(self.config.hop_timeout_s, self._remaining(deadline))),
+                    timeout=min(self.config.hop_timeout_s, self._remaining(deadline)))
+            except grpc.aio.AioRpcError as exc:
+                raise typed_error(exc, f"decode {decode.worker_id} Reserve") from exc
+            reserved = True
+            hashes = chain_block_hashes(prompt_ids, self.meta.block_size, self.meta.fingerprint)
+            prefill.inflight += 1
+            try:
+                call = prefill.prefill_stub.Prefill(pb.PrefillRequest(
+                    request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params),
+                    destination=desc, block_hashes=hashes),
+                    timeout=min(self.config.hop_timeout_s, self._remaining(deadline)))
+                state.calls.append(call)
+                resp = await self._await_call(state, call, f"prefill {prefill.worker_id}")
+            finally:
+                prefill.inflight -= 1
+            usage.cached_tokens = resp.num_cached_tokens
+            first = Event(token_ids=[resp.first_token_id], prefill_worker=prefill.worker_id,
+                          decode_worker=decode.worker_id)
+            if params.logprobs and resp.HasField("first_logprob"):
+                first.logprobs = [resp.first_logprob]
+            yield first
+            req = pb.DecodeRequest(request_id=state.req_id, prompt_token_ids=prompt_ids,
+                                   sampling=sampling_to_proto(params), prefilled=True,
+                                   first_token_id=resp.first_token_id, num_cached_tokens=resp.num_cached_tokens)
+            if resp.HasField("first_logprob"):
+                req.first_logprob = resp.first_logprob
+            reserved = False  # from here the Decode call owns the reservation
+            async for ev in self._decode_stream(state, decode, req, deadline, counted=False):
+                yield ev
+        finally:
+            decode.inflight -= 1
+            if reserved:
+                self._release_later(decode, state.req_id)
+
+    async def _await_call(self, state: RequestState, call, peer: str):
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if state.aborted.is_set():
+                raise RequestAborted(f"request {state.req_id} was aborted") from None
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and state.aborted.is_set():
+                raise RequestAborted(f"request {state.req_id} was aborted") from exc
+            raise typed_error(exc, peer) from exc
+
+    async def _decode_stream(self, state: RequestState, decode: Worker, req: pb.DecodeRequest, deadline: float,
+                             counted: bool = True) -> AsyncIterator[Event]:
+        if counted:
+            decode.inflight += 1
+        call = decode.decode_stub.Decode(req, timeout=self._remaining(deadline))
+        state.calls.append(call)
+        finished = False
+        try:
+            while True:
+                try:
+                    msg = await call.read()
+                except asyncio.CancelledError:
+                    if state.aborted.is_set():
+                        finished = True
+                        yield Event(token_ids=[], finish_reason="abort")
+                        return
+                    raise
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.CANCELLED and state.aborted.is_set():
+                        finished = True
+                        yield Event(token_ids=[], finish_reason="abort")
+                        return
+                    raise typed_error(exc, f"decode {decode.worker_id}") from exc
+                if msg is grpc.aio.EOF:
+                    raise PeerUnavailable(f"decode {decode.worker_id} ended the stream without a finish reason")
+                ev = Event(token_ids=list(msg.token_ids), logprobs=list(msg.logprobs), finish_reason=msg.finish_reason)
+                if not req.prefilled and ev.cached_tokens is None:
+                    ev.cached_tokens = msg.num_cached_tokens
+                    req.prefilled = True  # only the first message carries it
+                if msg.finish_reason:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if counted:
+                decode.inflight -= 1
+            if not finished:
+                call.cancel()
+                self._release_later(decode, req.request_id)
+
+    def _release_later(self, worker: Worker, req_id: str) -> None:
+        """Tell a worker to drop everything it holds for `req_id` (best effort, bounded, in the background)."""
+        async def release() -> None:
+            try:
+                await worker.decode_stub.Release(pb.ReleaseRequest(request_id=req_id), timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("[%s] release on %s failed: %s", req_id, worker.worker_id, exc.code().name)
+
+        asyncio.get_running_loop().create_task(release())

@@ -1,0 +1,150 @@
+"""The router's view of its workers: who exists (static flags or registration), who is healthy
+(Stats polled on an interval), how loaded each is, and which one a request should go to.
+
+Health reflects each worker itself: a poll that fails `unhealthy_after` times in a row takes it
+out of rotation until a poll succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve import rpc
+from pdserve.errors import PeerUnavailable
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.router.config import RouterConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    address: str
+    role: int
+    worker_id: str = ""
+    transfer_address: str = ""
+    fingerprint: bytes = b""
+    static: bool = False
+    healthy: bool = False
+    consecutive_failures: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    stats: pb.WorkerStats = field(default_factory=pb.WorkerStats)
+    inflight: int = 0  # requests the router has sent here and not yet finished
+    channel: grpc.aio.Channel | None = None
+
+    def __post_init__(self) -> None:
+        self.channel = rpc.channel(self.address)
+        self.decode_stub = pb_grpc.DecodeWorkerStub(self.channel)
+        self.prefill_stub = pb_grpc.PrefillWorkerStub(self.channel)
+
+    @property
+    def role_name(self) -> str:
+        return pb.WorkerRole.Name(self.role).lower()
+
+    def load(self) -> float:
+        """Lower is better: batch occupancy plus KV occupancy."""
+        s = self.stats
+        seqs = (s.num_running + s.num_waiting + self.inflight) / max(1, s.max_num_seqs or 64)
+        kv = 1.0 - (s.num_free_kv_blocks / s.num_kv_blocks if s.num_kv_blocks else 1.0)
+        return seqs + kv
+
+
+class WorkerRegistry:
+    def __init__(self, config: RouterConfig, fingerprint: bytes) -> None:
+        self.config = config
+        self.fingerprint = fingerprint
+        self.workers: dict[str, Worker] = {}  # address -> worker
+        self._poller: asyncio.Task | None = None
+        self._rr = 0
+
+    def add_static(self) -> None:
+        c = self.config
+        for role, addresses in ((pb.PREFILL, c.prefill_workers), (pb.DECODE, c.decode_workers),
+                                (pb.COLOCATED, c.colocated_workers)):
+            for address in RouterConfig.split(addresses):
+                self.workers[address] = Worker(address, role, worker_id=address, static=True)
+
+    def register(self, info: pb.WorkerInfo) -> None:
+        if self.fingerprint and info.model_fingerprint and info.model_fingerprint != self.fingerprint:
+            logger.error("worker %s serves a different model (fingerprint mismatch); ignoring it", info.address)
+            return
+        worker = self.workers.get(info.address)
+        if worker is None:
+            worker = Worker(info.address, info.role)
+            self.workers[info.address] = worker
+            logger.info("worker registered: %s (%s, KV on %s)", info.worker_id, worker.role_name,
+                        info.transfer_address)
+        worker.role = info.role
+        worker.worker_id = info.worker_id
+        worker.transfer_address = info.transfer_address
+        worker.fingerprint = info.model_fingerprint
+        worker.last_seen = time.monotonic()
+
+    def start(self) -> None:
+        self._poller = asyncio.create_task(self._poll_loop())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for w in self.workers.values():
+            if w.channel is not None:
+                await w.channel.close()
+
+    async def _poll_one(self, w: Worker) -> None:
+        stub = w.prefill_stub if w.role == pb.PREFILL else w.decode_stub
+        try:
+            stats = await stub.Stats(pb.StatsRequest(), timeout=max(1.0, 2 * self.config.health_interval_s))
+        except grpc.aio.AioRpcError as exc:
+            w.consecutive_failures += 1
+            if w.healthy and w.consecutive_failures >= self.config.unhealthy_after:
+                w.healthy = False
+                logger.warning("worker %s is unhealthy (%s)", w.worker_id or w.address, exc.code().name)
+            return
+        if not w.healthy:
+            logger.info("worker %s (%s) is healthy", stats.worker_id or w.address, w.role_name)
+        w.stats = stats
+        w.healthy = True
+        w.consecutive_failures = 0
+        w.last_seen = time.monotonic()
+        if stats.role:
+            w.role = stats.role
+        w.worker_id = stats.worker_id or w.worker_id
+
+    async def poll_all(self) -> None:
+        now = time.monotonic()
+        for address, w in list(self.workers.items()):
+            if not w.static and now - w.last_seen > self.config.forget_after_s:
+                logger.warning("forgetting worker %s: silent for %.0f s", w.worker_id, now - w.last_seen)
+                del self.workers[address]
+        await asyncio.gather(*(self._poll_one(w) for w in self.workers.values()))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await self.poll_all()
+            except Exception:  # noqa: BLE001 - the poller must outlive any one failure
+                logger.exception("worker poll failed")
+            await asyncio.sleep(self.config.health_interval_s)
+
+    def healthy(self, *roles: int) -> list[Worker]:
+        return [w for w in self.workers.values() if w.healthy and w.role in roles]
+
+    def pick_decode(self, exclude: set[str] = frozenset()) -> Worker:
+        """The least loaded healthy decode or colocated worker."""
+        candidates = [w for w in self.healthy(pb.DECODE, pb.COLOCATED) if w.address not in exclude]
+        if not candidates:
+            raise PeerUnavailable("no healthy decode or colocated worker is available")
+        return min(candidates, key=Worker.load)
+
+    def pick_prefill(self) -> Worker | None:
+        """The healthy prefill worker with the shortest queue, or None if there is none."""
+        candidates = self.healthy(pb.PREFILL)
+        if not candidates:
+            return None
+        return min(candidates, key=lambda w: (w.inflight + w.stats.num_waiting + w.stats.num_running, w.address))

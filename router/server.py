@@ -1,0 +1,91 @@
+"""`pdserve router`: the front door. Serves the public gRPC API, keeps the worker registry, and
+drives each request through decode reserve -> prefill -> decode stream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+from pdserve.router.config import RouterConfig
+from pdserve.settings import add_config_arguments, config_from_args
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, RouterConfig, title="router")
+
+
+class RouterApp:
+    """The router's parts, built and torn down together (also used in-process by tests)."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        from pdserve.engine.block_hash import HASH_NBYTES  # noqa: F401 - fail early if the engine is broken
+
+        if not config.model:
+            from pdserve.engine.builtin_model import ensure_builtin_model
+
+            config = replace(config, model=str(ensure_builtin_model("tiny")))
+        self.config = config
+        self.server = None
+        self.health = None
+        self.registry = None
+        self.dispatcher = None
+        self.address = ""
+
+    async def start(self) -> None:
+        from pdserve import rpc
+        from pdserve.engine.loader import model_fingerprint
+        from pdserve.engine.model_config import ModelConfig
+        from pdserve.engine.tokenizer import Tokenizer
+        from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+        from pdserve.router.dispatch import Dispatcher, ModelMeta
+        from pdserve.router.registry import WorkerRegistry
+        from pdserve.router.servicer import RouterServicer
+
+        c = self.config
+        model_config = ModelConfig.from_dir(c.model)
+        tokenizer = Tokenizer(c.model)
+        fingerprint = await asyncio.to_thread(model_fingerprint, c.model)
+        eos = model_config.eos_token_ids[0] if model_config.eos_token_ids else tokenizer.eos_token_id
+        meta = ModelMeta(name=c.served_model_name or Path(c.model).name, max_model_len=model_config.max_position_embeddings,
+                         vocab_size=model_config.vocab_size, block_size=c.block_size, fingerprint=fingerprint, eos_token_id=eos)
+        self.registry = WorkerRegistry(c, fingerprint)
+        self.registry.add_static()
+        self.dispatcher = Dispatcher(c, self.registry, tokenizer, meta)
+        self.server, self.health = rpc.create_server(["pdserve.v1.Router"])
+        pb_grpc.add_RouterServicer_to_server(RouterServicer(self.dispatcher, self.registry), self.server)
+        port = rpc.bind(self.server, c.host, c.port)
+        await self.server.start()
+        self.address = f"{c.host}:{port}"
+        self.registry.start()
+        await rpc.set_serving(self.health, ["pdserve.v1.Router"], True)
+        logger.info("router serving model %r on %s (gRPC)", meta.name, self.address)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.registry is not None:
+            await self.registry.close()
+
+
+async def serve(config: RouterConfig) -> None:
+    app = RouterApp(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(config_from_args(RouterConfig, args)))
+    return 0
