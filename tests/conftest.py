@@ -47,3 +47,11 @@ def make_hf_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
 def hf_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf-models")
     return {kind: make_hf_model(kind, root / kind) for kind in ("llama", "llama3-rope", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The built-in tiny model, made once per test session (deterministic, no download)."""
+    from pdserve.engine.builtin_model import ensure_builtin_model
+
+    return ensure_builtin_model("tiny", cache_dir=tmp_path_factory.mktemp("model-cache"))

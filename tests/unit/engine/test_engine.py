@@ -1,0 +1,82 @@
+"""LLMEngine behaviour on the built-in tiny model: stop conditions, validation, seeded sampling,
+no block leaks on finish / abort / keep_blocks release."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidModel, InvalidRequest
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64))
+
+
+def _all_free(engine: LLMEngine) -> bool:
+    return engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_max_tokens_and_stop_token(engine):
+    out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    stop_at = out.token_ids[3]
+    out2 = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True,
+                                                          stop_token_ids=[stop_at]))[0]
+    assert out2.token_ids == out.token_ids[:out.token_ids.index(stop_at) + 1]
+    assert out2.finish_reason == "stop"
+    assert _all_free(engine)
+
+
+def test_seeded_sampling_reproduces(engine):
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    a = engine.generate([[10, 11, 12]], p)[0].token_ids
+    b = engine.generate([[10, 11, 12], [40, 41, 42, 43]], [p, SamplingParams(max_tokens=5, temperature=1.0)])[0]
+    assert a == b.token_ids
+
+
+def test_abort_frees_blocks(engine):
+    engine.add_request("a", list(range(3, 60)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert not _all_free(engine)
+    assert engine.abort_request("a")
+    assert not engine.abort_request("a")
+    assert _all_free(engine)
+
+
+def test_keep_blocks_until_release(engine):
+    engine.add_request("k", list(range(3, 40)), SamplingParams(max_tokens=1), keep_blocks=True)
+    while engine.has_unfinished():
+        engine.step()
+    assert not _all_free(engine)
+    engine.release("k")
+    assert _all_free(engine)
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], SamplingParams(), "empty"),
+    ([999999], SamplingParams(), "vocabulary"),
+    ([1] * 5000, SamplingParams(), "maximum context"),
+    ([1] * 10, SamplingParams(max_tokens=4090), "max_tokens"),
+])
+def test_bad_requests_raise_typed_errors(engine, prompt, params, match):
+    with pytest.raises(InvalidRequest, match=match):
+        engine.add_request("bad", prompt, params)
+
+
+def test_missing_or_unsupported_checkpoint(tmp_path, tiny_model_dir):
+    with pytest.raises(InvalidModel, match="config.json"):
+        LLMEngine(EngineConfig(model=str(tmp_path)))
+    cfg = (tiny_model_dir / "config.json").read_text().replace('"silu"', '"gelu"')
+    (tmp_path / "config.json").write_text(cfg)
+    with pytest.raises(InvalidModel, match="hidden_act"):
+        LLMEngine(EngineConfig(model=str(tmp_path)))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InvalidModel, match="malformed"):
+        LLMEngine(EngineConfig(model=str(tmp_path)))
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(InvalidModel, match="safetensors"):
+        LLMEngine(EngineConfig(model=str(tmp_path)))
