@@ -26,6 +26,10 @@ class PagedKVCache:
             for i in range(num_layers)
         ]
 
+    def layer_blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer as [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.kv[layer, 0], self.kv[layer, 1]
+
     @property
     def block_nbytes(self) -> int:
         """Bytes of one block of one layer's K (or V)."""

@@ -45,12 +45,8 @@ class ModelRunner:
                 decode_lens.append(start + 1)
             else:
                 ctx = start + n
-                if start == 0:
-                    kv_slots, mask = slots[-1], None
-                else:
-                    kv_slots = self._slots(table, torch.arange(ctx))
-                    mask = torch.arange(ctx)[None, :] <= (start + torch.arange(n))[:, None]
-                prefills.append(PrefillSegment(row, n, kv_slots, mask))
+                mask = None if start == 0 else torch.arange(ctx)[None, :] <= (start + torch.arange(n))[:, None]
+                prefills.append(PrefillSegment(row, n, table[:-(-ctx // self.block_size)], ctx, mask))
             row += n
             sample_rows.append(row - 1 if start + n == seq.num_tokens else -1)
 
@@ -62,9 +58,9 @@ class ModelRunner:
             for i, t in enumerate(decode_tables):
                 t = t[:max_blocks]
                 tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-            pos = torch.arange(max_len)
+            pos = torch.arange(max_blocks * self.block_size)
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
-            meta.decode_kv_slots = tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
+            meta.decode_block_tables = tables
             lens = torch.tensor(decode_lens)
             meta.decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
         return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), meta, sample_rows

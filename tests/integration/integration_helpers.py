@@ -1,0 +1,40 @@
+"""Helpers for integration tests: start clusters, poll conditions with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pdserve.cluster import Cluster, ClusterSpec
+
+
+def start_cluster(spec: ClusterSpec, timeout_s: float = 180.0) -> Cluster:
+    cluster = Cluster(spec)
+    cluster.start(timeout_s=timeout_s)
+    return cluster
+
+
+async def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition"):
+    """Poll an async predicate until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout_s} s (last: {value!r})")
+        await asyncio.sleep(interval_s)
+
+
+async def all_blocks_free(client) -> bool:
+    """True when every worker the router knows holds no KV block, reservation or request."""
+    workers = await client.workers()
+    await asyncio.sleep(0)  # stats are polled by the router; callers poll this with a deadline
+    return bool(workers) and all(
+        w.stats.num_free_kv_blocks == w.stats.num_kv_blocks and w.stats.num_reservations == 0
+        and w.stats.num_requests_active == 0 and w.stats.num_running == 0 and w.stats.num_waiting == 0
+        for w in workers)
+
+

@@ -1,0 +1,161 @@
+"""The disaggregated path with real processes: router, 2 prefill + 2 decode workers, KV over UCX.
+
+Token parity: disaggregated == colocated == transformers (greedy float32, prompts longer than a
+prefill chunk, concurrent requests), logprobs allclose. Every way a request can end early releases
+every block on every worker. Bad input and missing workers fail fast with the right status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from integration_helpers import all_blocks_free, wait_until  # noqa: F401  (see conftest)
+from pdserve.client import Client
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+
+NUM_NEW = 24
+PROMPT_LENS = (5, 40, 150, 300, 97)  # 150 and 300 span several 64-token chunks
+
+
+def _prompts(seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 2048, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    refs = []
+    for p in _prompts():
+        out = hf.generate(torch.tensor([p]), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, len(p):].tolist()
+        logprobs = [torch.log_softmax(l[0], -1)[t].item() for l, t in zip(out.logits, tokens)]
+        refs.append((tokens, logprobs))
+    return refs
+
+
+async def _complete_all(address: str) -> list:
+    async with Client(address) as client:
+        return await asyncio.gather(*(
+            client.complete(p, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=True, timeout_s=120)
+            for p in _prompts()))
+
+
+def test_token_parity_disaggregated_colocated_transformers(disagg_cluster, colocated_cluster, hf_reference,
+                                                           tiny_model_dir):
+    disagg = asyncio.run(_complete_all(disagg_cluster.router_address))
+    coloc = asyncio.run(_complete_all(colocated_cluster.router_address))
+    offline = LLMEngine(EngineConfig(model=str(tiny_model_dir))).generate(
+        _prompts(), SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=True))
+    for p, d, c, o, (ref_tokens, ref_lps) in zip(_prompts(), disagg, coloc, offline, hf_reference):
+        assert d.token_ids == ref_tokens
+        assert c.token_ids == ref_tokens
+        assert o.token_ids == ref_tokens
+        torch.testing.assert_close(torch.tensor(d.logprobs), torch.tensor(ref_lps), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(ref_lps), rtol=1e-4, atol=1e-4)
+        assert d.finish_reason == "length" and d.usage.completion_tokens == NUM_NEW
+        assert d.usage.prompt_tokens == len(p)
+    # every request really went through a prefill worker and then a decode worker
+    assert all(d.prefill_worker.startswith("prefill@") and d.decode_worker.startswith("decode@") for d in disagg)
+    assert len({d.prefill_worker for d in disagg}) >= 1
+
+
+def test_kv_crossed_processes_and_nothing_leaked(disagg_cluster):
+    async def check():
+        async with Client(disagg_cluster.router_address) as client:
+            await client.complete(_prompts()[3], max_tokens=4, temperature=0.0)
+            await wait_until(lambda: all_blocks_free(client), what="all blocks free")
+            workers = await client.workers()
+            sent = sum(w.stats.kv_bytes_sent for w in workers if w.role == 1)
+            received = sum(w.stats.kv_bytes_received for w in workers if w.role == 2)
+            remote = sum(w.stats.num_remote_prefills for w in workers if w.role == 2)
+            return sent, received, remote
+    sent, received, remote = asyncio.run(check())
+    assert sent > 0 and received == sent and remote > 0
+
+
+def test_seeded_sampling_same_on_both_paths(disagg_cluster, colocated_cluster):
+    async def sample(address):
+        async with Client(address) as client:
+            return (await client.complete(_prompts()[2], max_tokens=16, temperature=0.9, top_p=0.95, seed=7,
+                                          ignore_eos=True)).token_ids
+    assert asyncio.run(sample(disagg_cluster.router_address)) == asyncio.run(sample(colocated_cluster.router_address))
+
+
+@pytest.mark.parametrize("how", ["abort", "cancel", "deadline"])
+def test_early_end_releases_every_block(disagg_cluster, how):
+    async def scenario():
+        async with Client(disagg_cluster.router_address) as client:
+            req_id = f"early-{how}"
+            stream = client.generate(_prompts()[3], max_tokens=2000, temperature=0.0, ignore_eos=True,
+                                     request_id=req_id, timeout_s=1.5 if how == "deadline" else 60)
+            got = 0
+            try:
+                async for msg in stream:
+                    got += len(msg.token_ids)
+                    if got >= 3 and how == "abort":
+                        assert await client.abort(req_id)
+                    if got >= 3 and how == "cancel":
+                        break
+                    if msg.finish_reason:
+                        assert how == "abort" and msg.finish_reason == "abort"
+            except grpc.aio.AioRpcError as exc:
+                assert how == "deadline" and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            finally:
+                await stream.aclose()
+            assert got >= 1
+            await wait_until(lambda: all_blocks_free(client), timeout_s=30, what="all blocks free")
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kwargs, code, needle", [
+    ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+    ({"prompt": [1] * 5000}, grpc.StatusCode.INVALID_ARGUMENT, "maximum context"),
+    ({"prompt": [99999]}, grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+    ({"prompt": "hi", "temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"prompt": "hi", "top_p": 2.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ({"prompt": "hi", "model": "no-such-model"}, grpc.StatusCode.INVALID_ARGUMENT, "not served"),
+    ({"prompt": "hi", "max_tokens": 100000}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+])
+def test_bad_requests_get_invalid_argument(disagg_cluster, kwargs, code, needle):
+    async def call():
+        async with Client(disagg_cluster.router_address) as client:
+            prompt = kwargs.pop("prompt")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.complete(prompt, timeout_s=10, **kwargs)
+            return info.value
+    err = asyncio.run(call())
+    assert err.code() == code
+    assert needle in err.details()
+
+
+def test_no_workers_is_unavailable_quickly(tiny_model_dir):
+    import time
+
+    from pdserve.cluster import Cluster, ClusterSpec
+
+    cluster = Cluster(ClusterSpec(model=str(tiny_model_dir), num_prefill=0, num_decode=0))
+    try:
+        cluster.start(timeout_s=60)
+
+        async def call():
+            async with Client(cluster.router_address) as client:
+                t0 = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await client.complete("hello", max_tokens=4, timeout_s=30)
+                return info.value, time.monotonic() - t0
+        err, elapsed = asyncio.run(call())
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no healthy decode" in err.details()
+        assert elapsed < 5
+    finally:
+        cluster.stop()
