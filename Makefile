@@ -7,7 +7,7 @@ PDSERVE := $(VENV)/bin/pdserve
 export UCX_WARN_UNUSED_ENV_VARS := n
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo proto bench clean
+.PHONY: install test test-fast demo proto bench clean config-docs demo-multihost
 
 install: $(VENV)/.installed  ## create .venv and install pdserve with the test extra (quick when nothing changed)
 
@@ -31,6 +31,12 @@ demo: install  ## make the built-in model and stream generations from it
 
 bench: install  ## engine throughput benchmark
 	$(PY) benchmarks/engine_throughput.py
+
+config-docs: install  ## regenerate docs/configuration.md (and README.md's marked table) from the config dataclasses
+	$(PY) -m pdserve.config_docs
+
+demo-multihost: install  ## router and workers in their own network namespaces (needs root and iproute2)
+	$(PY) deploy/netns/netns_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from pdserve.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+# Seeded draws are keyed on seed + SEED_STRIDE * output_position (mod 2**63); see Sequence.
+SEED_STRIDE = 0x9E3779B97F4A7C15
 MAX_TOP_LOGPROBS = 20
 
 
@@ -45,6 +48,16 @@ class SamplingParams:
             raise bad("stop_token_ids must be a list of non-negative integers")
         if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
             raise bad(f"stop must be a list of at most {MAX_STOP_STRINGS} non-empty strings")
+
+    def continued(self, num_generated: int) -> "SamplingParams":
+        """Parameters for continuing this request after `num_generated` tokens (e.g. on another
+        worker after a failure): the remaining budget, and the seed shifted so that the next draws
+        are the ones the original request would have made."""
+        if num_generated == 0:
+            return self
+        seed = None if self.seed is None else (self.seed + SEED_STRIDE * num_generated) % 2**63
+        return dataclasses.replace(self, max_tokens=self.max_tokens - num_generated,
+                                   min_tokens=max(0, self.min_tokens - num_generated), seed=seed)
 
     @property
     def greedy(self) -> bool:

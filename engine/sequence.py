@@ -8,10 +8,7 @@ import time
 import torch
 
 from pdserve.engine.block_hash import BlockHash
-from pdserve.engine.sampling_params import SamplingParams
-
-
-_GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed space
+from pdserve.engine.sampling_params import SEED_STRIDE, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -48,7 +45,7 @@ class Sequence:
         if self.generator is None:
             return None
         assert self.params.seed is not None
-        return self.generator.manual_seed((self.params.seed + _GOLDEN * self.num_output_tokens) % 2**63)
+        return self.generator.manual_seed((self.params.seed + SEED_STRIDE * self.num_output_tokens) % 2**63)
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""How one request reaches a server: the `Backend` interface and the OpenAI HTTP backends.
+"""How one request reaches a server: the `Backend` interface, the OpenAI HTTP backends and the
+pdserve gRPC backend.
 
 A backend sends one `BenchRequest`, streams the answer, calls `on_token` as output arrives and
 returns a `RequestResult` with raw perf_counter times. It never decides when to send (the
@@ -178,8 +179,79 @@ class OpenAIChatBackend(OpenAIHTTPBackend):
         return (choice.get("delta") or {}).get("content") or ""
 
 
+class PdserveGrpcBackend(Backend):
+    """The pdserve router's gRPC `Generate` (base_url grpc://host:port): token ids in, exact token counts out."""
+
+    accepts_token_ids = True
+    exact_token_counts = True  # each message carries its token ids
+
+    def __init__(self, config: BenchConfig) -> None:
+        super().__init__(config)
+        self._client: Any = None
+        self._sampling: dict[str, Any] = {}
+
+    async def open(self) -> None:
+        import inspect
+
+        from pdserve.client import Client, build_request
+
+        scheme, _, address = self.config.base_url.partition("://")
+        if scheme != "grpc":
+            raise ValueError(f"backend pdserve-grpc needs base_url grpc://host:port, got {self.config.base_url!r}")
+        known = set(inspect.signature(build_request).parameters) - {"prompt", "request_id", "model", "max_tokens"}
+        unknown = set(self.config.extra_body) - known
+        if unknown:
+            raise ValueError(f"extra_body fields {sorted(unknown)} have no pdserve-grpc equivalent; "
+                             f"known: {sorted(known)}")
+        self._sampling = {"temperature": self.config.temperature, "ignore_eos": self.config.ignore_eos,
+                          "skip_detokenize": not self.config.save_output_text, **self.config.extra_body}
+        self._client = Client(address)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def list_models(self) -> list[str]:
+        assert self._client is not None, "open() first"
+        return [(await self._client.model_info(timeout_s=MODELS_TIMEOUT_S)).name]
+
+    async def send(self, request: BenchRequest, on_token: OnToken | None = None) -> RequestResult:
+        import grpc
+
+        assert self._client is not None, "open() first"
+        result = RequestResult(request_id=request.request_id, prompt_len=request.prompt_len)
+        text_parts: list[str] = []
+        result.start_time = time.perf_counter()
+        try:
+            async for msg in self._client.generate(request.prompt, timeout_s=self.config.request_timeout_s,
+                                                   max_tokens=request.max_tokens, model=self.model or "",
+                                                   **self._sampling):
+                if msg.token_ids:
+                    result.chunk_times.append(time.perf_counter())
+                    result.output_len += len(msg.token_ids)
+                    text_parts.append(msg.text)
+                    if on_token is not None:
+                        on_token(len(msg.token_ids))
+                if msg.finish_reason:
+                    result.usage_prompt_tokens = msg.usage.prompt_tokens
+                    result.usage_completion_tokens = msg.usage.completion_tokens
+            result.success = True
+        except grpc.aio.AioRpcError as exc:
+            result.error_kind = f"grpc_{exc.code().name.lower()}"
+            result.error = (exc.details() or "")[:ERROR_BODY_CHARS]
+        except Exception as exc:  # any failure is a result to count; CancelledError is not an Exception
+            result.error_kind = type(exc).__name__
+            result.error = str(exc)[:ERROR_BODY_CHARS]
+        finally:
+            result.end_time = time.perf_counter()
+            result.output_text = "".join(text_parts)
+        return result
+
+
 # backend name (--backend) -> class
 BACKENDS: dict[str, type[Backend]] = {
     "openai-completions": OpenAICompletionsBackend,
     "openai-chat": OpenAIChatBackend,
+    "pdserve-grpc": PdserveGrpcBackend,
 }

@@ -21,7 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prefill": ("pdserve.prefill.server", "run a prefill worker"),
     "decode": ("pdserve.decode.server", "run a decode worker"),
     "worker": ("pdserve.decode.colocated", "run a colocated worker (prefill and decode in one process)"),
+    "kvstore-master": ("pdserve.kvstore.master", "run the KV cache store master (which node holds which block)"),
+    "kvstore-node": ("pdserve.kvstore.node", "run a KV cache store node (a memory pool served over UCX)"),
     "bench": ("pdserve.loadtest.cli", "load-test pdserve or any OpenAI-compatible server (TTFT, TPOT, goodput)"),
+    "healthcheck": ("pdserve.healthcheck", "check a pdserve server's gRPC health (exit 0 when SERVING)"),
 }
 
 
@@ -33,7 +36,9 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only`, just that subcommand's module is imported (fast start-up,
+    and one component's import problem cannot break another's command)."""
     parser = argparse.ArgumentParser(
         prog="pdserve",
         description="Prefill/decode disaggregated LLM serving. Run `pdserve COMMAND --help` for a command's flags.",
@@ -46,16 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
-        sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sp)
         sp.set_defaults(_module=module)
     return parser
 
 
+def _chosen_subcommand(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in SUBCOMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = _chosen_subcommand(argv)
+    parser = build_parser(only=chosen or "")
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     try:

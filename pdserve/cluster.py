@@ -46,6 +46,7 @@ class Proc:
     log_path: Path
     address: str = ""
     popen: subprocess.Popen | None = None
+    metrics_url: str = ""  # http://host:port/metrics when the process serves Prometheus metrics
 
     @property
     def pid(self) -> int:
@@ -69,6 +70,8 @@ class ClusterSpec:
     num_colocated: int = 0
     host: str = "127.0.0.1"
     router_port: int = 0
+    http_port: int = 0  # router's OpenAI HTTP API and /metrics (0: a free one; -1: none)
+    worker_metrics: bool = True  # each worker serves /metrics on a free port of its own
     router_args: list[str] = field(default_factory=list)
     prefill_args: list[str] = field(default_factory=list)
     decode_args: list[str] = field(default_factory=list)
@@ -85,6 +88,7 @@ class Cluster:
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.router_address = ""
+        self.http_url = ""  # http://host:port of the router's HTTP API ("" when disabled)
 
     def _cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "pdserve", "--log-level", self.spec.log_level, *args]
@@ -103,19 +107,27 @@ class Cluster:
         s = self.spec
         port = s.router_port or free_port(s.host)
         self.router_address = f"{s.host}:{port}"
+        http_port = s.http_port if s.http_port != 0 else free_port(s.host)
+        self.http_url = f"http://{s.host}:{http_port}" if http_port > 0 else ""
         model = ["--model", s.model] if s.model else []
-        return self._spawn("router", self._cmd("router", "--host", s.host, "--port", str(port), *model,
-                                               *s.router_args), self.router_address)
+        proc = self._spawn("router", self._cmd("router", "--host", s.host, "--port", str(port),
+                                               "--http-port", str(http_port), *model, *s.router_args),
+                           self.router_address)
+        proc.metrics_url = f"{self.http_url}/metrics" if self.http_url else ""
+        return proc
 
     def start_worker(self, role: str, index: int) -> Proc:
         s = self.spec
         port = free_port(s.host)
         extra = {"prefill": s.prefill_args, "decode": s.decode_args, "worker": s.decode_args}[role]
         model = ["--model", s.model] if s.model else []
-        argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address, *model,
-                         *s.worker_args, *extra)
+        metrics_port = free_port(s.host) if s.worker_metrics else -1
+        argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address,
+                         "--metrics-port", str(metrics_port), *model, *s.worker_args, *extra)
         name = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}[role]
-        return self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
+        proc = self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
+        proc.metrics_url = f"http://{s.host}:{metrics_port}/metrics" if metrics_port > 0 else ""
+        return proc
 
     def start(self, timeout_s: float = 120.0) -> str:
         """Start every process and wait until the router sees all workers healthy. Returns the router address."""

@@ -16,6 +16,10 @@ class PdserveError(Exception):
 class InvalidRequest(PdserveError):
     """The request (prompt, sampling values, sizes) is wrong; the message says what to fix."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault, when one is (OpenAI's error `param`)
+
 
 class InvalidModel(PdserveError):
     """A checkpoint directory is missing files, malformed, or uses an unsupported feature."""

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="colocated workers with --colocated (default: 1)")
     parser.add_argument("--host", default="127.0.0.1", help="address every process binds to (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="router gRPC port (default: 50051)")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="router OpenAI HTTP API and /metrics port (0: a free one; -1: none; default: 8000)")
     parser.add_argument("--log-dir", default="", help="where process logs go (default: a new temp dir)")
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                         help="extra flag for every worker, e.g. --worker-arg=--kv-cache-memory-mb=256 (repeatable)")
@@ -33,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ClusterSpec(model=args.model, num_prefill=0 if args.colocated else args.prefill,
                        num_decode=0 if args.colocated else args.decode,
                        num_colocated=args.workers if args.colocated else 0, host=args.host, router_port=args.port,
+                       http_port=args.http_port,
                        log_dir=args.log_dir, worker_args=args.worker_arg, router_args=args.router_arg,
                        log_level=args.log_level)
     cluster = Cluster(spec)
@@ -49,9 +52,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"pdserve is up in {time.monotonic() - t0:.1f} s")
     for p in cluster.procs:
-        print(f"  {p.name:<12} pid {p.pid:<8} {p.address}")
+        metrics = f"  metrics {p.metrics_url}" if p.metrics_url else ""
+        print(f"  {p.name:<12} pid {p.pid:<8} {p.address}{metrics}")
     print(f"\nconnect: gRPC {address}")
     print(f"  try:   pdserve generate --url {address} \"def fibonacci(n):\"")
+    if cluster.http_url:
+        print(f"         HTTP {cluster.http_url}/v1 (OpenAI-compatible)")
+        print(f"  try:   curl {cluster.http_url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32}}'")
     print("Ctrl-C stops everything.")
     stopping = False
 

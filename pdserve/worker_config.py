@@ -24,10 +24,16 @@ class WorkerConfig:
         "a reservation whose KV has not landed by then is freed (decode)"))
     transfer_timeout_s: float = field(default=30.0, metadata=_h("bound on every KV transfer"))
     transfer_lanes: int = field(default=4, metadata=_h("parallel UCX endpoints per peer"))
+    layerwise_push: bool = field(default=True, metadata=_h(
+        "prefill: push each layer's KV as soon as it is computed (off: push everything after the last layer)"))
+    metrics_port: int = field(default=-1, metadata=_h(
+        "port of the Prometheus /metrics HTTP listener (-1: off; 0: pick a free one, logged)"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.transfer_port < 65536:
             raise ValueError("ports must be in [0, 65535]")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError("metrics_port must be -1 (off) or in [0, 65535]")
         if self.reservation_timeout_s <= 0 or self.transfer_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
         if self.transfer_lanes < 1:

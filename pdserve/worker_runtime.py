@@ -46,6 +46,7 @@ class WorkerRuntime:
         self.agent = None
         self.server: grpc.aio.Server | None = None
         self.health = None
+        self.metrics_server = None
         self.address = ""
         self.worker_id = worker_config.worker_id
         self._stop = asyncio.Event()
@@ -75,6 +76,12 @@ class WorkerRuntime:
         host = c.advertise_host or c.host
         self.address = f"{host}:{port}"
         self.worker_id = self.worker_id or f"{self.role_name}@{self.address}"
+        if c.metrics_port >= 0:
+            from pdserve.metrics_server import MetricsServer
+
+            self.metrics_server = MetricsServer(c.host, c.metrics_port, self.base_stats,
+                                                lambda: getattr(self.agent, "stats", None))
+            await self.metrics_server.start()
         await rpc.set_serving(self.health, self.service_names, True)
         logger.info("%s serving gRPC on %s, KV transfers on %s", self.worker_id, self.address, self.transfer_address)
         if c.router:
@@ -107,7 +114,7 @@ class WorkerRuntime:
             num_requests_active=len(self.engine.engine.requests),
             kv_bytes_sent=int(getattr(agent_stats, "bytes_sent", 0) or 0),
             kv_bytes_received=int(getattr(agent_stats, "bytes_received", 0) or 0),
-            num_transfers_failed=int(getattr(agent_stats, "failures", 0) or 0),
+            num_transfers_failed=int(getattr(agent_stats, "num_failures", 0) or 0),
         )
 
     async def _register_loop(self) -> None:
@@ -145,6 +152,8 @@ class WorkerRuntime:
             task.cancel()
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if on_stop is not None:
             result = on_stop()
             if asyncio.iscoroutine(result):
@@ -153,6 +162,10 @@ class WorkerRuntime:
             await self.engine.stop()
         if self.agent is not None:
             await self.agent.close()
+            # ucxx's process-wide notifier thread is not a daemon: without this the process never exits.
+            import ucxx
+
+            ucxx.stop_notifier_thread()
         logger.info("%s stopped", self.worker_id)
 
 

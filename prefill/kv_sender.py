@@ -37,11 +37,13 @@ class PushPlan:
 
 
 class KVSender:
-    def __init__(self, agent, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    def __init__(self, agent, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop, timeout_s: float,
+                 layerwise: bool = True) -> None:
         self.agent = agent
         self.kv = kv_cache
         self.loop = loop
         self.timeout_s = timeout_s
+        self.layerwise = layerwise  # False: everything is pushed by push_all() after the prefill
         self.plans: dict[str, PushPlan] = {}  # req_id -> plan, for requests being prefilled
         self.bytes_sent = 0
 
@@ -67,6 +69,8 @@ class KVSender:
 
     # ---- engine thread ------------------------------------------------------------------------
     def on_layer(self, layer: int, batch: list[ScheduledSeq]) -> None:
+        if not self.layerwise:
+            return
         for item in batch:
             plan = self.plans.get(item.seq.req_id)
             if plan is None:
@@ -89,6 +93,17 @@ class KVSender:
                 plan.num_pushed_blocks = end
 
     # ---- event loop -------------------------------------------------------------------------
+    def push_all(self, plan: PushPlan, block_table: list[int]) -> None:
+        """Queue every not-yet-pushed prompt block, all layers at once (the non-overlapped mode)."""
+        start, end = plan.num_pushed_blocks, -(-plan.num_prompt_tokens // self.kv.block_size)
+        if end <= start:
+            return
+        src = self.kv.regions(block_table[start:end])
+        dst = [r for layer in range(self.kv.num_layers) for r in layer_regions(
+            plan.dest.layout.num_blocks, self.kv.block_nbytes, layer, list(plan.dest.block_ids[start:end]))]
+        plan.num_pushed_blocks = end
+        self._queue_push(plan, src, dst)
+
     def _queue_push(self, plan: PushPlan, src: list[tuple[int, int]], dst: list[tuple[int, int]]) -> None:
         previous = plan.chain
 

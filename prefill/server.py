@@ -33,7 +33,8 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig) -> Non
     def add(server) -> list[str]:
         assert runtime.engine is not None
         llm = runtime.engine.engine
-        sender = KVSender(runtime.agent, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s)
+        sender = KVSender(runtime.agent, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s,
+                          layerwise=worker_config.layerwise_push)
         llm.layer_hook = sender.on_layer
         pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender), server)
         return ["pdserve.v1.PrefillWorker"]

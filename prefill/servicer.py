@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -25,6 +26,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self.runtime = runtime
         self.sender = sender
         self.num_prefills = 0
+        self._background: set[asyncio.Task] = set()  # transfers finishing after the response
 
     @map_errors
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
@@ -47,25 +49,44 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         t0 = time.monotonic()
         plan = self.sender.add(req_id, dest, len(prompt))
         first = None
+        handed_off = False
         try:
             async for out in engine.generate_simple(req_id, prompt, params, keep_blocks=True):
                 first = out
-            t_compute = time.monotonic()
-            await self.sender.wait(plan)
+            if not self.sender.layerwise:
+                block_table = await engine.call(lambda e: list(e.requests[req_id].block_table))
+                self.sender.push_all(plan, block_table)
+            # Answer now; the last pushes drain in the background. Decode admits the request only
+            # once every byte has landed, so the first token need not wait for the transfer tail.
+            task = asyncio.create_task(self._finish_transfer(req_id, plan, t0))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            handed_off = True
         finally:
-            self.sender.remove(req_id)
-            engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
+            if not handed_off:
+                self.sender.remove(req_id)
+                engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
         assert first is not None and first.new_token_ids
         self.num_prefills += 1
-        t_end = time.monotonic()
-        logger.debug("[%s] prefilled %d tokens (%d cached) in %.1f ms, pushed %d bytes", req_id, len(prompt),
-                     first.num_cached_tokens, 1e3 * (t_end - t0), plan.bytes_sent)
         resp = pb.PrefillResponse(first_token_id=first.new_token_ids[0], num_cached_tokens=first.num_cached_tokens,
-                                  kv_bytes_sent=plan.bytes_sent, prefill_seconds=t_compute - t0,
-                                  transfer_wait_seconds=t_end - t_compute)
+                                  prefill_seconds=time.monotonic() - t0)
         if first.new_logprobs:
             resp.first_logprob = first.new_logprobs[0]
         return resp
+
+    async def _finish_transfer(self, req_id: str, plan, t0: float) -> None:
+        """Wait (bounded) for a request's pushes, then free its blocks, whatever happened."""
+        engine = self.runtime.engine
+        assert engine is not None
+        try:
+            await self.sender.wait(plan)
+            logger.debug("[%s] KV pushed: %d bytes, %.1f ms after the request arrived", req_id, plan.bytes_sent,
+                         1e3 * (time.monotonic() - t0))
+        except Exception as exc:  # noqa: BLE001 - decode's reservation times out; the router retries
+            logger.warning("[%s] KV transfer to %s failed: %s", req_id, plan.dest.transfer_address, exc)
+        finally:
+            self.sender.remove(req_id)
+            engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
 
     @map_errors
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStats:

@@ -16,6 +16,8 @@ class RouterConfig:
     served_model_name: str = field(default="", metadata=_h("model name clients use (default: the directory name)"))
     host: str = field(default="127.0.0.1", metadata=_h("address the router binds to"))
     port: int = field(default=50051, metadata=_h("gRPC port (0: pick a free one)"))
+    http_port: int = field(default=8000, metadata=_h(
+        "OpenAI-compatible HTTP API and /metrics port (0: pick a free one; -1: no HTTP listener)"))
     prefill_workers: str = field(default="", metadata=_h("static prefill worker addresses, comma-separated"))
     decode_workers: str = field(default="", metadata=_h("static decode worker addresses, comma-separated"))
     colocated_workers: str = field(default="", metadata=_h("static colocated worker addresses, comma-separated"))
@@ -27,10 +29,19 @@ class RouterConfig:
     unhealthy_after: int = field(default=3, metadata=_h("failed polls before a worker is taken out of rotation"))
     forget_after_s: float = field(default=30.0, metadata=_h("a registered worker silent this long is forgotten"))
     block_size: int = field(default=16, metadata=_h("KV block size of the workers (for block hashes)"))
+    max_retries: int = field(default=2, metadata=_h(
+        "retries of a request after a worker fails (another prefill, or decode continued elsewhere)"))
+    retry_backoff_s: float = field(default=0.05, metadata=_h("first retry delay; doubles per retry"))
+    max_inflight_requests: int = field(default=512, metadata=_h(
+        "requests in flight beyond this are rejected with RESOURCE_EXHAUSTED / 429"))
+    ttft_slo_ms: float = field(default=0.0, metadata=_h(
+        "reject early when the predicted time to first token exceeds this (0: off)"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
+        if not -1 <= self.http_port < 65536:
+            raise ValueError("http_port must be -1 (off) or in [0, 65535]")
         if self.local_prefill_threshold < 0:
             raise ValueError("local_prefill_threshold must be >= 0")
         if self.request_timeout_s <= 0 or self.hop_timeout_s <= 0 or self.health_interval_s <= 0:

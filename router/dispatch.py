@@ -20,7 +20,7 @@ from pdserve.convert import sampling_to_proto
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from pdserve.errors import InvalidRequest, PeerUnavailable, RequestAborted
+from pdserve.errors import InvalidRequest, KVTransferError, Overloaded, PeerUnavailable, RequestAborted
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
 from pdserve.router.registry import Worker, WorkerRegistry
@@ -70,6 +70,9 @@ class Dispatcher:
         self.num_requests = 0
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
+        self.num_retries = 0
+        self.num_rejected = 0
+        self.prefill_s_per_token = 1e-4  # EWMA of measured prefill seconds per computed token
 
     # ---- validation ---------------------------------------------------------------------------
     def prepare(self, prompt_text: str | None, prompt_ids: list[int] | None, params: SamplingParams,
@@ -110,6 +113,7 @@ class Dispatcher:
         if req_id in self.active:
             raise InvalidRequest(f"request_id {req_id!r} is already in flight")
         deadline = time.monotonic() + min(timeout_s or self.config.request_timeout_s, self.config.request_timeout_s)
+        self._admit(len(prompt_ids))
         state = RequestState(req_id)
         self.active[req_id] = state
         self.num_requests += 1
@@ -145,65 +149,152 @@ class Dispatcher:
             raise asyncio.TimeoutError()
         return left
 
+    def _admit(self, num_prompt_tokens: int) -> None:
+        """Reject early instead of queueing without bound (Mooncake-style early rejection)."""
+        if len(self.active) >= self.config.max_inflight_requests:
+            self.num_rejected += 1
+            raise Overloaded(f"{len(self.active)} requests in flight (limit {self.config.max_inflight_requests}); "
+                             "retry later", retry_after_s=1.0)
+        if self.config.ttft_slo_ms > 0:
+            predicted_ms = 1e3 * self.predict_ttft_s(num_prompt_tokens)
+            if predicted_ms > self.config.ttft_slo_ms:
+                self.num_rejected += 1
+                raise Overloaded(f"predicted time to first token {predicted_ms:.0f} ms exceeds the "
+                                 f"{self.config.ttft_slo_ms:.0f} ms SLO; retry later",
+                                 retry_after_s=max(0.5, predicted_ms / 1e3))
+
+    def predict_ttft_s(self, num_prompt_tokens: int) -> float:
+        """Queued prompt tokens ahead of this one on the least loaded prefill path, times the
+        measured seconds per prefill token (EWMA)."""
+        prefills = self.registry.healthy(pb.PREFILL) or self.registry.healthy(pb.DECODE, pb.COLOCATED)
+        if not prefills:
+            return 0.0
+        queued = min(w.queued_prompt_tokens for w in prefills)
+        return (queued + num_prompt_tokens) * self.prefill_s_per_token
+
+    def _observe_prefill(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens > 0 and seconds > 0:
+            self.prefill_s_per_token = 0.8 * self.prefill_s_per_token + 0.2 * seconds / num_tokens
+
     async def _route(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
                      usage: pb.Usage) -> AsyncIterator[Event]:
-        decode = self.registry.pick_decode()
-        prefill = None
-        if decode.role == pb.DECODE and len(prompt_ids) >= self.config.local_prefill_threshold:
-            prefill = self.registry.pick_prefill()
-        if prefill is None:
-            self.num_local_prefills += 1
-            logger.debug("[%s] local prefill on %s (%d prompt tokens)", state.req_id, decode.worker_id, len(prompt_ids))
-            stream = self._decode_stream(state, decode, pb.DecodeRequest(
-                request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)), deadline)
-            first = True
-            async for ev in stream:
-                if first:
-                    ev.decode_worker = ev.prefill_worker = decode.worker_id
-                    first = False
-                yield ev
-            return
+        """Run the request, retrying on another worker when one fails. A decode failure mid-stream
+        continues from the tokens already streamed (prompt + those tokens, the rest of the budget),
+        so the client sees no duplicate and no gap."""
+        generated: list[int] = []
+        excluded: set[str] = set()
+        failures = 0
+        while True:
+            attempt_prompt = prompt_ids + generated
+            attempt_params = params.continued(len(generated))
+            try:
+                async for ev in self._attempt(state, attempt_prompt, attempt_params, deadline, usage, excluded):
+                    generated.extend(ev.token_ids)
+                    yield ev
+                return
+            except (PeerUnavailable, KVTransferError) as exc:
+                if state.aborted.is_set():
+                    raise
+                failures += 1
+                if failures > self.config.max_retries:
+                    raise
+                self.num_retries += 1
+                delay = self.config.retry_backoff_s * 2 ** (failures - 1)
+                logger.warning("[%s] %s; retry %d/%d in %.2f s with %d tokens already streamed", state.req_id, exc,
+                               failures, self.config.max_retries, delay, len(generated))
+                await asyncio.sleep(min(delay, self._remaining(deadline)))
 
-        self.num_remote_prefills += 1
-        logger.debug("[%s] prefill on %s, decode on %s (%d prompt tokens)", state.req_id, prefill.worker_id,
-                     decode.worker_id, len(prompt_ids))
-        reserved = False
-        decode.inflight += 1
-        try:
+    async def _reserve(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
+                       excluded: set[str]) -> tuple[Worker, pb.TransferDescriptor]:
+        """Reserve on the least loaded decode worker that has room, trying the others on Overloaded."""
+        candidates = sorted((w for w in self.registry.healthy(pb.DECODE) if w.address not in excluded), key=Worker.load)
+        if not candidates:
+            raise PeerUnavailable("no healthy decode worker is available")
+        for decode in candidates:
             try:
                 desc = await decode.decode_stub.Reserve(pb.ReserveRequest(
                     request_id=state.req_id, num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens,
                     model_fingerprint=self.meta.fingerprint,
                     timeout_s=min(self.config.hop_timeout_s, self._remaining(deadline))),
                     timeout=min(self.config.hop_timeout_s, self._remaining(deadline)))
+                return decode, desc
             except grpc.aio.AioRpcError as exc:
-                raise typed_error(exc, f"decode {decode.worker_id} Reserve") from exc
-            reserved = True
+                err = typed_error(exc, f"decode {decode.worker_id} Reserve")
+                if isinstance(err, Overloaded):
+                    continue
+                if isinstance(err, (PeerUnavailable, KVTransferError)):
+                    excluded.add(decode.address)
+                raise err from exc
+        self.num_rejected += 1
+        raise Overloaded("every decode worker is out of KV blocks; retry later", retry_after_s=1.0)
+
+    async def _attempt(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
+                       usage: pb.Usage, excluded: set[str]) -> AsyncIterator[Event]:
+        decode = self.registry.pick_decode(excluded)
+        prefill = None
+        if decode.role == pb.DECODE and len(prompt_ids) >= self.config.local_prefill_threshold:
+            prefill = self.registry.pick_prefill(excluded)
+        if prefill is None:
+            self.num_local_prefills += 1
+            logger.debug("[%s] local prefill on %s (%d prompt tokens)", state.req_id, decode.worker_id, len(prompt_ids))
+            first = True
+            try:
+                async for ev in self._decode_stream(state, decode, pb.DecodeRequest(
+                        request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)),
+                        deadline):
+                    if first:
+                        ev.decode_worker = ev.prefill_worker = decode.worker_id
+                        first = False
+                    yield ev
+            except (PeerUnavailable, KVTransferError):
+                excluded.add(decode.address)
+                raise
+            return
+
+        decode, desc = await self._reserve(state, prompt_ids, params, deadline, excluded)
+        self.num_remote_prefills += 1
+        logger.debug("[%s] prefill on %s, decode on %s (%d prompt tokens)", state.req_id, prefill.worker_id,
+                     decode.worker_id, len(prompt_ids))
+        reserved = True
+        decode.inflight += 1
+        try:
             hashes = chain_block_hashes(prompt_ids, self.meta.block_size, self.meta.fingerprint)
             prefill.inflight += 1
+            prefill.queued_prompt_tokens += len(prompt_ids)
             try:
                 call = prefill.prefill_stub.Prefill(pb.PrefillRequest(
                     request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params),
                     destination=desc, block_hashes=hashes),
                     timeout=min(self.config.hop_timeout_s, self._remaining(deadline)))
                 state.calls.append(call)
-                resp = await self._await_call(state, call, f"prefill {prefill.worker_id}")
+                try:
+                    resp = await self._await_call(state, call, f"prefill {prefill.worker_id}")
+                except (PeerUnavailable, KVTransferError):
+                    excluded.add(prefill.address)
+                    raise
             finally:
                 prefill.inflight -= 1
-            usage.cached_tokens = resp.num_cached_tokens
+                prefill.queued_prompt_tokens -= len(prompt_ids)
+            self._observe_prefill(len(prompt_ids) - resp.num_cached_tokens, resp.prefill_seconds)
+            if usage.completion_tokens == 0:
+                usage.cached_tokens = resp.num_cached_tokens
             first = Event(token_ids=[resp.first_token_id], prefill_worker=prefill.worker_id,
                           decode_worker=decode.worker_id)
             if params.logprobs and resp.HasField("first_logprob"):
                 first.logprobs = [resp.first_logprob]
-            yield first
             req = pb.DecodeRequest(request_id=state.req_id, prompt_token_ids=prompt_ids,
                                    sampling=sampling_to_proto(params), prefilled=True,
                                    first_token_id=resp.first_token_id, num_cached_tokens=resp.num_cached_tokens)
             if resp.HasField("first_logprob"):
                 req.first_logprob = resp.first_logprob
-            reserved = False  # from here the Decode call owns the reservation
-            async for ev in self._decode_stream(state, decode, req, deadline, counted=False):
-                yield ev
+            yield first  # TTFT: stream the first token the moment prefill has it
+            reserved = False  # from here the Decode call owns the reservation (its cleanup releases it)
+            try:
+                async for ev in self._decode_stream(state, decode, req, deadline, counted=False):
+                    yield ev
+            except (PeerUnavailable, KVTransferError):
+                excluded.add(decode.address)
+                raise
         finally:
             decode.inflight -= 1
             if reserved:

@@ -36,6 +36,7 @@ class Worker:
     last_seen: float = field(default_factory=time.monotonic)
     stats: pb.WorkerStats = field(default_factory=pb.WorkerStats)
     inflight: int = 0  # requests the router has sent here and not yet finished
+    queued_prompt_tokens: int = 0  # prompt tokens sent here for prefill and not yet answered
     channel: grpc.aio.Channel | None = None
 
     def __post_init__(self) -> None:
@@ -142,9 +143,9 @@ class WorkerRegistry:
             raise PeerUnavailable("no healthy decode or colocated worker is available")
         return min(candidates, key=Worker.load)
 
-    def pick_prefill(self) -> Worker | None:
+    def pick_prefill(self, exclude: set[str] = frozenset()) -> Worker | None:
         """The healthy prefill worker with the shortest queue, or None if there is none."""
-        candidates = self.healthy(pb.PREFILL)
+        candidates = [w for w in self.healthy(pb.PREFILL) if w.address not in exclude]
         if not candidates:
             return None
         return min(candidates, key=lambda w: (w.inflight + w.stats.num_waiting + w.stats.num_running, w.address))

@@ -1,5 +1,6 @@
-"""`pdserve router`: the front door. Serves the public gRPC API, keeps the worker registry, and
-drives each request through decode reserve -> prefill -> decode stream."""
+"""`pdserve router`: the front door. Serves the public gRPC API and the OpenAI-compatible HTTP API
+(with /metrics) in one process, keeps the worker registry, and drives each request through
+decode reserve -> prefill -> decode stream."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ class RouterApp:
         self.health = None
         self.registry = None
         self.dispatcher = None
+        self.metrics = None
+        self.http = None
         self.address = ""
+        self.http_address = ""
 
     async def start(self) -> None:
         from pdserve import rpc
@@ -43,7 +47,9 @@ class RouterApp:
         from pdserve.engine.model_config import ModelConfig
         from pdserve.engine.tokenizer import Tokenizer
         from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-        from pdserve.router.dispatch import Dispatcher, ModelMeta
+        from pdserve.router.dispatch import ModelMeta
+        from pdserve.router.http_api import HttpApi
+        from pdserve.router.metrics import MeteredDispatcher, RouterMetrics
         from pdserve.router.registry import WorkerRegistry
         from pdserve.router.servicer import RouterServicer
 
@@ -56,17 +62,26 @@ class RouterApp:
                          vocab_size=model_config.vocab_size, block_size=c.block_size, fingerprint=fingerprint, eos_token_id=eos)
         self.registry = WorkerRegistry(c, fingerprint)
         self.registry.add_static()
-        self.dispatcher = Dispatcher(c, self.registry, tokenizer, meta)
+        self.metrics = RouterMetrics(meta.name)
+        self.dispatcher = MeteredDispatcher(c, self.registry, tokenizer, meta, metrics=self.metrics)
+        self.metrics.watch_workers(self.registry, self.dispatcher)
         self.server, self.health = rpc.create_server(["pdserve.v1.Router"])
         pb_grpc.add_RouterServicer_to_server(RouterServicer(self.dispatcher, self.registry), self.server)
         port = rpc.bind(self.server, c.host, c.port)
         await self.server.start()
         self.address = f"{c.host}:{port}"
+        if c.http_port >= 0:
+            self.http = HttpApi(self.dispatcher, self.registry, self.metrics)
+            await self.http.start(c.host, c.http_port)
+            self.http_address = self.http.address
         self.registry.start()
         await rpc.set_serving(self.health, ["pdserve.v1.Router"], True)
-        logger.info("router serving model %r on %s (gRPC)", meta.name, self.address)
+        logger.info("router serving model %r on %s (gRPC)%s", meta.name, self.address,
+                    f" and http://{self.http_address} (OpenAI HTTP, /metrics)" if self.http_address else "")
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.registry is not None:

@@ -99,11 +99,13 @@ def test_early_end_releases_every_block(disagg_cluster, how):
             stream = client.generate(_prompts()[3], max_tokens=2000, temperature=0.0, ignore_eos=True,
                                      request_id=req_id, timeout_s=1.5 if how == "deadline" else 60)
             got = 0
+            aborted = False
             try:
                 async for msg in stream:
                     got += len(msg.token_ids)
-                    if got >= 3 and how == "abort":
+                    if got >= 3 and how == "abort" and not aborted:
                         assert await client.abort(req_id)
+                        aborted = True
                     if got >= 3 and how == "cancel":
                         break
                     if msg.finish_reason:

@@ -1,0 +1,325 @@
+"""The UCX transfer layer: moves KV-cache bytes between registered buffers of two processes; never chooses blocks.
+
+Public API (one `TransferAgent` per process, all methods on its asyncio loop):
+
+    agent = TransferAgent(host="127.0.0.1", port=0, *, num_lanes=4, timeout_s=30.0,
+                          max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, shared_memory=True)
+    await agent.start(); agent.address -> "host:port"; await agent.close()
+    agent.register_buffer(name, numpy_array_or_cpu_tensor); agent.unregister_buffer(name)
+    # receiver of a push (e.g. decode worker): one-time token from the reservation
+    exp = agent.expect(token, buffer, [(byte_offset, nbytes), ...], timeout_s) -> Expectation
+    await exp.wait()  # all regions landed; KVTransferTimeout / KVTransferError otherwise
+    agent.cancel(token)  # drops an expectation or exposure; later data with the token is rejected
+    # sender (e.g. prefill worker); several pushes per token allowed (one per layer), no overlaps
+    nbytes = await agent.push(peer, token, src_buffer, src_regions, dst_regions, timeout_s=None)
+    # reads (KV store): the owner exposes regions, the reader pulls them into its own buffer
+    agent.expose(token, buffer, regions, timeout_s) -> Exposure
+    nbytes = await agent.pull(peer, token, dst_buffer, dst_regions, src_regions, timeout_s=None)
+    agent.stats -> TransferStats (a copy)
+
+Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` lanes):
+ 1. connect: HELLO carries host identity and UCX worker address both ways; on one host each side
+    also opens a shared-memory data endpoint (sysv + CMA zero-copy) to the other.
+ 2. push: OPEN{token, all dst regions, this lane's pieces} -> the receiver checks the token (known,
+    live) and that every region lies in the expectation and was not claimed before, BEFORE posting a
+    receive; it replies REJECT{reason} (nothing written) or READY{push_id, random payload tag base}.
+ 3. other lanes: DATA{push_id, pieces} -> READY/REJECT likewise; then the payload pieces, tagged
+    base|index, straight from/into the registered memory; the receiver answers DONE{nbytes} or FAILED.
+ 4. pull: PULL{token, src pieces} -> READY or REJECT, then the owner sends the pieces with the
+    puller's tag base. Control messages are tagged with seq*8+slot on their own endpoint.
+ 5. every wait has a deadline; any failure after READY aborts the lane (cancelling its posted receives)
+    and fails the expectation; expiry or cancel aborts the lanes still writing into it.
+
+ucxx keeps one UCX context and worker per process in a module global (unavoidable); UCX reads its
+settings from the environment when that context is created: see `ucx_env.py` for our defaults.
+The listener accepts on all interfaces (ucxx cannot bind one); `host` is the address peers are told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from pdserve.errors import InvalidRequest, KVTransferError, PeerUnavailable
+
+from .regions import Piece, Region, byte_view, check_regions, pair_regions, split_among_lanes, total_bytes
+from .transfer_lane import Lane, LanePool, bounded, gather_or_fail
+from .transfer_protocol import MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, TransferRejected, \
+    new_payload_tag_base
+from .transfer_server import TransferServer
+from .transfer_state import Expectation, Exposure, TokenRegistry, TransferStats
+from .ucx_env import host_identity, import_ucxx
+
+logger = logging.getLogger(__name__)
+
+
+class TransferAgent:
+    """One per process: a ucxx listener plus a pool of outgoing lanes (endpoints) per peer."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
+                 max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, shared_memory: bool = True) -> None:
+        if num_lanes < 1 or timeout_s <= 0 or max_piece_bytes < 1 or lane_min_bytes < 1:
+            raise ValueError("num_lanes, timeout_s, max_piece_bytes and lane_min_bytes must be positive")
+        self.host = host
+        self.port = port
+        self.num_lanes = num_lanes
+        self.timeout_s = timeout_s
+        self.max_piece_bytes = max_piece_bytes  # large regions are cut into pieces of at most this
+        self.lane_min_bytes = lane_min_bytes  # a push uses one more lane per this many bytes
+        self.shared_memory = shared_memory
+        self.host_id = host_identity()
+        self._stats = TransferStats()
+        self._registry = TokenRegistry(self._stats)
+        self._buffers: dict[str, np.ndarray] = {}  # name -> flat uint8 view
+        self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
+        self._server: TransferServer | None = None
+        self._ucxx = import_ucxx()
+        self._hello_body = b""  # set in start(): asking for the worker address creates the UCX context
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Starts the listener. The first agent of a process creates ucxx's context, whose notifier thread is tied to
+        the running event loop: every agent of a process must run on that one loop."""
+        worker_address = bytes(self._ucxx.get_worker_address())
+        self._hello_body = BodyWriter().blob(self.host_id.encode()).blob(worker_address).build()
+        self._server = TransferServer(self._ucxx, self._registry, self._stats, hello_body=self._hello_body,
+                                      attach_data_endpoint=self.attach_data_endpoint, timeout_s=self.timeout_s)
+        self.port = self._server.start(self.port)
+        logger.info("transfer agent listening on %s (%d lanes per peer)", self.address, self.num_lanes)
+
+    async def close(self) -> None:
+        self._registry.close("transfer agent closed")
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
+
+    @property
+    def address(self) -> str:
+        if self._server is None:
+            raise RuntimeError("TransferAgent.start() was not called")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def stats(self) -> TransferStats:
+        return dataclasses.replace(self._stats)
+
+    # ---- buffers and tokens ----------------------------------------------------------------------
+    def register_buffer(self, name: str, buf: object) -> None:
+        """Makes a contiguous CPU numpy array or torch tensor addressable by name; it is viewed as bytes, never copied."""
+        self._buffers[name] = byte_view(buf)
+
+    def unregister_buffer(self, name: str) -> None:
+        self._buffers.pop(name, None)
+
+    def _view(self, name: str) -> np.ndarray:
+        try:
+            return self._buffers[name]
+        except KeyError:
+            raise InvalidRequest(f"no registered buffer named {name!r}") from None
+
+    def expect(self, token: bytes, buffer: str, regions: Sequence[Region], timeout_s: float) -> Expectation:
+        """Allows whoever presents `token` to write exactly these regions of `buffer` once, within timeout_s."""
+        return self._registry.expect(token, buffer, self._view(buffer), regions, timeout_s)
+
+    def expose(self, token: bytes, buffer: str, regions: Sequence[Region], timeout_s: float) -> Exposure:
+        """Allows whoever presents `token` to read these regions of `buffer` (any number of times) within timeout_s."""
+        return self._registry.expose(token, buffer, self._view(buffer), regions, timeout_s)
+
+    def cancel(self, token: bytes) -> None:
+        """Drops the expectation or exposure of `token`; data in flight under it is cut off, later requests rejected."""
+        self._registry.cancel(token)
+
+    # ---- sender side -----------------------------------------------------------------------------
+    def _pool(self, peer: str) -> LanePool:
+        pool = self._pools.get(peer)
+        if pool is None:
+            pool = self._pools[peer] = LanePool(peer, lambda deadline: self._connect(peer, deadline), self.num_lanes)
+        return pool
+
+    async def _connect(self, peer: str, deadline: float) -> Lane:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidRequest(f"peer address must be host:port, got {peer!r}")
+        remaining = max(0.001, deadline - asyncio.get_running_loop().time())
+        try:
+            ep = await bounded(self._ucxx.create_endpoint(host, int(port), connect_timeout=remaining), deadline,
+                               f"connect to {peer}")
+        except KVTransferError as exc:
+            raise PeerUnavailable(str(exc)) from exc
+        lane = Lane(ep, peer, self.timeout_s)
+        try:
+            await lane.send_message(0, Slot.REQUEST_HEADER, Kind.HELLO, self._hello_body, deadline)
+            kind, reply = await lane.recv_message(0, Slot.REPLY_HEADER, deadline)
+            if kind != Kind.HELLO_REPLY:
+                raise KVTransferError(f"{peer} answered HELLO with {kind.name}")
+            reader = BodyReader(reply)
+            peer_host_id, peer_worker_address = reader.blob().decode(), reader.blob()
+            await self.attach_data_endpoint(lane, peer_host_id, peer_worker_address)
+        except BaseException:
+            lane.abort()
+            raise
+        logger.debug("opened %r", lane)
+        return lane
+
+    async def attach_data_endpoint(self, lane: Lane, peer_host_id: str, peer_worker_address: bytes) -> None:
+        """On one host, a worker-address endpoint without UCX error handling: the only kind UCX runs over shm/CMA."""
+        if not self.shared_memory or peer_host_id != self.host_id:
+            return
+        address = self._ucxx.get_ucx_address_from_buffer(peer_worker_address)
+        lane.data_out = await self._ucxx.create_endpoint_from_worker_address(address, endpoint_error_handling=False)
+
+    async def push(self, peer: str, token: bytes, src_buffer: str, src_regions: Sequence[Region],
+                   dst_regions: Sequence[Region], *, timeout_s: float | None = None) -> int:
+        """Writes src regions of a local buffer into the peer's dst regions under `token`; returns bytes sent.
+
+        Raises KVTransferError if the peer rejects it (nothing written), KVTransferTimeout past timeout_s,
+        PeerUnavailable if no lane can be opened.
+        """
+        started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
+        view = self._view(src_buffer)
+        src = check_regions(src_regions, view.nbytes, "push src")
+        dst = check_regions(dst_regions, 1 << 62, "push dst")
+        pieces = pair_regions(src, dst, self.max_piece_bytes)
+        nbytes = total_bytes(src)
+        num_lanes = min(self.num_lanes, max(1, nbytes // self.lane_min_bytes))
+        pool = self._pool(peer)
+        lanes = await self._acquire(pool, num_lanes, deadline)
+        groups = split_among_lanes(pieces, len(lanes))
+        clean = False  # lanes stay usable only after success or a rejected OPEN (nothing else was sent)
+        try:
+            if any(len(group) > MAX_PIECES_PER_OP for group in groups):
+                clean = True
+                raise InvalidRequest(f"too many pieces ({len(pieces)}) in one push")
+            first = lanes[0]
+            open_body = BodyWriter().blob(token).regions(dst).regions([(p.dst_offset, p.nbytes) for p in groups[0]])
+            seq = first.next_seq()
+            try:
+                push_id, tag_base = await self._request_ready(first, seq, Kind.OPEN, open_body.build(), deadline)
+            except TransferRejected:
+                clean = True
+                raise
+            ops = [self._send_pieces(first, seq, tag_base, view, groups[0], deadline)]
+            ops += [self._push_data(lane, push_id, view, group, deadline) for lane, group in zip(lanes[1:], groups[1:])]
+            await gather_or_fail(ops, deadline, f"push to {peer}")
+            clean = True
+        except BaseException as exc:
+            self._count_error(exc)
+            raise
+        finally:
+            self._stats.seconds_sending += time.perf_counter() - started
+            await self._release(pool, lanes, clean)
+        self._stats.bytes_sent += nbytes
+        self._stats.num_pushes += 1
+        return nbytes
+
+    async def _acquire(self, pool: LanePool, num_lanes: int, deadline: float) -> list[Lane]:
+        try:
+            return await pool.acquire(num_lanes, deadline)
+        except BaseException as exc:
+            self._count_error(exc)
+            raise
+
+    async def _release(self, pool: LanePool, lanes: list[Lane], clean: bool) -> None:
+        if not clean:
+            for lane in lanes:
+                lane.abort()  # cancels whatever is still posted through it
+        await pool.release(lanes)
+
+    def _count_error(self, exc: BaseException) -> None:
+        if isinstance(exc, TransferRejected):
+            self._stats.num_rejected += 1
+        elif isinstance(exc, KVTransferError):
+            self._stats.num_failures += 1
+
+    async def _push_data(self, lane: Lane, push_id: int, view: np.ndarray, pieces: list[Piece],
+                         deadline: float) -> None:
+        body = BodyWriter().u64(push_id).regions([(p.dst_offset, p.nbytes) for p in pieces]).build()
+        seq = lane.next_seq()
+        _, tag_base = await self._request_ready(lane, seq, Kind.DATA, body, deadline)
+        await self._send_pieces(lane, seq, tag_base, view, pieces, deadline)
+
+    async def _request_ready(self, lane: Lane, seq: int, kind: Kind, body: bytes, deadline: float) -> tuple[int, int]:
+        """Sends a request and waits for READY -> (push_id, tag_base); a REJECT raises TransferRejected (lane stays usable)."""
+        await lane.send_message(seq, Slot.REQUEST_HEADER, kind, body, deadline)
+        reply_kind, reply = await lane.recv_message(seq, Slot.REPLY_HEADER, deadline)
+        if reply_kind == Kind.REJECT:
+            raise TransferRejected(f"{lane.peer} rejected {kind.name}: {bytes(reply).decode(errors='replace')}")
+        if reply_kind != Kind.READY:
+            lane.broken = True
+            raise KVTransferError(f"{lane.peer} answered {kind.name} with {reply_kind.name}")
+        reader = BodyReader(reply)
+        push_id, tag_base = reader.u64(), reader.u64()
+        reader.finish()
+        return push_id, tag_base
+
+    async def _send_pieces(self, lane: Lane, seq: int, tag_base: int, view: np.ndarray, pieces: list[Piece],
+                           deadline: float) -> None:
+        sends = [lane.send_payload(view[p.src_offset:p.src_offset + p.nbytes], tag_base | i)
+                 for i, p in enumerate(pieces)]
+
+        async def final_reply() -> None:
+            kind, body = await lane.recv_message(seq, Slot.FINAL_HEADER, deadline)
+            if kind != Kind.DONE:
+                raise KVTransferError(f"{lane.peer}: {kind.name}: {bytes(body).decode(errors='replace')}")
+
+        await gather_or_fail([*sends, final_reply()], deadline, f"{lane!r} payload")
+
+    # ---- reader side -----------------------------------------------------------------------------
+    async def pull(self, peer: str, token: bytes, dst_buffer: str, dst_regions: Sequence[Region],
+                   src_regions: Sequence[Region], *, timeout_s: float | None = None) -> int:
+        """Reads the peer's exposed src regions (authorised by `token`) into local dst regions; returns bytes read."""
+        started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
+        view = self._view(dst_buffer)
+        dst = check_regions(dst_regions, view.nbytes, "pull dst")
+        src = check_regions(src_regions, 1 << 62, "pull src")
+        pieces = pair_regions(src, dst, self.max_piece_bytes)
+        nbytes = total_bytes(dst)
+        pool = self._pool(peer)
+        lanes = await self._acquire(pool, min(self.num_lanes, max(1, nbytes // self.lane_min_bytes)), deadline)
+        clean = False  # a rejection leaves the lane usable only if it was the only one
+        try:
+            groups = split_among_lanes(pieces, len(lanes))
+            if any(len(group) > MAX_PIECES_PER_OP for group in groups):
+                clean = True
+                raise InvalidRequest(f"too many pieces ({len(pieces)}) in one pull")
+            await gather_or_fail([self._pull_on_lane(lane, token, view, group, deadline)
+                                  for lane, group in zip(lanes, groups)], deadline, f"pull from {peer}")
+            clean = True
+        except BaseException as exc:
+            clean = clean or (isinstance(exc, TransferRejected) and len(lanes) == 1)
+            self._count_error(exc)
+            raise
+        finally:
+            self._stats.seconds_receiving += time.perf_counter() - started
+            await self._release(pool, lanes, clean)
+        self._stats.bytes_received += nbytes
+        self._stats.num_pulls += 1
+        return nbytes
+
+    async def _pull_on_lane(self, lane: Lane, token: bytes, view: np.ndarray, pieces: list[Piece],
+                            deadline: float) -> None:
+        tag_base = new_payload_tag_base()
+        body = BodyWriter().blob(token).u64(tag_base).regions([(p.src_offset, p.nbytes) for p in pieces]).build()
+        seq = lane.next_seq()
+        await self._request_ready(lane, seq, Kind.PULL, body, deadline)
+        recvs = [lane.recv_payload(view[p.dst_offset:p.dst_offset + p.nbytes], tag_base | i)
+                 for i, p in enumerate(pieces)]
+        try:
+            await gather_or_fail(recvs, deadline, f"{lane!r} pull payload")
+        except BaseException:
+            lane.abort()  # cancels receives still posted into our buffer
+            raise
+
+
+
+__all__ = ["Expectation", "Exposure", "TransferAgent", "TransferRejected", "TransferStats"]

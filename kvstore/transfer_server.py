@@ -1,0 +1,161 @@
+"""Listener side of the transfer layer: accepts lanes and serves OPEN/DATA (writes into expectations) and PULL
+(reads from exposures), one request at a time per lane, asking the TokenRegistry before any receive or send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pdserve.errors import KVTransferError
+
+from .transfer_lane import Lane, gather_or_fail
+from .transfer_protocol import BodyReader, BodyWriter, Kind, Slot, TransferRejected, new_payload_tag_base
+from .transfer_state import Push, TokenRegistry, TransferStats
+
+logger = logging.getLogger(__name__)
+
+AttachDataEndpoint = Callable[[Lane, str, bytes], Awaitable[None]]  # (lane, peer host id, peer worker address)
+
+
+class TransferServer:
+    """A ucxx listener and the lanes peers opened to it."""
+
+    def __init__(self, ucxx: Any, registry: TokenRegistry, stats: TransferStats, *, hello_body: bytes,
+                 attach_data_endpoint: AttachDataEndpoint, timeout_s: float) -> None:
+        self._ucxx = ucxx
+        self._registry = registry
+        self._stats = stats
+        self._hello_body = hello_body  # our host identity and worker address
+        self._attach_data_endpoint = attach_data_endpoint
+        self._timeout_s = timeout_s
+        self._listener: Any = None
+        self._lanes: set[Lane] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self, port: int) -> int:
+        """Starts listening (port 0: any free port); returns the port."""
+        self._listener = self._ucxx.create_listener(self._serve, port=port)
+        return int(self._listener.port)
+
+    async def close(self) -> None:
+        for lane in list(self._lanes):
+            lane.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self._timeout_s)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._timeout_s
+
+    async def _serve(self, ep: Any) -> None:
+        lane = Lane(ep, "incoming", self._timeout_s)
+        task = asyncio.current_task()
+        assert task is not None
+        self._lanes.add(lane)
+        self._tasks.add(task)
+        try:
+            kind, body = await lane.recv_message(0, Slot.REQUEST_HEADER, self._deadline())
+            if kind != Kind.HELLO:
+                raise KVTransferError(f"expected HELLO, got {kind.name}")
+            reader = BodyReader(body)
+            peer_host_id, peer_worker_address = reader.blob().decode(), reader.blob()
+            await lane.send_message(0, Slot.REPLY_HEADER, Kind.HELLO_REPLY, self._hello_body, self._deadline())
+            await self._attach_data_endpoint(lane, peer_host_id, peer_worker_address)
+            logger.debug("accepted %r from host %s", lane, peer_host_id)
+            seq = 1
+            while not lane.broken:
+                kind, body = await lane.recv_message(seq, Slot.REQUEST_HEADER, None)  # idle: no deadline
+                try:
+                    await self._handle(lane, seq, kind, body)
+                except TransferRejected as exc:
+                    self._stats.num_rejected += 1
+                    logger.info("%r: rejected %s: %s", lane, kind.name, exc)
+                    await lane.send_message(seq, Slot.REPLY_HEADER, Kind.REJECT, str(exc).encode(), self._deadline())
+                seq += 1
+        except KVTransferError as exc:
+            logger.debug("%r closed: %s", lane, exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            lane.abort()
+            self._lanes.discard(lane)
+            self._tasks.discard(task)
+
+    async def _handle(self, lane: Lane, seq: int, kind: Kind, body: bytes | bytearray) -> None:
+        reader = BodyReader(body)
+        if kind == Kind.OPEN:
+            token, claim, pieces = reader.blob(), reader.regions(), reader.regions()
+            reader.finish()
+            push_id, push = self._registry.open_push(token, claim, pieces)
+            await self._receive(lane, seq, push_id, push, pieces)
+        elif kind == Kind.DATA:
+            push_id, pieces = reader.u64(), reader.regions()
+            reader.finish()
+            await self._receive(lane, seq, push_id, self._registry.data_push(push_id, pieces), pieces)
+        elif kind == Kind.PULL:
+            token, tag_base, pieces = reader.blob(), reader.u64(), reader.regions()
+            reader.finish()
+            await self._serve_pull(lane, seq, token, tag_base, pieces)
+        else:
+            raise KVTransferError(f"unexpected request {kind.name}")
+
+    async def _receive(self, lane: Lane, seq: int, push_id: int, push: Push, pieces: list[tuple[int, int]]) -> None:
+        """Posts receives straight into the expectation's buffer, says READY, waits for the payload, says DONE."""
+        started = time.perf_counter()
+        exp = push.expectation
+        tag_base = new_payload_tag_base()
+        exp.lanes.add(lane)
+        try:
+            recvs = [asyncio.ensure_future(lane.recv_payload(exp.view[offset:offset + nbytes], tag_base | i))
+                     for i, (offset, nbytes) in enumerate(pieces)]
+            ready = BodyWriter().u64(push_id).u64(tag_base).build()
+            await lane.send_message(seq, Slot.REPLY_HEADER, Kind.READY, ready, exp.deadline)
+            await gather_or_fail(recvs, exp.deadline, f"{lane!r} receive payload")
+            if exp.error is not None:
+                raise exp.error
+        except BaseException as exc:
+            lane.abort()  # cancels the receives still posted into the buffer
+            self._registry.finish_expectation(exp.token, KVTransferError(f"push failed: {exc}"))
+            raise KVTransferError(f"push failed: {exc}") from exc
+        finally:
+            exp.lanes.discard(lane)
+            self._stats.seconds_receiving += time.perf_counter() - started
+        nbytes = sum(n for _, n in pieces)
+        self._stats.bytes_received += nbytes
+        self._stats.num_served += 1
+        exp.land(nbytes)
+        if exp.done:
+            self._registry.finish_expectation(exp.token, None)
+        await lane.send_message(seq, Slot.FINAL_HEADER, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
+
+    async def _serve_pull(self, lane: Lane, seq: int, token: bytes, tag_base: int, pieces: list[tuple[int, int]]) -> None:
+        """Says READY and sends the exposed pieces with the puller's tags (it posts the receives)."""
+        started = time.perf_counter()
+        exposure = self._registry.exposure_for(token, pieces)
+        deadline = self._deadline()
+        exposure.lanes.add(lane)
+        try:
+            ready = BodyWriter().u64(0).u64(tag_base).build()
+            await lane.send_message(seq, Slot.REPLY_HEADER, Kind.READY, ready, deadline)
+            await gather_or_fail([lane.send_payload(exposure.view[offset:offset + nbytes], tag_base | i)
+                                  for i, (offset, nbytes) in enumerate(pieces)], deadline, f"{lane!r} serve pull")
+        except BaseException:
+            lane.abort()
+            self._stats.num_failures += 1
+            raise
+        finally:
+            exposure.lanes.discard(lane)
+            self._stats.seconds_sending += time.perf_counter() - started
+        nbytes = sum(n for _, n in pieces)
+        exposure.num_reads += 1
+        exposure.bytes_served += nbytes
+        self._stats.bytes_sent += nbytes
+        self._stats.num_served += 1

@@ -1,0 +1,65 @@
+"""UCX/ucxx environment defaults for the transfer layer, applied before ucxx is first imported.
+
+UCX reads its configuration from the environment once, when ucxx creates its process-wide
+context (ucxx keeps that context in a module global; there is one UCX worker per process and
+every TransferAgent in the process shares it). A value the user already exported always wins.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from types import ModuleType
+
+# name -> default; each with the reason it is here.
+UCX_ENV_DEFAULTS: dict[str, str] = {
+    # No "unused variable" warnings at startup (ucxx itself sets several UCX_* variables).
+    "UCX_WARN_UNUSED_ENV_VARS": "n",
+    # Expected failures (a peer that died or closed, a cancelled receive) surface as our typed
+    # errors; UCX would also print them as ERROR lines. Fatal problems are still printed.
+    "UCX_LOG_LEVEL": "fatal",
+    # Messages above 8 KiB go rendezvous, i.e. zero-copy (ucxx sets the same value).
+    "UCX_RNDV_THRESH": "8192",
+    # Complete ucxx requests through Python futures set by a notifier thread instead of
+    # busy-polling the event loop with sleep(0) (which steals a core from the copy on small hosts).
+    "UCXPY_ENABLE_PYTHON_FUTURE": "1",
+}
+
+
+def apply_ucx_env_defaults() -> None:
+    """Sets every default that the environment does not already set (idempotent)."""
+    for name, value in UCX_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def import_ucxx() -> ModuleType:
+    """The ucxx module, imported after the defaults above are in place."""
+    apply_ucx_env_defaults()
+    import ucxx
+
+    return ucxx
+
+
+def host_identity() -> str:
+    """Same string for two processes on one host (same kernel boot), so shared memory between them can work."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+    except OSError:
+        boot_id = ""
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+def available_transports() -> list[str]:
+    """UCX transports this process's context may use, e.g. ['cma', 'posix', 'self', 'sysv', 'tcp']."""
+    ucxx = import_ucxx()
+    return sorted(ucxx.get_active_transports())
+
+
+def transports_in_use(worker_info: str | None = None) -> list[str]:
+    """Transport/device pairs the worker's endpoints selected ("tcp/lo", "cma/memory", ...), from ucp worker info."""
+    ucxx = import_ucxx()
+    info = ucxx.get_ucp_worker_info() if worker_info is None else worker_info
+    return sorted(set(re.findall(r"\b(tcp/\w+|cma/memory|sysv/memory|posix/memory|self/memory|"
+                                 r"rc\w*/\S+|dc\w*/\S+|ud\w*/\S+|cuda_\w+/\S+|gdr_copy/\S+)", info)))

@@ -1,0 +1,350 @@
+"""The router's OpenAI HTTP API, /metrics and /health against a real colocated cluster (router +
+worker processes on loopback), driven by the official `openai` client; `pdserve bench` against
+both front ends; and, once the UCX transfer layer exists, the same on a disaggregated cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.client import Client
+from pdserve.cluster import Cluster, ClusterSpec
+
+pytestmark = pytest.mark.timeout(180)
+
+STARTUP_TIMEOUT_S = 60.0
+POLL_TIMEOUT_S = 20.0
+PROMPT_IDS = list(range(100, 140))  # 40 tokens: long enough for a remote prefill on a disaggregated cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(ClusterSpec(num_prefill=0, num_decode=0, num_colocated=1))
+    try:
+        c.start(timeout_s=STARTUP_TIMEOUT_S)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(cluster) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def model(oai) -> str:
+    return oai.models.list().data[0].id
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Samples of a /metrics page: (sample name, sorted labels) -> value."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
+
+
+async def live_worker_stats(cluster: Cluster) -> list:
+    """Each worker's Stats asked of the worker itself now (the router's ListWorkers view lags by a poll)."""
+    from pdserve import rpc
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+    out = []
+    for p in cluster.procs:
+        if p.name == "router":
+            continue
+        async with rpc.channel(p.address) as ch:
+            stub = pb_grpc.PrefillWorkerStub(ch) if p.name.startswith("prefill") else pb_grpc.DecodeWorkerStub(ch)
+            out.append(await stub.Stats(pb.StatsRequest(), timeout=5))
+    return out
+
+
+async def wait_all_blocks_free(cluster: Cluster) -> None:
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while True:
+        busy = [(s.worker_id, s.num_free_kv_blocks, s.num_kv_blocks, s.num_running, s.num_reserved_blocks)
+                for s in await live_worker_stats(cluster)
+                if s.num_free_kv_blocks != s.num_kv_blocks or s.num_running or s.num_reserved_blocks]
+        if not busy:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"KV blocks still held after {POLL_TIMEOUT_S} s: {busy}")
+        await asyncio.sleep(0.1)
+    async with Client(cluster.router_address) as client:  # and the router's view agrees, one poll later
+        while any(w.stats.num_free_kv_blocks != w.stats.num_kv_blocks for w in await client.workers()):
+            assert time.monotonic() < deadline, "the router's ListWorkers still shows blocks in use"
+            await asyncio.sleep(0.1)
+
+
+# ---- the OpenAI API through the official client ----------------------------------------------
+
+def test_models(oai, cluster):
+    models = oai.models.list().data
+    assert len(models) == 1 and models[0].object == "model"
+
+
+def test_completion(oai, model):
+    resp = oai.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    choice = resp.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert resp.usage.completion_tokens == 8 and resp.usage.prompt_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + 8
+    assert resp.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_completion_stream_with_usage(oai, model):
+    chunks = list(oai.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=6, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens == len(PROMPT_IDS)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-2].choices[0].finish_reason == "length"
+    text = "".join(c.choices[0].text for c in chunks[:-1])
+    whole = oai.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=6, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].text
+
+
+def test_completion_logprobs(oai, model):
+    resp = oai.completions.create(model=model, prompt="hello", max_tokens=5, temperature=0, logprobs=1,
+                                  extra_body={"ignore_eos": True})
+    lp = resp.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.text_offset) == 5
+    assert all(x <= 0 for x in lp.token_logprobs)
+
+
+def test_chat(oai, model):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
+    resp = oai.chat.completions.create(model=model, messages=messages, max_completion_tokens=7, temperature=0,
+                                       logprobs=True, extra_body={"ignore_eos": True})
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert resp.usage.completion_tokens == 7 and len(choice.logprobs.content) == 7
+    chunks = list(oai.chat.completions.create(model=model, messages=messages, max_tokens=7, temperature=0,
+                                              stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 7 and chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == choice.message.content
+
+
+def test_unknown_model_is_404(oai):
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+
+
+# ---- bad input: 400 with OpenAI's error JSON naming the field ---------------------------------
+
+BAD_BODIES = [
+    ("/v1/completions", b"{not json", "body"),
+    ("/v1/completions", b"[1, 2]", "body"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ("/v1/completions", {"prompt": "x", "temperature": -3}, "temperature"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, None),  # outside the vocabulary
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, None),  # beyond the context
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+]
+
+
+async def test_bad_inputs_are_400(cluster):
+    async with aiohttp.ClientSession() as session:
+        for path, body, param in BAD_BODIES:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            async with session.post(f"{cluster.http_url}{path}", data=data,
+                                    headers={"Content-Type": "application/json"}) as resp:
+                err = (await resp.json())["error"]
+                assert resp.status == 400, (body, err)
+                assert err["type"] == "invalid_request_error" and err["message"], err
+                assert err["param"] == param, (body, err)
+        async with session.get(f"{cluster.http_url}/v1/nothing") as resp:
+            assert resp.status == 404 and "error" in await resp.json()
+        async with session.get(f"{cluster.http_url}/v1/completions") as resp:
+            assert resp.status == 405 and "error" in await resp.json()
+
+
+async def test_health(cluster):
+    async with aiohttp.ClientSession() as session, session.get(f"{cluster.http_url}/health") as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "ok"
+
+
+# ---- same tokens through both front ends ------------------------------------------------------
+
+async def test_greedy_http_equals_grpc(cluster, oai, model):
+    async with Client(cluster.router_address) as client:
+        grpc_out = await client.complete(PROMPT_IDS, max_tokens=12, temperature=0, ignore_eos=True)
+    http_out = await asyncio.to_thread(oai.completions.create, model=model, prompt=PROMPT_IDS, max_tokens=12,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert len(grpc_out.token_ids) == 12
+    assert http_out.choices[0].text == grpc_out.text
+
+
+# ---- a client that leaves mid-stream frees its KV blocks --------------------------------------
+
+async def stream_then_disconnect(cluster: Cluster, prompt: list[int]) -> None:
+    """Start a long stream, read a few chunks, check it holds KV blocks, drop the connection."""
+    body = {"prompt": prompt, "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{cluster.http_url}/v1/completions", json=body)
+        assert resp.status == 200
+        num_chunks = 0
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                num_chunks += 1
+                if num_chunks == 3:
+                    break
+        stats = await live_worker_stats(cluster)
+        assert any(s.num_free_kv_blocks < s.num_kv_blocks and s.num_running for s in stats), stats
+        resp.close()  # drops the connection with the generation far from done
+
+
+async def test_disconnect_mid_stream_frees_blocks(cluster):
+    before = scrape(f"{cluster.http_url}/metrics")
+    await stream_then_disconnect(cluster, PROMPT_IDS)
+    await wait_all_blocks_free(cluster)
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while total(scrape(f"{cluster.http_url}/metrics"), "pdserve:request_success_total", finished_reason="abort") \
+            <= total(before, "pdserve:request_success_total", finished_reason="abort"):
+        assert time.monotonic() < deadline, "the aborted request was never counted"
+        await asyncio.sleep(0.1)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+async def test_metrics_count_traffic(cluster, oai, model):
+    url = f"{cluster.http_url}/metrics"
+    before = scrape(url)
+    await asyncio.to_thread(oai.completions.create, model=model, prompt="count me", max_tokens=4, temperature=0,
+                            extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError):
+        await asyncio.to_thread(oai.completions.create, model=model, prompt="x", max_tokens=4, n=2)
+    async with Client(cluster.router_address) as client:  # gRPC traffic counts too
+        await client.complete("count me too", max_tokens=4, temperature=0, ignore_eos=True)
+    after = scrape(url)
+    for name, grew_by in (("pdserve:request_success_total", 2), ("pdserve:generation_tokens_total", 8),
+                          ("pdserve:time_to_first_token_seconds_count", 2),
+                          ("pdserve:e2e_request_latency_seconds_count", 2),
+                          ("pdserve:time_per_output_token_seconds_count", 2)):
+        assert total(after, name) - total(before, name) >= grew_by, name
+    assert total(after, "pdserve:prompt_tokens_total") > total(before, "pdserve:prompt_tokens_total")
+    assert total(after, "pdserve:http_requests_total", status="400") > total(before, "pdserve:http_requests_total",
+                                                                            status="400")
+    assert total(after, "pdserve:num_requests_running") == 0
+    assert total(after, "pdserve:worker_healthy") == 1
+    assert total(after, "pdserve:num_kv_blocks") > 0  # the per-worker view from the registry's poll
+    assert any(n == "pdserve:kv_cache_usage_perc" for n, _ in after)
+
+    worker = next(p for p in cluster.procs if p.name.startswith("colocated"))
+    samples = scrape(worker.metrics_url)
+    assert total(samples, "pdserve:worker_generation_tokens_total") >= 4
+    assert total(samples, "pdserve:num_kv_blocks") > 0
+    assert total(samples, "pdserve:kv_transfer_bytes_sent_total") == 0  # colocated: nothing moves
+
+
+# ---- pdserve bench against both front ends ----------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["openai-completions", "pdserve-grpc"])
+def test_bench(cluster, backend, tmp_path):
+    url = cluster.http_url if backend == "openai-completions" else f"grpc://{cluster.router_address}"
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdserve", "bench", "--backend", backend, "--base-url", url, "--num-prompts", "10",
+         "--random-input-len", "24", "--random-output-len", "6", "--max-duration-s", "60", "--no-progress",
+         "--result-json", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    s = result["summary"]
+    assert s["num_sent"] == s["num_completed"] == 10 and s["num_failed"] == 0, s["errors"]
+    assert s["total_output_tokens"] == 60 and s["total_input_tokens"] == 240
+    assert s["latency"]["ttft"]["count"] == 10 and s["latency"]["e2e"]["count"] == 10
+    assert len(result["requests"]) == 10 and result["config"]["backend"] == backend and result["model"]
+
+
+# ---- a router with no workers -----------------------------------------------------------------
+
+async def test_no_workers_is_503():
+    from pdserve.router.config import RouterConfig
+    from pdserve.router.server import RouterApp
+
+    app = RouterApp(RouterConfig(port=0, http_port=0))
+    await app.start()
+    try:
+        url = f"http://{app.http_address}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/health") as resp:
+                assert resp.status == 503
+            async with session.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["message"]
+            async with session.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2,
+                                                                   "stream": True}) as resp:
+                assert resp.status == 503  # refused before any byte of the stream
+    finally:
+        await app.stop()
+
+
+# ---- disaggregated (prefill + decode over UCX) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def disaggregated(cluster):
+    if importlib.util.find_spec("pdserve.kvstore.transfer") is None:
+        pytest.skip("the UCX transfer layer (kvstore/transfer.py) is not there yet")
+    c = Cluster(ClusterSpec(num_prefill=1, num_decode=1))
+    try:
+        c.start(timeout_s=STARTUP_TIMEOUT_S)
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_disaggregated_stream_matches_colocated(disaggregated, cluster, oai, model):
+    disagg = openai.OpenAI(base_url=f"{disaggregated.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        kwargs = dict(model=model, prompt=PROMPT_IDS, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        chunks = await asyncio.to_thread(lambda: list(disagg.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs)))
+        colocated = await asyncio.to_thread(oai.completions.create, **kwargs)
+    finally:
+        disagg.close()
+    assert chunks[-1].usage.completion_tokens == 10
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == colocated.choices[0].text
+    samples = scrape(f"{disaggregated.http_url}/metrics")
+    assert total(samples, "pdserve:router_prefills_total", where="remote") >= 1
+    prefill = next(p for p in disaggregated.procs if p.name.startswith("prefill"))
+    decode = next(p for p in disaggregated.procs if p.name.startswith("decode"))
+    prefill_samples, decode_samples = scrape(prefill.metrics_url), scrape(decode.metrics_url)
+    assert total(prefill_samples, "pdserve:kv_transfer_bytes_sent_total") > 0
+    assert total(decode_samples, "pdserve:kv_transfer_bytes_received_total") > 0
+    assert total(prefill_samples, "pdserve:kv_transfer_seconds_total") + \
+        total(decode_samples, "pdserve:kv_transfer_seconds_total") > 0
+
+
+async def test_disaggregated_disconnect_frees_blocks(disaggregated):
+    await stream_then_disconnect(disaggregated, PROMPT_IDS)
+    await wait_all_blocks_free(disaggregated)
