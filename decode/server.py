@@ -35,8 +35,8 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig, coloca
         pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(runtime, holder["r"]), server)
         return ["pdserve.v1.DecodeWorker"]
 
-    await runtime.start(add)
     try:
+        await runtime.start(add)
         await runtime.wait()
     finally:
         await runtime.stop(lambda: holder["r"].release_all() if "r" in holder else None)

@@ -12,6 +12,7 @@ import grpc
 
 from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.decode.reservations import ReservationTable
+from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.errors import InvalidRequest
 from pdserve.proto import pdserve_pb2 as pb
@@ -85,14 +86,45 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             def add(e: LLMEngine):
                 return e.add_request(req_id, prompt, params)
 
+        publish = self.runtime.store is not None and self.runtime.config.store_publish_generated
+        if publish:
+            add_inner = add
+
+            def add(e: LLMEngine):  # noqa: F811 - hold the blocks past the finish to publish them
+                seq = add_inner(e)
+                seq.keep_blocks = True
+                return seq
+
         first = True
-        async for out in self.runtime.engine.generate(req_id, add):
-            msg = pb.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs or [],
-                                    finish_reason=out.finish_reason or "")
-            if first:
-                msg.num_cached_tokens = out.num_cached_tokens
-                first = False
-            yield msg
+        try:
+            async for out in self.runtime.engine.generate(req_id, add):
+                msg = pb.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs or [],
+                                        finish_reason=out.finish_reason or "")
+                if first:
+                    msg.num_cached_tokens = out.num_cached_tokens
+                    first = False
+                yield msg
+                if out.finished and publish:
+                    await self._publish_generated(req_id)
+        finally:
+            if publish:
+                self.runtime.engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
+
+    async def _publish_generated(self, req_id: str) -> None:
+        """Give the store every full block of the finished sequence (prompt and generated text)."""
+        def snapshot(e: LLMEngine):
+            seq = e.requests.get(req_id)
+            if seq is None:
+                return [], []
+            num_full = seq.num_computed_tokens // e.config.block_size
+            hashes = chain_block_hashes(seq.token_ids[:num_full * e.config.block_size], e.config.block_size,
+                                        e.fingerprint)
+            return hashes, list(seq.block_table[:num_full])
+
+        assert self.runtime.engine is not None and self.runtime.store is not None
+        hashes, block_ids = await self.runtime.engine.call(snapshot)
+        if hashes:
+            self.runtime.store.publish(hashes, block_ids)
 
     @map_errors
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStats:

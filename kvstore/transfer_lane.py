@@ -16,7 +16,7 @@ import numpy as np
 
 from pdserve.errors import KVTransferError, KVTransferTimeout, PeerUnavailable
 
-from .transfer_protocol import Kind, Slot, message_tag, pack_header, unpack_header, HEADER
+from .transfer_protocol import CONTROL_BYTES, HEADER, MAGIC, Kind, Slot, message_tag, unpack_header
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +83,29 @@ class Lane:
         return seq
 
     async def send_message(self, seq: int, slot: Slot, kind: Kind, body: bytes, deadline: float | None) -> None:
-        header = pack_header(kind, seq, len(body))
-        sends = [self.ctrl.send(header, tag=message_tag(seq, slot))]
-        if body:
-            sends.append(self.ctrl.send(np.frombuffer(body, dtype=np.uint8), tag=message_tag(seq, Slot(slot + 1))))
+        """One message (header + body inline) when it fits in CONTROL_BYTES, else the header then the body."""
+        header = HEADER.pack(MAGIC, kind, 0, seq, len(body))
+        if HEADER.size + len(body) <= CONTROL_BYTES:
+            message = np.frombuffer(header + body, dtype=np.uint8)
+            await bounded(self.ctrl.send(message, tag=message_tag(seq, slot)), deadline, f"{self!r} send {kind.name}")
+            return
+        sends = [self.ctrl.send(np.frombuffer(header, dtype=np.uint8), tag=message_tag(seq, slot)),
+                 self.ctrl.send(np.frombuffer(body, dtype=np.uint8), tag=message_tag(seq, Slot(slot + 1)))]
         await gather_or_fail(sends, deadline, f"{self!r} send {kind.name}")
 
-    async def recv_message(self, seq: int, slot: Slot, deadline: float | None) -> tuple[Kind, bytearray]:
-        """(kind, body); the header wait is bounded by `deadline`, the body's by the lane timeout."""
-        raw = np.empty(HEADER.size, dtype=np.uint8)
-        await bounded(self.ctrl.recv(raw, tag=message_tag(seq, slot)), deadline, f"{self!r} recv header")
-        kind, body_len = unpack_header(raw, seq)
+    async def recv_message(self, seq: int, slot: Slot, deadline: float | None) -> tuple[Kind, bytes | bytearray]:
+        """(kind, body); the first wait is bounded by `deadline`, a separate body's by the lane timeout too."""
+        raw = np.empty(CONTROL_BYTES, dtype=np.uint8)
+        await bounded(self.ctrl.recv(raw, tag=message_tag(seq, slot)), deadline, f"{self!r} recv message")
+        kind, body_len = unpack_header(raw[:HEADER.size], seq)
+        if HEADER.size + body_len <= CONTROL_BYTES:
+            return kind, raw[HEADER.size:HEADER.size + body_len].tobytes()
         body = bytearray(body_len)
-        if body_len:
-            body_deadline = asyncio.get_running_loop().time() + self.timeout_s
-            if deadline is not None:
-                body_deadline = min(body_deadline, deadline)
-            await bounded(self.ctrl.recv(body, tag=message_tag(seq, Slot(slot + 1))), body_deadline,
-                          f"{self!r} recv {kind.name} body")
+        body_deadline = asyncio.get_running_loop().time() + self.timeout_s
+        if deadline is not None:
+            body_deadline = min(body_deadline, deadline)
+        await bounded(self.ctrl.recv(body, tag=message_tag(seq, Slot(slot + 1))), body_deadline,
+                      f"{self!r} recv {kind.name} body")
         return kind, body
 
     def send_payload(self, view: np.ndarray, tag: int) -> Awaitable[Any]:

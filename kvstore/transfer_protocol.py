@@ -1,8 +1,8 @@
 """Wire format of the transfer layer: message kinds, headers, bodies and tags. No I/O here.
 
-Every control message is a fixed 24-byte header then an optional body, each sent with a ucxx
-tag derived from the lane's request sequence number, so a late or foreign message never matches
-a receive posted for another request. Payload tags come from a random 64-bit base that the data's
+Every control message is a fixed 24-byte header and its body, sent as one UCX message when both fit
+in CONTROL_BYTES (else as two), with a ucxx tag derived from the lane's request sequence number, so a
+late or foreign message never matches a receive posted for another request. Payload tags come from a random 64-bit base that the data's
 receiver picks per operation and reveals only to the authorised sender.
 """
 
@@ -21,6 +21,7 @@ from .regions import Region
 
 MAGIC = 0x50445846  # "PDXF"
 HEADER = struct.Struct("<IHHQQ")  # magic, kind, reserved, seq, body_len -> 24 bytes
+CONTROL_BYTES = 4096  # a control message up to this size (header + body) goes as one UCX message
 MAX_BODY_BYTES = 64 << 20  # 64 MiB: about 4M regions in one request
 MAX_TOKEN_BYTES = 256
 # Low bits of a payload tag index the pieces of one operation; the high bits are random.
@@ -64,10 +65,6 @@ def new_payload_tag_base() -> int:
 
 def new_push_id() -> int:
     return secrets.randbits(63)
-
-
-def pack_header(kind: Kind, seq: int, body_len: int) -> np.ndarray:
-    return np.frombuffer(HEADER.pack(MAGIC, kind, 0, seq, body_len), dtype=np.uint8).copy()
 
 
 def unpack_header(raw: np.ndarray, expected_seq: int) -> tuple[Kind, int]:

@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prefill": ("pdserve.prefill.server", "run a prefill worker"),
     "decode": ("pdserve.decode.server", "run a decode worker"),
     "worker": ("pdserve.decode.colocated", "run a colocated worker (prefill and decode in one process)"),
+    "kvstore-master": ("pdserve.kvstore.master", "run the KV cache store master (which node holds which block)"),
+    "kvstore-node": ("pdserve.kvstore.node", "run a KV cache store node (a memory pool served over UCX)"),
     "bench": ("pdserve.loadtest.cli", "load-test pdserve or any OpenAI-compatible server (TTFT, TPOT, goodput)"),
     "healthcheck": ("pdserve.healthcheck", "check a pdserve server's gRPC health (exit 0 when SERVING)"),
 }

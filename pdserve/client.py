@@ -53,10 +53,14 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature:
 
 
 class Client:
-    def __init__(self, address: str) -> None:
+    """`api_key`: sent as `authorization: Bearer KEY` on every call; `tls_ca_file`: connect over TLS,
+    trusting this PEM CA certificate."""
+
+    def __init__(self, address: str, api_key: str = "", tls_ca_file: str = "") -> None:
         self.address = address
-        self._channel = rpc.channel(address)
+        self._channel = rpc.channel(address, tls_ca_file)
         self._stub = pb_grpc.RouterStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     async def __aenter__(self) -> "Client":
         return self
@@ -70,7 +74,7 @@ class Client:
     async def generate(self, prompt: str | list[int], *, timeout_s: float | None = None, **kwargs
                        ) -> AsyncIterator[pb.GenerateResponse]:
         """Stream a generation; raises grpc.aio.AioRpcError with the server's status on failure."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s)
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s, metadata=self._metadata)
         try:
             async for msg in call:
                 yield msg
@@ -93,13 +97,15 @@ class Client:
         return out
 
     async def abort(self, request_id: str) -> bool:
-        return (await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0)).found
+        return (await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0,
+                                       metadata=self._metadata)).found
 
     async def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
-        return await self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s)
+        return await self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s, metadata=self._metadata)
 
     async def workers(self, timeout_s: float = 5.0) -> list[pb.WorkerInfo]:
-        return list((await self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=timeout_s)).workers)
+        return list((await self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=timeout_s,
+                                                  metadata=self._metadata)).workers)
 
 
 __all__ = ["Client", "Completion", "build_request", "grpc"]

@@ -9,7 +9,6 @@ PR_SET_PDEATHSIG so that even a `kill -9` of the parent leaves no orphans.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -23,7 +22,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,11 +30,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+# Sets PR_SET_PDEATHSIG in the child and execs the real command (the setting survives exec). Done
+# in a tiny launcher rather than in `preexec_fn`: Python code run between fork and exec can crash
+# the child when the parent has other threads (gRPC's, under load), e.g. when restarting a worker.
+_LAUNCHER = ("import ctypes, os, signal, sys\n"
+             "try: ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+             "except OSError: pass\n"
+             "if os.getppid() != int(sys.argv[1]): sys.exit(1)  # the parent died before prctl\n"
+             "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
+
+
+def spawn_process(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `argv` with stdout+stderr to `log_path`, killed (SIGTERM) if this process dies.
+    Every pdserve launcher (clusters, tests, benchmarks) starts processes through this."""
+    full_env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("wb") as log:
+        return subprocess.Popen(_with_parent_death_signal(argv), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=full_env)
 
 
 @dataclass
@@ -68,6 +82,8 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     num_colocated: int = 0
+    num_store_nodes: int = 0  # > 0: a KV store master plus this many nodes; workers and router use it
+    store_args: list[str] = field(default_factory=list)  # extra flags for every store node
     host: str = "127.0.0.1"
     router_port: int = 0
     http_port: int = 0  # router's OpenAI HTTP API and /metrics (0: a free one; -1: none)
@@ -88,18 +104,15 @@ class Cluster:
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.router_address = ""
+        self.store_address = ""  # KV store master, when the spec asks for a store
         self.http_url = ""  # http://host:port of the router's HTTP API ("" when disabled)
 
     def _cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "pdserve", "--log-level", self.spec.log_level, *args]
 
-    def _spawn(self, name: str, argv: list[str], address: str = "") -> Proc:
-        proc = Proc(name, argv, self.log_dir / f"{name}.log", address)
-        env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONUNBUFFERED": "1", **self.spec.env}
-        log = proc.log_path.open("wb")
-        proc.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                      preexec_fn=_die_with_parent)
-        log.close()
+    def _spawn(self, name: str, argv: list[str], address: str = "", log_name: str = "") -> Proc:
+        proc = Proc(name, argv, self.log_dir / (log_name or f"{name}.log"), address)
+        proc.popen = spawn_process(argv, proc.log_path, self.spec.env)
         self.procs.append(proc)
         return proc
 
@@ -111,10 +124,31 @@ class Cluster:
         self.http_url = f"http://{s.host}:{http_port}" if http_port > 0 else ""
         model = ["--model", s.model] if s.model else []
         proc = self._spawn("router", self._cmd("router", "--host", s.host, "--port", str(port),
-                                               "--http-port", str(http_port), *model, *s.router_args),
+                                               "--http-port", str(http_port), *model, *self._store_flags(),
+                                               *s.router_args),
                            self.router_address)
         proc.metrics_url = f"{self.http_url}/metrics" if self.http_url else ""
         return proc
+
+    def start_store(self) -> None:
+        """The KV store master and its nodes (nodes register with the master by themselves)."""
+        s = self.spec
+        port = free_port(s.host)
+        self.store_address = f"{s.host}:{port}"
+        self._spawn("kvstore-master", self._cmd("kvstore-master", "--host", s.host, "--port", str(port)),
+                    self.store_address)
+        for i in range(s.num_store_nodes):
+            self.start_store_node(i)
+
+    def start_store_node(self, index: int) -> Proc:
+        s = self.spec
+        port = free_port(s.host)
+        return self._spawn(f"kvstore-node-{index}", self._cmd(
+            "kvstore-node", "--host", s.host, "--port", str(port), "--master", self.store_address,
+            "--node-id", f"node-{index}", *s.store_args), f"{s.host}:{port}")
+
+    def _store_flags(self) -> list[str]:
+        return ["--kvstore-master", self.store_address] if self.store_address else []
 
     def start_worker(self, role: str, index: int) -> Proc:
         s = self.spec
@@ -123,7 +157,7 @@ class Cluster:
         model = ["--model", s.model] if s.model else []
         metrics_port = free_port(s.host) if s.worker_metrics else -1
         argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address,
-                         "--metrics-port", str(metrics_port), *model, *s.worker_args, *extra)
+                         "--metrics-port", str(metrics_port), *model, *self._store_flags(), *s.worker_args, *extra)
         name = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}[role]
         proc = self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
         proc.metrics_url = f"http://{s.host}:{metrics_port}/metrics" if metrics_port > 0 else ""
@@ -135,6 +169,8 @@ class Cluster:
             from pdserve.engine.builtin_model import ensure_builtin_model
 
             self.spec.model = str(ensure_builtin_model("tiny"))  # once, before any process races to make it
+        if self.spec.num_store_nodes > 0:
+            self.start_store()
         self.start_router()
         for i in range(self.spec.num_prefill):
             self.start_worker("prefill", i)
@@ -182,6 +218,20 @@ class Cluster:
         if proc.alive():
             proc.popen.send_signal(sig)  # type: ignore[union-attr]
             proc.popen.wait(10)  # type: ignore[union-attr]
+        return proc
+
+    def restart(self, name: str, sig: int = signal.SIGKILL) -> Proc:
+        """Stop process `name` with `sig` if it still runs, then start it again with the same command
+        line (same ports, so a worker re-registers with the router under its old address); its log
+        goes to `<name>.restart<N>.log`. Returns the new Proc; wait for it with `wait_ready`."""
+        old = self.kill(name, sig)
+        num_restarts = sum(1 for p in self.log_dir.glob(f"{name}.restart*.log")) + 1
+        index = self.procs.index(old)
+        self.procs.remove(old)
+        proc = self._spawn(name, old.argv, old.address, log_name=f"{name}.restart{num_restarts}.log")
+        proc.metrics_url = old.metrics_url
+        self.procs.remove(proc)
+        self.procs.insert(index, proc)
         return proc
 
     def stop(self, timeout_s: float = 10.0) -> None:

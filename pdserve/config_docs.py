@@ -212,13 +212,14 @@ def render_document() -> str:
         "for every role: a flag beats the variable, the variable beats the default. Boolean variables "
         "take `true/false`, `1/0`, `yes/no` or `on/off`; optional numbers take `none`. A component's "
         "settings are one config dataclass (`router/config.py`, `pdserve/worker_config.py`, "
-        "`engine/config.py`); this file is regenerated from them, and a test fails when it is stale.",
+        "`engine/config.py`, `kvstore/config.py`); this file is regenerated from them, and a test fails when it is stale.",
         "",
-        "Tools (`up`, `bench`, `generate`, `make-model`, `healthcheck`) take flags; the environment "
-        "column says which of theirs also read a variable (today none but `--log-level`). `pdserve up` "
-        "passes settings on through `--worker-arg` / `--router-arg`, and the components it starts inherit "
-        "its environment: a `PDSERVE_*` variable set for `up` reaches each of them, except for the "
-        "settings `up` passes as flags itself (host, ports, router address, model).",
+        "`pdserve up`'s settings are a dataclass too (`pdserve/up.py`), so they read `PDSERVE_*` "
+        "variables like the components; the other tools (`bench`, `generate`, `make-model`, "
+        "`healthcheck`) take flags, and the environment column says which of theirs also read a variable. "
+        "`pdserve up` passes settings on through `--worker-args` / `--router-args`, and the components "
+        "it starts inherit its environment: a `PDSERVE_*` variable set for `up` reaches each of them, "
+        "except for the settings `up` passes as flags itself (host, ports, router address, model).",
         "",
         render_tables().rstrip(),
         "",

@@ -80,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     model = ensure_builtin_model("tiny")
     spec = ClusterSpec(model=str(model), num_prefill=0 if args.colocated else 1, num_decode=0 if args.colocated else 1,
                        num_colocated=1 if args.colocated else 0, log_level="warning",
+                       num_store_nodes=0 if args.colocated else 1,
                        router_args=["--local-prefill-threshold", "0"])
     cluster = Cluster(spec)
-    print(f"starting router + {'1 colocated worker' if args.colocated else '1 prefill + 1 decode worker'} "
+    print(f"starting router + {'1 colocated worker' if args.colocated else '1 prefill + 1 decode + KV store'} "
           f"(logs: {cluster.log_dir}) ...", flush=True)
     t0 = time.perf_counter()
     rc = 0
     try:
         address = cluster.start(timeout_s=180)
-        print(f"cluster up in {time.perf_counter() - t0:.1f} s; router gRPC at {address}")
+        print(f"cluster up in {time.perf_counter() - t0:.1f} s; router gRPC at {address}, "
+              f"OpenAI HTTP at {cluster.http_url}")
         for p in cluster.procs:
             print(f"  {p.name:<12} pid {p.pid}")
         asyncio.run(stream_generations(address))

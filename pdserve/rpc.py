@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,9 +30,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def create_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """An asyncio gRPC server with grpc.health.v1 (initially NOT_SERVING) and reflection."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+def create_server(service_names: list[str], max_receive_bytes: int = MAX_MESSAGE_BYTES
+                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """An asyncio gRPC server with grpc.health.v1 (initially NOT_SERVING) and reflection; a request
+    message over `max_receive_bytes` is refused by gRPC itself (RESOURCE_EXHAUSTED)."""
+    options = [o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", min(max_receive_bytes, MAX_MESSAGE_BYTES)))
+    server = grpc.aio.server(options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -44,21 +49,30 @@ async def set_serving(health_servicer: health.aio.HealthServicer, service_names:
         await health_servicer.set(name, status)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind an insecure port; returns the port actually bound (port 0 = pick one)."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, tls_cert_file: str = "", tls_key_file: str = "") -> int:
+    """Bind a port (TLS when given a PEM certificate and key, else insecure); returns the port
+    actually bound (port 0 = pick one)."""
+    if tls_cert_file:
+        creds = grpc.ssl_server_credentials([(Path(tls_key_file).read_bytes(), Path(tls_cert_file).read_bytes())])
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     return bound
 
 
-def channel(address: str) -> grpc.aio.Channel:
+def channel(address: str, tls_ca_file: str = "") -> grpc.aio.Channel:
+    """A channel to `address`; TLS, trusting the PEM CA certificate `tls_ca_file`, when one is given."""
+    if tls_ca_file:
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca_file).read_bytes())
+        return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-async def is_serving(address: str, timeout_s: float = 1.0) -> bool:
+async def is_serving(address: str, timeout_s: float = 1.0, tls_ca_file: str = "") -> bool:
     """True when the server at `address` answers its health check with SERVING."""
-    async with channel(address) as ch:
+    async with channel(address, tls_ca_file) as ch:
         try:
             resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError:

@@ -73,6 +73,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, title: s
             default = convert(os.environ[env])
         help_text = f.metadata.get("help", "")
         shown = "required" if default is None and f.default is dataclasses.MISSING else f"default: {default}"
+        if f.metadata.get("secret") or not f.repr:
+            shown = "secret: not shown"
         help_text = f"{help_text} (env {env}; {shown})"
         if f.name in positional:
             parser.add_argument(f.name, nargs="?" if default is not None else None, default=default,

@@ -5,45 +5,61 @@ given. Prints where to connect; Ctrl-C stops everything."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
+
+from pdserve.settings import add_config_arguments, config_from_args
+
+
+def _h(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass(slots=True)
+class UpConfig:
+    model: str = field(default="", metadata=_h("model directory (empty: the built-in tiny model)", metavar="DIR"))
+    prefill: int = field(default=1, metadata=_h("prefill workers"))
+    decode: int = field(default=1, metadata=_h("decode workers"))
+    colocated: bool = field(default=False, metadata=_h(
+        "serve with colocated workers (prefill + decode in one process) instead"))
+    workers: int = field(default=1, metadata=_h("colocated workers, with --colocated"))
+    store_nodes: int = field(default=1, metadata=_h("KV cache store nodes, started with one store master (0: no store)"))
+    host: str = field(default="127.0.0.1", metadata=_h("address every process binds to"))
+    port: int = field(default=50051, metadata=_h("router gRPC port"))
+    http_port: int = field(default=8000, metadata=_h("router OpenAI HTTP API and /metrics port (0: a free one; -1: none)"))
+    log_dir: str = field(default="", metadata=_h("where process logs go (empty: a new temp dir)"))
+    worker_args: str = field(default="", metadata=_h(
+        "extra flags for every worker, shell-quoted, e.g. '--kv-cache-memory-mb 256'", metavar="ARGS"))
+    router_args: str = field(default="", metadata=_h("extra flags for the router, shell-quoted", metavar="ARGS"))
+    timeout_s: float = field(default=180.0, metadata=_h("seconds to wait for the cluster to be ready"))
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.workers, self.store_nodes) < 0:
+            raise ValueError("worker and store node counts must be >= 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="", metavar="DIR", help="model directory (default: built-in tiny model)")
-    parser.add_argument("--prefill", type=int, default=1, help="prefill workers (default: 1)")
-    parser.add_argument("--decode", type=int, default=1, help="decode workers (default: 1)")
-    parser.add_argument("--colocated", action="store_true",
-                        help="serve with colocated workers (prefill + decode in one process) instead")
-    parser.add_argument("--workers", type=int, default=1, help="colocated workers with --colocated (default: 1)")
-    parser.add_argument("--host", default="127.0.0.1", help="address every process binds to (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="router gRPC port (default: 50051)")
-    parser.add_argument("--http-port", type=int, default=8000,
-                        help="router OpenAI HTTP API and /metrics port (0: a free one; -1: none; default: 8000)")
-    parser.add_argument("--log-dir", default="", help="where process logs go (default: a new temp dir)")
-    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
-                        help="extra flag for every worker, e.g. --worker-arg=--kv-cache-memory-mb=256 (repeatable)")
-    parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
-                        help="extra flag for the router (repeatable)")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the cluster (default: 180)")
+    add_config_arguments(parser, UpConfig, title="cluster")
 
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.cluster import Cluster, ClusterSpec
 
-    spec = ClusterSpec(model=args.model, num_prefill=0 if args.colocated else args.prefill,
-                       num_decode=0 if args.colocated else args.decode,
-                       num_colocated=args.workers if args.colocated else 0, host=args.host, router_port=args.port,
-                       http_port=args.http_port,
-                       log_dir=args.log_dir, worker_args=args.worker_arg, router_args=args.router_arg,
-                       log_level=args.log_level)
+    c = config_from_args(UpConfig, args)
+    spec = ClusterSpec(model=c.model, num_prefill=0 if c.colocated else c.prefill,
+                       num_decode=0 if c.colocated else c.decode, num_colocated=c.workers if c.colocated else 0,
+                       num_store_nodes=0 if c.colocated else c.store_nodes, host=c.host, router_port=c.port,
+                       http_port=c.http_port, log_dir=c.log_dir, worker_args=shlex.split(c.worker_args),
+                       router_args=shlex.split(c.router_args), log_level=args.log_level)
     cluster = Cluster(spec)
-    print(f"starting pdserve ({'colocated' if args.colocated else 'disaggregated'}), logs in {cluster.log_dir} ...",
+    print(f"starting pdserve ({'colocated' if c.colocated else 'disaggregated'}), logs in {cluster.log_dir} ...",
           file=sys.stderr)
     t0 = time.monotonic()
     try:
-        address = cluster.start(timeout_s=args.timeout)
+        address = cluster.start(timeout_s=c.timeout_s)
     except KeyboardInterrupt:
         cluster.stop()
         return 130

@@ -24,10 +24,23 @@ class WorkerConfig:
         "a reservation whose KV has not landed by then is freed (decode)"))
     transfer_timeout_s: float = field(default=30.0, metadata=_h("bound on every KV transfer"))
     transfer_lanes: int = field(default=4, metadata=_h("parallel UCX endpoints per peer"))
-    layerwise_push: bool = field(default=True, metadata=_h(
-        "prefill: push each layer's KV as soon as it is computed (off: push everything after the last layer)"))
+    kvstore_master: str = field(default="", metadata=_h(
+        "KV cache store master host:port (empty: no store; prompt blocks are then only cached locally)"))
+    store_publish: bool = field(default=True, metadata=_h(
+        "with a store: publish newly computed full prompt blocks (prefill) so other workers reuse them"))
+    store_publish_generated: bool = field(default=False, metadata=_h(
+        "decode: also publish full blocks of generated text, so a follow-up turn reuses its whole history"))
+    kv_push: str = field(default="chunk", metadata=_h(
+        "prefill: when KV goes to decode: per layer as each is computed, per chunk (all layers of a "
+        "prefill chunk, while the next chunk computes), or once per request after the last chunk",
+        choices=["layer", "chunk", "request"]))
     metrics_port: int = field(default=-1, metadata=_h(
         "port of the Prometheus /metrics HTTP listener (-1: off; 0: pick a free one, logged)"))
+    tls_cert_file: str = field(default="", metadata=_h("PEM certificate of the gRPC listener (with --tls-key-file: TLS)",
+                                                       metavar="FILE"))
+    tls_key_file: str = field(default="", metadata=_h("PEM private key of the gRPC listener", metavar="FILE"))
+    router_tls_ca_file: str = field(default="", metadata=_h(
+        "PEM CA certificate to trust when registering with a TLS router (empty: plain gRPC)", metavar="FILE"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.transfer_port < 65536:
@@ -38,3 +51,5 @@ class WorkerConfig:
             raise ValueError("timeouts must be > 0")
         if self.transfer_lanes < 1:
             raise ValueError("transfer_lanes must be >= 1")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")

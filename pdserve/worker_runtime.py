@@ -47,6 +47,7 @@ class WorkerRuntime:
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.metrics_server = None
+        self.store = None  # KVStoreClient when --kvstore-master is set
         self.address = ""
         self.worker_id = worker_config.worker_id
         self._stop = asyncio.Event()
@@ -69,9 +70,16 @@ class WorkerRuntime:
                                        timeout_s=c.transfer_timeout_s)
             await self.agent.start()
             self.agent.register_buffer(KV_BUFFER, llm.kv_cache.kv)
+            if c.kvstore_master:
+                from pdserve.kvstore.client import KVStoreClient
+
+                self.store = KVStoreClient(c.kvstore_master, self.agent, llm.kv_cache, llm.fingerprint,
+                                           buffer_name=KV_BUFFER, timeout_s=min(5.0, c.transfer_timeout_s))
+                await self.store.start()
+                logger.info("using the KV cache store at %s", c.kvstore_master)
         self.server, self.health = rpc.create_server([])
         self.service_names = add_servicers(self.server)
-        port = rpc.bind(self.server, c.host, c.port)
+        port = rpc.bind(self.server, c.host, c.port, c.tls_cert_file, c.tls_key_file)
         await self.server.start()
         host = c.advertise_host or c.host
         self.address = f"{host}:{port}"
@@ -120,7 +128,7 @@ class WorkerRuntime:
     async def _register_loop(self) -> None:
         """Register with the router, then heartbeat at the interval it asks for."""
         interval = 1.0
-        async with rpc.channel(self.config.router) as ch:
+        async with rpc.channel(self.config.router, self.config.router_tls_ca_file) as ch:
             stub = pb_grpc.RouterStub(ch)
             while not self._stop.is_set():
                 try:
@@ -160,6 +168,8 @@ class WorkerRuntime:
                 await result
         if self.engine is not None:
             await self.engine.stop()
+        if self.store is not None:
+            await self.store.close()
         if self.agent is not None:
             await self.agent.close()
             # ucxx's process-wide notifier thread is not a daemon: without this the process never exits.

@@ -1,8 +1,10 @@
-"""Pushes a prefill's KV to its decode worker layer by layer, while later layers still compute.
+"""Pushes a prefill's KV to its decode worker while the rest of the prompt still computes.
 
 The engine thread calls `on_layer(layer, batch)` after each layer of each step; for every
-request with a destination it queues a push of that layer's newly completed blocks onto the
-asyncio loop. Pushes of one request run in order; `wait` returns when all have landed.
+request with a destination it queues a push of the newly completed blocks onto the asyncio loop:
+each layer's as soon as it is written (`layer`), or all layers of a chunk once the chunk's last
+layer is written, overlapping the next chunk's compute (`chunk`, the default: on a small CPU host
+a round trip per layer costs more than it overlaps; docs/benchmarks.md). Pushes of one request run in order; `wait` returns when all have landed.
 Decides which blocks go where; the transfer layer only moves the bytes.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.engine.kv_cache import PagedKVCache, layer_regions
 from pdserve.engine.scheduler import ScheduledSeq
@@ -38,12 +40,16 @@ class PushPlan:
 
 class KVSender:
     def __init__(self, agent, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop, timeout_s: float,
-                 layerwise: bool = True) -> None:
+                 granularity: str = "chunk") -> None:
+        if granularity not in ("layer", "chunk", "request"):
+            raise ValueError(f"granularity must be layer, chunk or request, got {granularity!r}")
         self.agent = agent
         self.kv = kv_cache
         self.loop = loop
         self.timeout_s = timeout_s
-        self.layerwise = layerwise  # False: everything is pushed by push_all() after the prefill
+        # layer: a push per layer per chunk; chunk: one push per chunk (all layers) while the next
+        # chunk computes; request: everything by push_all() after the last chunk.
+        self.granularity = granularity
         self.plans: dict[str, PushPlan] = {}  # req_id -> plan, for requests being prefilled
         self.bytes_sent = 0
 
@@ -69,7 +75,10 @@ class KVSender:
 
     # ---- engine thread ------------------------------------------------------------------------
     def on_layer(self, layer: int, batch: list[ScheduledSeq]) -> None:
-        if not self.layerwise:
+        if self.granularity == "request":
+            return
+        last_layer = layer == self.kv.num_layers - 1
+        if self.granularity == "chunk" and not (layer == 0 or last_layer):
             return
         for item in batch:
             plan = self.plans.get(item.seq.req_id)
@@ -84,23 +93,33 @@ class KVSender:
                     end_block = end_tokens // self.kv.block_size
                 plan.step_range = (plan.num_pushed_blocks, end_block)
             start, end = plan.step_range
-            if end > start:
+            if end > start and self.granularity == "layer":
                 src = self.kv.layer_regions(layer, seq.block_table[start:end])
                 dst = layer_regions(plan.dest.layout.num_blocks, self.kv.block_nbytes, layer,
                                     list(plan.dest.block_ids[start:end]))
                 self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst)
-            if layer == self.kv.num_layers - 1:
+            elif end > start and last_layer:  # chunk: every layer of this step's blocks at once
+                src, dst = self._all_layer_regions(plan, seq.block_table, start, end)
+                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst)
+            if last_layer:
                 plan.num_pushed_blocks = end
+
+    def _all_layer_regions(self, plan: PushPlan, block_table: list[int], start: int, end: int
+                           ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Source and destination regions of prompt blocks [start, end), all layers, in matching order."""
+        src = self.kv.regions(block_table[start:end])
+        dst_ids = list(plan.dest.block_ids[start:end])
+        dst = [r for layer in range(self.kv.num_layers)
+               for r in layer_regions(plan.dest.layout.num_blocks, self.kv.block_nbytes, layer, dst_ids)]
+        return src, dst
 
     # ---- event loop -------------------------------------------------------------------------
     def push_all(self, plan: PushPlan, block_table: list[int]) -> None:
-        """Queue every not-yet-pushed prompt block, all layers at once (the non-overlapped mode)."""
+        """Queue every not-yet-pushed prompt block, all layers at once (the `request` granularity)."""
         start, end = plan.num_pushed_blocks, -(-plan.num_prompt_tokens // self.kv.block_size)
         if end <= start:
             return
-        src = self.kv.regions(block_table[start:end])
-        dst = [r for layer in range(self.kv.num_layers) for r in layer_regions(
-            plan.dest.layout.num_blocks, self.kv.block_nbytes, layer, list(plan.dest.block_ids[start:end]))]
+        src, dst = self._all_layer_regions(plan, block_table, start, end)
         plan.num_pushed_blocks = end
         self._queue_push(plan, src, dst)
 

@@ -23,6 +23,7 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig) -> Non
 
     from pdserve.prefill.kv_sender import KVSender
     from pdserve.prefill.servicer import PrefillServicer
+    from pdserve.prefill.store_prefix import StorePrefix
     from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
     from pdserve.worker_runtime import WorkerRuntime
@@ -34,13 +35,14 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig) -> Non
         assert runtime.engine is not None
         llm = runtime.engine.engine
         sender = KVSender(runtime.agent, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s,
-                          layerwise=worker_config.layerwise_push)
+                          granularity=worker_config.kv_push)
         llm.layer_hook = sender.on_layer
-        pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender), server)
+        store_prefix = StorePrefix(runtime.engine, runtime.store, publish=worker_config.store_publish)
+        pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender, store_prefix), server)
         return ["pdserve.v1.PrefillWorker"]
 
-    await runtime.start(add)
     try:
+        await runtime.start(add)
         await runtime.wait()
     finally:
         await runtime.stop()

@@ -13,6 +13,7 @@ from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.errors import InvalidRequest
 from pdserve.prefill.kv_sender import KVSender
+from pdserve.prefill.store_prefix import StorePrefix
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.rpc import map_errors
@@ -22,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
-    def __init__(self, runtime: WorkerRuntime, sender: KVSender) -> None:
+    def __init__(self, runtime: WorkerRuntime, sender: KVSender, store_prefix: StorePrefix) -> None:
         self.runtime = runtime
         self.sender = sender
+        self.store_prefix = store_prefix
         self.num_prefills = 0
         self._background: set[asyncio.Task] = set()  # transfers finishing after the response
 
@@ -50,12 +52,16 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         plan = self.sender.add(req_id, dest, len(prompt))
         first = None
         handed_off = False
+        prefix = None
         try:
+            prefix = await self.store_prefix.load(req_id, prompt)
             async for out in engine.generate_simple(req_id, prompt, params, keep_blocks=True):
                 first = out
-            if not self.sender.layerwise:
-                block_table = await engine.call(lambda e: list(e.requests[req_id].block_table))
+            self.store_prefix.release(prefix)
+            block_table = await engine.call(lambda e: list(e.requests[req_id].block_table))
+            if self.sender.granularity == "request":
                 self.sender.push_all(plan, block_table)
+            self.store_prefix.publish(prefix, block_table)
             # Answer now; the last pushes drain in the background. Decode admits the request only
             # once every byte has landed, so the first token need not wait for the transfer tail.
             task = asyncio.create_task(self._finish_transfer(req_id, plan, t0))
@@ -63,6 +69,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             task.add_done_callback(self._background.discard)
             handed_off = True
         finally:
+            if prefix is not None:
+                self.store_prefix.release(prefix)
             if not handed_off:
                 self.sender.remove(req_id)
                 engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
@@ -93,4 +101,5 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         stats = self.runtime.base_stats()
         stats.kv_bytes_sent = max(stats.kv_bytes_sent, self.sender.bytes_sent)
         stats.num_requests_active += len(self.sender.plans)
+        stats.store_hit_tokens = self.store_prefix.num_loaded_tokens
         return stats

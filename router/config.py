@@ -21,8 +21,9 @@ class RouterConfig:
     prefill_workers: str = field(default="", metadata=_h("static prefill worker addresses, comma-separated"))
     decode_workers: str = field(default="", metadata=_h("static decode worker addresses, comma-separated"))
     colocated_workers: str = field(default="", metadata=_h("static colocated worker addresses, comma-separated"))
-    local_prefill_threshold: int = field(default=32, metadata=_h(
-        "prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation)"))
+    local_prefill_threshold: int = field(default=256, metadata=_h(
+        "prompts shorter than this many tokens are prefilled on the decode worker (conditional "
+        "disaggregation; below ~256 tokens the extra hops cost more than they save on a CPU host)"))
     request_timeout_s: float = field(default=600.0, metadata=_h("deadline of a request without its own"))
     hop_timeout_s: float = field(default=60.0, metadata=_h("bound on each Reserve / Prefill call"))
     health_interval_s: float = field(default=0.5, metadata=_h("how often each worker's Stats are polled"))
@@ -34,8 +35,25 @@ class RouterConfig:
     retry_backoff_s: float = field(default=0.05, metadata=_h("first retry delay; doubles per retry"))
     max_inflight_requests: int = field(default=512, metadata=_h(
         "requests in flight beyond this are rejected with RESOURCE_EXHAUSTED / 429"))
+    kvstore_master: str = field(default="", metadata=_h(
+        "KV cache store master host:port, asked how much of a prompt it holds (KV-aware routing)"))
+    prefix_index_blocks: int = field(default=65536, metadata=_h(
+        "blocks remembered per prefill worker in the router's approximate prefix index"))
+    store_load_cost: float = field(default=0.1, metadata=_h(
+        "cost of loading one token's KV from the store, relative to computing it (routing cost model)"))
     ttft_slo_ms: float = field(default=0.0, metadata=_h(
         "reject early when the predicted time to first token exceeds this (0: off)"))
+    api_key: str = field(default="", repr=False, metadata=_h(
+        "require `authorization: Bearer KEY` on gRPC calls and HTTP /v1 requests (empty: no key)"))
+    max_prompt_tokens: int = field(default=0, metadata=_h("longest prompt accepted, in tokens (0: the model's context)"))
+    max_tokens_limit: int = field(default=0, metadata=_h("largest max_tokens accepted (0: the rest of the context)"))
+    max_request_bytes: int = field(default=64 * 2**20, metadata=_h(
+        "largest HTTP body / gRPC request message accepted, in bytes (64 MiB)"))
+    max_streams_per_client: int = field(default=0, metadata=_h(
+        "concurrent requests per client (its API key, else its IP address) beyond this get 429 (0: no limit)"))
+    tls_cert_file: str = field(default="", metadata=_h("PEM certificate of the gRPC listener (with --tls-key-file: TLS)",
+                                                       metavar="FILE"))
+    tls_key_file: str = field(default="", metadata=_h("PEM private key of the gRPC listener", metavar="FILE"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -48,6 +66,12 @@ class RouterConfig:
             raise ValueError("timeouts and intervals must be > 0")
         if self.unhealthy_after < 1:
             raise ValueError("unhealthy_after must be >= 1")
+        if min(self.max_prompt_tokens, self.max_tokens_limit, self.max_streams_per_client) < 0:
+            raise ValueError("max_prompt_tokens, max_tokens_limit and max_streams_per_client must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be >= 1024")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")
 
     @staticmethod
     def split(addresses: str) -> list[str]:

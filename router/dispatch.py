@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.convert import sampling_to_proto
-from pdserve.engine.block_hash import chain_block_hashes
+from pdserve import rpc
+from pdserve.engine.block_hash import BlockHash, chain_block_hashes
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.errors import InvalidRequest, KVTransferError, Overloaded, PeerUnavailable, RequestAborted
+from pdserve.proto import kvstore_pb2 as kpb
+from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
+from pdserve.router.kv_index import PrefillChoice, PrefixIndex, estimate
 from pdserve.router.registry import Worker, WorkerRegistry
 from pdserve.rpc import typed_error
 
@@ -44,6 +48,8 @@ class RequestState:
     req_id: str
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
     calls: list = field(default_factory=list)  # downstream calls to cancel on abort
+    releases: list = field(default_factory=list)  # Release calls in flight (awaited before a retry)
+    peer_failed: str = ""  # set when the router cancelled its calls because a peer died (retriable)
 
 
 @dataclass
@@ -73,6 +79,43 @@ class Dispatcher:
         self.num_retries = 0
         self.num_rejected = 0
         self.prefill_s_per_token = 1e-4  # EWMA of measured prefill seconds per computed token
+        self.prefix_index = PrefixIndex(config.prefix_index_blocks)
+        self._store_channel = rpc.channel(config.kvstore_master) if config.kvstore_master else None
+        self._store = kpb_grpc.KVStoreMasterStub(self._store_channel) if self._store_channel else None
+
+    async def close(self) -> None:
+        if self._store_channel is not None:
+            await self._store_channel.close()
+
+    async def stored_prefix_blocks(self, hashes: list[BlockHash]) -> int:
+        """How many leading blocks the store holds (0 when there is no store or it does not answer)."""
+        if self._store is None or not hashes:
+            return 0
+        try:
+            resp = await self._store.BatchLookup(kpb.BatchLookupRequest(
+                keys=hashes, model_fingerprint=self.meta.fingerprint), timeout=0.5)
+        except grpc.aio.AioRpcError:
+            return 0
+        return resp.num_stored_prefix
+
+    async def pick_prefill(self, prompt_ids: list[int], hashes: list[BlockHash], excluded: set[str]
+                           ) -> tuple[Worker | None, PrefillChoice | None]:
+        """The prefill worker with the lowest estimated TTFT (see router/kv_index.py)."""
+        candidates = [w for w in self.registry.healthy(pb.PREFILL) if w.address not in excluded]
+        if not candidates:
+            return None, None
+        stored = await self.stored_prefix_blocks(hashes)
+        best: tuple[float, str, Worker, PrefillChoice] | None = None
+        for w in candidates:
+            ttft, cached, from_store = estimate(
+                len(prompt_ids), self.meta.block_size, w.queued_prompt_tokens,
+                self.prefix_index.match(w.address, hashes), stored, self.prefill_s_per_token,
+                self.config.store_load_cost)
+            key = (ttft, w.address)
+            if best is None or key < best[:2]:
+                best = (ttft, w.address, w, PrefillChoice(w.address, ttft, cached, from_store))
+        assert best is not None
+        return best[2], best[3]
 
     # ---- validation ---------------------------------------------------------------------------
     def prepare(self, prompt_text: str | None, prompt_ids: list[int] | None, params: SamplingParams,
@@ -203,6 +246,18 @@ class Dispatcher:
                 logger.warning("[%s] %s; retry %d/%d in %.2f s with %d tokens already streamed", state.req_id, exc,
                                failures, self.config.max_retries, delay, len(generated))
                 await asyncio.sleep(min(delay, self._remaining(deadline)))
+                if state.releases:  # the retry reuses the request id: no stale Release may hit it
+                    await asyncio.wait(state.releases, timeout=min(5.0, self._remaining(deadline)))
+                    state.releases.clear()
+                await self._wait_for_candidates(excluded, deadline)
+
+    async def _wait_for_candidates(self, excluded: set[str], deadline: float) -> None:
+        """Before a retry: if every healthy decode-capable worker is excluded, forget the exclusions
+        (it may have been restarted at its old address, or the failure was its peer's). With no
+        healthy worker at all the next attempt fails fast with UNAVAILABLE: never wait for one."""
+        healthy = self.registry.healthy(pb.DECODE, pb.COLOCATED)
+        if healthy and all(w.address in excluded for w in healthy):
+            excluded.clear()
 
     async def _reserve(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
                        excluded: set[str]) -> tuple[Worker, pb.TransferDescriptor]:
@@ -232,8 +287,13 @@ class Dispatcher:
                        usage: pb.Usage, excluded: set[str]) -> AsyncIterator[Event]:
         decode = self.registry.pick_decode(excluded)
         prefill = None
+        hashes = chain_block_hashes(prompt_ids, self.meta.block_size, self.meta.fingerprint)
         if decode.role == pb.DECODE and len(prompt_ids) >= self.config.local_prefill_threshold:
-            prefill = self.registry.pick_prefill(excluded)
+            prefill, choice = await self.pick_prefill(prompt_ids, hashes, excluded)
+            if choice is not None:
+                logger.debug("[%s] prefill choice %s: est. TTFT %.1f ms, %d cached tokens (%d from the store)",
+                             state.req_id, choice.address, 1e3 * choice.estimated_ttft_s, choice.cached_tokens,
+                             choice.store_tokens)
         if prefill is None:
             self.num_local_prefills += 1
             logger.debug("[%s] local prefill on %s (%d prompt tokens)", state.req_id, decode.worker_id, len(prompt_ids))
@@ -258,7 +318,6 @@ class Dispatcher:
         reserved = True
         decode.inflight += 1
         try:
-            hashes = chain_block_hashes(prompt_ids, self.meta.block_size, self.meta.fingerprint)
             prefill.inflight += 1
             prefill.queued_prompt_tokens += len(prompt_ids)
             try:
@@ -276,6 +335,7 @@ class Dispatcher:
                 prefill.inflight -= 1
                 prefill.queued_prompt_tokens -= len(prompt_ids)
             self._observe_prefill(len(prompt_ids) - resp.num_cached_tokens, resp.prefill_seconds)
+            self.prefix_index.record(prefill.address, hashes)
             if usage.completion_tokens == 0:
                 usage.cached_tokens = resp.num_cached_tokens
             first = Event(token_ids=[resp.first_token_id], prefill_worker=prefill.worker_id,
@@ -289,16 +349,37 @@ class Dispatcher:
                 req.first_logprob = resp.first_logprob
             yield first  # TTFT: stream the first token the moment prefill has it
             reserved = False  # from here the Decode call owns the reservation (its cleanup releases it)
+            # Prefill answers before its last KV bytes land; if it dies in that window, decode would
+            # wait for the whole reservation timeout. Watch its health until decode's first message.
+            watch = asyncio.create_task(self._watch_prefill(state, prefill))
             try:
                 async for ev in self._decode_stream(state, decode, req, deadline, counted=False):
+                    watch.cancel()
                     yield ev
-            except (PeerUnavailable, KVTransferError):
-                excluded.add(decode.address)
+            except KVTransferError:
+                excluded.add(prefill.address)  # the KV never came: the sender is at fault, not decode
                 raise
+            except PeerUnavailable:
+                if watch.done() and not watch.cancelled():
+                    excluded.add(prefill.address)  # decode was fine: its KV source died
+                else:
+                    excluded.add(decode.address)
+                raise
+            finally:
+                watch.cancel()
         finally:
             decode.inflight -= 1
             if reserved:
-                self._release_later(decode, state.req_id)
+                self._release_later(decode, state.req_id, state)
+
+    async def _watch_prefill(self, state: RequestState, prefill: Worker) -> bool:
+        """Returns True (after cancelling the request's calls) if `prefill` turns unhealthy."""
+        while prefill.healthy and prefill.address in self.registry.workers:
+            await asyncio.sleep(self.config.health_interval_s)
+        state.peer_failed = f"prefill {prefill.worker_id} died before its KV landed"
+        for call in state.calls:
+            call.cancel()
+        return True
 
     async def _await_call(self, state: RequestState, call, peer: str):
         try:
@@ -328,8 +409,14 @@ class Dispatcher:
                         finished = True
                         yield Event(token_ids=[], finish_reason="abort")
                         return
+                    if state.peer_failed:
+                        failed, state.peer_failed = state.peer_failed, ""
+                        raise PeerUnavailable(failed) from None
                     raise
                 except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.CANCELLED and state.peer_failed:
+                        failed, state.peer_failed = state.peer_failed, ""
+                        raise PeerUnavailable(failed) from exc
                     if exc.code() == grpc.StatusCode.CANCELLED and state.aborted.is_set():
                         finished = True
                         yield Event(token_ids=[], finish_reason="abort")
@@ -351,14 +438,18 @@ class Dispatcher:
                 decode.inflight -= 1
             if not finished:
                 call.cancel()
-                self._release_later(decode, req.request_id)
+                self._release_later(decode, req.request_id, state)
 
-    def _release_later(self, worker: Worker, req_id: str) -> None:
-        """Tell a worker to drop everything it holds for `req_id` (best effort, bounded, in the background)."""
+    def _release_later(self, worker: Worker, req_id: str, state: RequestState | None = None) -> None:
+        """Tell a worker to drop everything it holds for `req_id` (best effort, bounded, in the
+        background). A retry of the same request id first waits for these (`state.releases`), so a
+        late Release can never free the retry's new reservation."""
         async def release() -> None:
             try:
                 await worker.decode_stub.Release(pb.ReleaseRequest(request_id=req_id), timeout=5.0)
             except grpc.aio.AioRpcError as exc:
                 logger.debug("[%s] release on %s failed: %s", req_id, worker.worker_id, exc.code().name)
 
-        asyncio.get_running_loop().create_task(release())
+        task = asyncio.get_running_loop().create_task(release())
+        if state is not None:
+            state.releases.append(task)

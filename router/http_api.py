@@ -22,7 +22,10 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import DeadlineExceeded, InvalidRequest, Overloaded, PdserveError, http_status_of
 from pdserve.metrics_server import metrics_response
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.auth import OPEN_HTTP_PATHS, ApiKeyAuth, Unauthenticated
+from pdserve.router.config import RouterConfig
 from pdserve.router.dispatch import Dispatcher, Event
+from pdserve.router.limits import FrontDoorLimits
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openai_protocol import (DEFAULT_COMPLETION_MAX_TOKENS, ModelNotFound, OpenAIRequest,
                                             ResponseBuilder, error_body, parse_chat, parse_completion)
@@ -51,16 +54,20 @@ def _sse(body: dict[str, Any]) -> bytes:
 
 
 class HttpApi:
-    def __init__(self, dispatcher: Dispatcher, registry: WorkerRegistry, metrics: RouterMetrics) -> None:
+    def __init__(self, dispatcher: Dispatcher, registry: WorkerRegistry, metrics: RouterMetrics,
+                 limits: FrontDoorLimits | None = None, auth: ApiKeyAuth | None = None) -> None:
         self.dispatcher = dispatcher
         self.registry = registry
         self.metrics = metrics
+        self.auth = auth or ApiKeyAuth("")  # auth and limits are shared with the gRPC front end (none if not given)
+        self.limits = limits or FrontDoorLimits(RouterConfig())
         self.started_at = int(time.time())
         self._runner: web.AppRunner | None = None
         self.address = ""
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors_middleware], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[self._errors_middleware, self._auth_middleware],
+                              client_max_size=min(MAX_BODY_BYTES, self.limits.max_request_bytes))
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -101,12 +108,23 @@ class HttpApi:
         self.metrics.http_requests.labels(path, str(response.status)).inc()
         return response
 
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        if self.auth.enabled and not request.path.startswith(OPEN_HTTP_PATHS):
+            try:
+                self.auth.check(request.headers.get("Authorization"))
+            except Unauthenticated as exc:
+                return _json_error(401, str(exc), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
     # ---- OpenAI API ---------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> Any:
         try:
             return json.loads(await request.read())
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}", param="body") from exc
+        except RecursionError as exc:  # json's decoder recurses once per nesting level
+            raise InvalidRequest("the request body's JSON is nested too deeply", param="body") from exc
 
     def _check_model(self, model: str) -> None:
         if model and model != self.dispatcher.meta.name:
@@ -129,21 +147,24 @@ class HttpApi:
         # A template that writes bos itself must not get a second one from encode().
         writes_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
         prompt_ids = tok.encode(text, add_special_tokens=not writes_bos)
-        params = req.sampling_params(self.dispatcher.meta.max_model_len - len(prompt_ids))
+        rest_of_context = self.dispatcher.meta.max_model_len - len(prompt_ids)
+        params = req.sampling_params(self.limits.default_max_tokens(rest_of_context))
         prompt_ids = self.dispatcher.prepare(None, prompt_ids, params)
         return await self._respond(request, req, prompt_ids, params, chat=True)
 
     async def _respond(self, request: web.Request, req: OpenAIRequest, prompt_ids: list[int],
                        params: SamplingParams, chat: bool) -> web.StreamResponse:
+        self.limits.check_request(len(prompt_ids), params.max_tokens)
         out = ResponseBuilder(chat, self.dispatcher.meta.name, req.top_logprobs)
-        stream = self.dispatcher.generate(prompt_ids, params, req_id=out.id)
-        try:
-            first = await anext(stream)  # errors before the first token still get a proper HTTP status
-            if req.stream:
-                return await self._stream(request, req, out, first, stream)
-            return await self._whole(req, out, first, stream)
-        finally:
-            await stream.aclose()  # on any exit, disconnects included: aborts and frees the request
+        with self.limits.stream(self.auth.client_key(request.headers.get("Authorization"), request.remote or "")):
+            stream = self.dispatcher.generate(prompt_ids, params, req_id=out.id)
+            try:
+                first = await anext(stream)  # errors before the first token still get a proper HTTP status
+                if req.stream:
+                    return await self._stream(request, req, out, first, stream)
+                return await self._whole(req, out, first, stream)
+            finally:
+                await stream.aclose()  # on any exit, disconnects included: aborts and frees the request
 
     def _logprobs(self, out: ResponseBuilder, ev: Event) -> dict | None:
         tokens = [self.dispatcher.tokenizer.decode([t], skip_special_tokens=False) for t in ev.token_ids]

@@ -109,6 +109,15 @@ def _bool(body: dict, name: str) -> bool | None:
     return value
 
 
+def _utf8(text: str, name: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: refuse them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(name, f"{name} is not valid Unicode text (a lone surrogate at position {exc.start})") from None
+    return text
+
+
 def _int_list(value: Any, name: str) -> list[int]:
     if not isinstance(value, list) or not all(_is_int(t) for t in value):
         raise invalid(name, f"{name} must be a list of integers")
@@ -146,7 +155,7 @@ def _common(body: dict, req: OpenAIRequest) -> None:
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str) for x in stop)):
         raise invalid("stop", "stop must be a string or a list of strings")
-    s["stop"] = [x for x in stop or [] if x]
+    s["stop"] = [_utf8(x, "stop") for x in stop or [] if x]
     if body.get("stop_token_ids") is not None:
         s["stop_token_ids"] = _int_list(body["stop_token_ids"], "stop_token_ids")
     s["ignore_eos"] = bool(_bool(body, "ignore_eos"))
@@ -174,7 +183,7 @@ def parse_completion(body: Any) -> OpenAIRequest:
     if isinstance(prompt, str):
         if not prompt:
             raise invalid("prompt", "prompt is empty")
-        req.prompt_text = prompt
+        req.prompt_text = _utf8(prompt, "prompt")
     elif isinstance(prompt, list):
         if not prompt:
             raise invalid("prompt", "prompt is empty")
@@ -224,7 +233,7 @@ def parse_chat(body: Any) -> OpenAIRequest:
         if extra:
             raise invalid(f"messages[{i}].{sorted(extra)[0]}", f"unsupported message field {sorted(extra)[0]!r}")
         role = "system" if m["role"] == "developer" else m["role"]
-        req.messages.append({"role": role, "content": _message_content(i, m)})
+        req.messages.append({"role": role, "content": _utf8(_message_content(i, m), f"messages[{i}].content")})
     max_completion_tokens = _int(body, "max_completion_tokens", minimum=1)
     if max_completion_tokens is not None:
         if req.max_tokens is not None and req.max_tokens != max_completion_tokens:

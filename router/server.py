@@ -25,8 +25,6 @@ class RouterApp:
     """The router's parts, built and torn down together (also used in-process by tests)."""
 
     def __init__(self, config: RouterConfig) -> None:
-        from pdserve.engine.block_hash import HASH_NBYTES  # noqa: F401 - fail early if the engine is broken
-
         if not config.model:
             from pdserve.engine.builtin_model import ensure_builtin_model
 
@@ -38,6 +36,7 @@ class RouterApp:
         self.dispatcher = None
         self.metrics = None
         self.http = None
+        self.limits = None  # FrontDoorLimits, shared by the gRPC and HTTP front ends
         self.address = ""
         self.http_address = ""
 
@@ -49,6 +48,8 @@ class RouterApp:
         from pdserve.proto import pdserve_pb2_grpc as pb_grpc
         from pdserve.router.dispatch import ModelMeta
         from pdserve.router.http_api import HttpApi
+        from pdserve.router.auth import ApiKeyAuth
+        from pdserve.router.limits import FrontDoorLimits
         from pdserve.router.metrics import MeteredDispatcher, RouterMetrics
         from pdserve.router.registry import WorkerRegistry
         from pdserve.router.servicer import RouterServicer
@@ -65,13 +66,16 @@ class RouterApp:
         self.metrics = RouterMetrics(meta.name)
         self.dispatcher = MeteredDispatcher(c, self.registry, tokenizer, meta, metrics=self.metrics)
         self.metrics.watch_workers(self.registry, self.dispatcher)
-        self.server, self.health = rpc.create_server(["pdserve.v1.Router"])
-        pb_grpc.add_RouterServicer_to_server(RouterServicer(self.dispatcher, self.registry), self.server)
-        port = rpc.bind(self.server, c.host, c.port)
+        self.server, self.health = rpc.create_server(["pdserve.v1.Router"], max_receive_bytes=c.max_request_bytes)
+        self.limits = FrontDoorLimits(c)  # one count of streams per client across gRPC and HTTP
+        auth = ApiKeyAuth(c.api_key)
+        pb_grpc.add_RouterServicer_to_server(RouterServicer(self.dispatcher, self.registry, self.limits, auth),
+                                             self.server)
+        port = rpc.bind(self.server, c.host, c.port, c.tls_cert_file, c.tls_key_file)
         await self.server.start()
         self.address = f"{c.host}:{port}"
         if c.http_port >= 0:
-            self.http = HttpApi(self.dispatcher, self.registry, self.metrics)
+            self.http = HttpApi(self.dispatcher, self.registry, self.metrics, self.limits, auth)
             await self.http.start(c.host, c.http_port)
             self.http_address = self.http.address
         self.registry.start()
@@ -86,6 +90,8 @@ class RouterApp:
             await self.server.stop(grace=1.0)
         if self.registry is not None:
             await self.registry.close()
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
 
 
 async def serve(config: RouterConfig) -> None:

@@ -5,7 +5,6 @@ both front ends; and, once the UCX transfer layer exists, the same on a disaggre
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import subprocess
@@ -313,9 +312,7 @@ async def test_no_workers_is_503():
 
 @pytest.fixture(scope="module")
 def disaggregated(cluster):
-    if importlib.util.find_spec("pdserve.kvstore.transfer") is None:
-        pytest.skip("the UCX transfer layer (kvstore/transfer.py) is not there yet")
-    c = Cluster(ClusterSpec(num_prefill=1, num_decode=1))
+    c = Cluster(ClusterSpec(num_prefill=1, num_decode=1, router_args=["--local-prefill-threshold", "0"]))
     try:
         c.start(timeout_s=STARTUP_TIMEOUT_S)
         yield c

@@ -34,8 +34,6 @@ def test_log_level_takes_its_environment_variable():
     assert config_docs.env_settable(None)["log_level"] == "PDSERVE_LOG_LEVEL"
 
 
-@pytest.mark.xfail(strict=True, reason="`pdserve up` flags are plain argparse; an UpConfig dataclass through "
-                                       "pdserve.settings would make them env-settable")
 def test_up_flags_take_environment_variables():
     missing = sorted(dest for dest, env in config_docs.env_settable("up").items() if env is None)
     assert not missing, f"`pdserve up` flags without a PDSERVE_* variable: {missing}"

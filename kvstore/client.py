@@ -1,0 +1,288 @@
+"""KVStoreClient: what prefill and decode workers use to find, load and publish KV blocks in the store.
+
+A stored value is one block's KV for all layers, `[num_layers, 2 (K, V), block_size, num_kv_heads,
+head_dim]` in the pool's dtype, C order: for block b it is the concatenation of the pool regions
+`kv[layer, kind, b]` in (layer, kind) order, so values move between a worker's pool and a node slot
+without any reshaping copy. Loads pull straight into the worker's pool; publishes copy into a
+registered staging buffer first (so the caller may reuse its blocks at once) and push from there.
+
+Store faults never reach the caller: a miss, a dead node, a timeout or a node whose claims do not
+match the master's metadata all degrade to fewer blocks (the caller recomputes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from pdserve import rpc
+from pdserve.engine.block_hash import BlockHash
+from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.proto import kvstore_pb2 as kpb
+from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
+
+from .master_state import Location, StoredValue, ValueMeta
+from .messages import location_from_pb, meta_to_pb, value_from_pb, value_to_pb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class KVStoreClientStats:
+    num_lookups: int = 0
+    num_hit_blocks: int = 0  # blocks load() placed in the pool
+    num_miss_blocks: int = 0  # blocks load() was asked for but did not place
+    bytes_loaded: int = 0
+    num_published_blocks: int = 0  # copies committed by background puts
+    num_skipped_blocks: int = 0  # already stored (or being stored)
+    num_dropped_blocks: int = 0  # staging full, or no room in the store
+    bytes_published: int = 0
+    num_failures: int = 0  # store faults absorbed (master or node unreachable, timeouts, rejected transfers)
+    num_bad_claims: int = 0  # a node claimed something other than what the master recorded
+
+
+class KVStoreClient:
+    def __init__(self, master_address: str, agent, kv_cache: PagedKVCache, fingerprint: bytes, *,
+                 buffer_name: str = "kv", timeout_s: float = 5.0, staging_blocks: int = 256) -> None:
+        if timeout_s <= 0 or staging_blocks < 1:
+            raise ValueError("timeout_s must be > 0 and staging_blocks >= 1")
+        self.master_address = master_address
+        self.agent = agent
+        self.kv_cache = kv_cache
+        self.fingerprint = fingerprint
+        self.buffer_name = buffer_name
+        self.timeout_s = timeout_s
+        self.stats = KVStoreClientStats()
+        c = kv_cache
+        shape = (c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
+        self.value_nbytes = c.num_layers * 2 * c.block_nbytes
+        self.meta = ValueMeta(self.value_nbytes, str(c.kv.dtype).removeprefix("torch."), shape, fingerprint)
+        # staging: [staging_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] on the host
+        self._staging = torch.empty((staging_blocks, *shape), dtype=c.kv.dtype)
+        self._staging_name = f"{buffer_name}-kvstore-staging"
+        self._free_staging = list(reversed(range(staging_blocks)))
+        self._tasks: set[asyncio.Task] = set()
+        self._master: grpc.aio.Channel | None = None
+        self._master_stub: kpb_grpc.KVStoreMasterStub | None = None
+        self._node_channels: dict[str, grpc.aio.Channel] = {}  # node gRPC address -> channel
+
+    async def start(self) -> None:
+        self.agent.register_buffer(self._staging_name, self._staging)
+        self._master = rpc.channel(self.master_address)
+        self._master_stub = kpb_grpc.KVStoreMasterStub(self._master)
+
+    async def wait_published(self, timeout_s: float | None = None) -> None:
+        """Waits (bounded) until the background puts started so far have finished."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.timeout_s if timeout_s is None else timeout_s)
+
+    async def close(self) -> None:
+        await self.wait_published()  # let background puts finish (each is bounded by timeouts), then stop
+        for task in list(self._tasks):
+            task.cancel()
+        for channel in [self._master, *self._node_channels.values()]:
+            if channel is not None:
+                await channel.close()
+        self._node_channels.clear()
+        self.agent.unregister_buffer(self._staging_name)
+
+    def _node(self, address: str) -> kpb_grpc.KVStoreNodeStub:
+        channel = self._node_channels.get(address)
+        if channel is None:
+            channel = self._node_channels[address] = rpc.channel(address)
+        return kpb_grpc.KVStoreNodeStub(channel)
+
+    def _remaining(self, deadline: float) -> float:
+        return max(0.01, deadline - asyncio.get_running_loop().time())
+
+    def _block_regions(self, block_id: int) -> list[tuple[int, int]]:
+        """The pool regions of one block in stored-value order: (layer, K/V)."""
+        return self.kv_cache.regions([block_id])
+
+    # ---- lookup / load ---------------------------------------------------------------------------
+    async def lookup(self, hashes: list[BlockHash]) -> int:
+        """Number of leading blocks stored (0 when the store is unreachable)."""
+        self.stats.num_lookups += 1
+        if not hashes:
+            return 0
+        try:
+            resp = await self._master_stub.BatchLookup(kpb.BatchLookupRequest(
+                keys=hashes, model_fingerprint=self.fingerprint), timeout=self.timeout_s)
+            return resp.num_stored_prefix
+        except grpc.aio.AioRpcError as exc:
+            self.stats.num_failures += 1
+            logger.warning("kvstore lookup failed: %s", rpc.typed_error(exc, self.master_address))
+            return 0
+
+    async def load(self, hashes: list[BlockHash], block_ids: list[int]) -> int:
+        """Pulls the leading stored blocks into `block_ids`; returns how many leading blocks landed."""
+        n = min(len(hashes), len(block_ids))
+        if n == 0:
+            return 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        lease_id = ""
+        num_loaded = 0
+        try:
+            resp = await self._master_stub.GetStart(kpb.GetStartRequest(
+                keys=hashes[:n], model_fingerprint=self.fingerprint), timeout=self._remaining(deadline))
+            lease_id = resp.lease_id
+            locations = self._checked_prefix(hashes[:n], [location_from_pb(loc) for loc in resp.locations])
+            by_node: dict[str, list[tuple[int, Location]]] = defaultdict(list)
+            for i, loc in enumerate(locations):
+                by_node[loc.node.node_id].append((i, loc))
+            results = await asyncio.gather(*(self._read_from_node(items, block_ids, deadline)
+                                             for items in by_node.values()), return_exceptions=True)
+            landed: set[int] = set()
+            for items, result in zip(by_node.values(), results):
+                if isinstance(result, BaseException):
+                    self.stats.num_failures += 1
+                    logger.warning("kvstore read of %d blocks from %s failed: %s", len(items),
+                                   items[0][1].node.address, result)
+                else:
+                    landed.update(result)
+            while num_loaded in landed:
+                num_loaded += 1
+        except grpc.aio.AioRpcError as exc:
+            self.stats.num_failures += 1
+            logger.warning("kvstore get failed: %s", rpc.typed_error(exc, self.master_address))
+        except Exception:  # noqa: BLE001 - load never raises for store faults: the caller recomputes
+            self.stats.num_failures += 1
+            logger.exception("kvstore load failed")
+        finally:
+            if lease_id:
+                await self._release(lease_id)
+        self.stats.num_hit_blocks += num_loaded
+        self.stats.num_miss_blocks += n - num_loaded
+        self.stats.bytes_loaded += num_loaded * self.value_nbytes
+        return num_loaded
+
+    def _checked_prefix(self, hashes: Sequence[BlockHash], locations: list[Location]) -> list[Location]:
+        """The leading locations that are the asked keys with exactly our value layout."""
+        out: list[Location] = []
+        for key, loc in zip(hashes, locations):
+            if loc.key != key or loc.meta != self.meta:
+                self.stats.num_bad_claims += 1
+                logger.warning("kvstore master lists %s as %s, expected %s", key.hex(), loc.meta, self.meta)
+                break
+            out.append(loc)
+        return out
+
+    async def _read_from_node(self, items: list[tuple[int, Location]], block_ids: list[int],
+                              deadline: float) -> list[int]:
+        """Pulls the node's values for `items` (index, location); returns the indices that landed."""
+        node = items[0][1].node
+        asked = [StoredValue(loc.key, loc.offset, loc.meta) for _, loc in items]
+        resp = await self._node(node.address).PrepareRead(kpb.PrepareReadRequest(
+            values=[value_to_pb(v) for v in asked], timeout_s=self._remaining(deadline)),
+            timeout=self._remaining(deadline))
+        if len(resp.values) != len(asked):
+            self.stats.num_bad_claims += 1
+            raise ValueError(f"node {node.node_id} answered {len(resp.values)} claims for {len(asked)} values")
+        good: list[tuple[int, StoredValue]] = []
+        for (i, _), want, raw in zip(items, asked, resp.values):
+            if not raw.key:
+                break  # evicted or lost since the master looked: the prefix ends here
+            claim = value_from_pb(raw)
+            if claim != want:
+                self.stats.num_bad_claims += 1
+                logger.warning("kvstore node %s claims %s for %s: ignoring its values", node.node_id, claim, want)
+                break
+            good.append((i, want))
+        if not good:
+            return []
+        src = [(v.offset, v.meta.nbytes) for _, v in good]
+        dst = [region for i, _ in good for region in self._block_regions(block_ids[i])]
+        await self.agent.pull(node.transfer_address, bytes(resp.token), self.buffer_name, dst, src,
+                              timeout_s=self._remaining(deadline))
+        return [i for i, _ in good]
+
+    async def _release(self, lease_id: str) -> None:
+        try:
+            await self._master_stub.GetDone(kpb.GetDoneRequest(lease_id=lease_id), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:  # the lease expires by itself
+            logger.info("kvstore lease release failed: %s", exc.code().name)
+
+    # ---- publish ---------------------------------------------------------------------------------
+    def publish(self, hashes: list[BlockHash], block_ids: list[int]) -> None:
+        """Copies the blocks into staging now, stores them in the background; never raises.
+
+        Call it from the event loop thread. Blocks beyond free staging space are dropped.
+        """
+        try:
+            n = min(len(hashes), len(block_ids), len(self._free_staging))
+            self.stats.num_dropped_blocks += min(len(hashes), len(block_ids)) - n
+            if n == 0:
+                return
+            loop = asyncio.get_running_loop()
+            slots = [self._free_staging.pop() for _ in range(n)]
+            src = self.kv_cache.kv[:, :, torch.tensor(block_ids[:n])]  # [L, 2, n, bs, H, D]
+            self._staging.index_copy_(0, torch.tensor(slots), src.permute(2, 0, 1, 3, 4, 5).to("cpu"))
+            task = loop.create_task(self._put(list(hashes[:n]), slots))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        except Exception:  # noqa: BLE001 - publishing is best effort
+            self.stats.num_failures += 1
+            logger.exception("kvstore publish failed")
+
+    async def _put(self, hashes: list[BlockHash], slots: list[int]) -> None:
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        put_id = ""
+        committed = False
+        try:
+            resp = await self._master_stub.PutStart(kpb.PutStartRequest(keys=hashes, meta=meta_to_pb(self.meta)),
+                                                    timeout=self._remaining(deadline))
+            put_id = resp.put_id
+            self.stats.num_skipped_blocks += len(resp.already_stored)
+            self.stats.num_dropped_blocks += len(resp.refused)
+            slot_of = dict(zip(hashes, slots))
+            by_node: dict[str, list[tuple[Location, int]]] = defaultdict(list)
+            for copies in resp.placements:
+                for loc in map(location_from_pb, copies.copies):
+                    if loc.meta != self.meta or loc.key not in slot_of:
+                        raise ValueError(f"master placed {loc.key.hex()} as {loc.meta}, expected {self.meta}")
+                    by_node[loc.node.node_id].append((loc, slot_of[loc.key]))
+            if not put_id:
+                return
+            results = await asyncio.gather(*(self._write_to_node(items, deadline) for items in by_node.values()),
+                                           return_exceptions=True)
+            failed = []
+            for node_id, items, result in zip(by_node, by_node.values(), results):
+                if isinstance(result, BaseException):
+                    failed.append(node_id)
+                    self.stats.num_failures += 1
+                    logger.warning("kvstore write of %d blocks to %s failed: %s", len(items),
+                                   items[0][0].node.address, result)
+            commit = await self._master_stub.PutCommit(kpb.PutCommitRequest(put_id=put_id, failed_node_ids=failed),
+                                                       timeout=self._remaining(deadline))
+            committed = True
+            self.stats.num_published_blocks += commit.num_committed
+            self.stats.bytes_published += commit.num_committed * self.value_nbytes
+        except grpc.aio.AioRpcError as exc:
+            self.stats.num_failures += 1
+            logger.warning("kvstore put failed: %s", rpc.typed_error(exc, self.master_address))
+        except Exception:  # noqa: BLE001 - background, best effort
+            self.stats.num_failures += 1
+            logger.exception("kvstore put failed")
+        finally:
+            self._free_staging.extend(slots)
+            if put_id and not committed:
+                try:
+                    await self._master_stub.PutAbort(kpb.PutAbortRequest(put_id=put_id), timeout=self.timeout_s)
+                except grpc.aio.AioRpcError:
+                    pass  # the master frees uncommitted slots after put_timeout_s anyway
+
+    async def _write_to_node(self, items: list[tuple[Location, int]], deadline: float) -> None:
+        node = items[0][0].node
+        resp = await self._node(node.address).PrepareWrite(kpb.PrepareWriteRequest(
+            values=[value_to_pb(StoredValue(loc.key, loc.offset, loc.meta)) for loc, _ in items],
+            timeout_s=self._remaining(deadline)), timeout=self._remaining(deadline))
+        src = [(slot * self.value_nbytes, self.value_nbytes) for _, slot in items]
+        dst = [(loc.offset, self.value_nbytes) for loc, _ in items]
+        await self.agent.push(node.transfer_address, bytes(resp.token), self._staging_name, src, dst,
+                              timeout_s=self._remaining(deadline))

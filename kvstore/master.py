@@ -1,0 +1,125 @@
+"""`pdserve kvstore-master`: the KV cache store's master, serving `master_state.MasterState` over gRPC.
+
+Holds only metadata (which node slot holds which block value); the bytes live on the nodes and
+move over UCX between nodes and clients. Its state is rebuilt from the nodes' inventories after
+a restart: a node whose heartbeat gets NOT_FOUND re-registers with everything it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from pdserve import rpc
+from pdserve.errors import NotFound
+from pdserve.proto import kvstore_pb2 as kpb
+from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
+from pdserve.settings import add_config_arguments, config_from_args
+
+from .config import MasterConfig
+from .master_state import MasterState
+from .messages import key_of, location_to_pb, meta_from_pb, node_from_pb, node_to_pb, value_from_pb
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "pdserve.kvstore.v1.KVStoreMaster"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, MasterConfig, title="kvstore master")
+
+
+class MasterServicer(kpb_grpc.KVStoreMasterServicer):
+    def __init__(self, state: MasterState) -> None:
+        self.state = state
+
+    @rpc.map_errors
+    async def RegisterNode(self, request: kpb.RegisterNodeRequest, context) -> kpb.RegisterNodeResponse:
+        inventory = [value_from_pb(v) for v in request.inventory]
+        rejected = self.state.register_node(node_from_pb(request.node), inventory)
+        return kpb.RegisterNodeResponse(rejected_keys=rejected,
+                                        heartbeat_interval_s=self.state.config.heartbeat_interval_s)
+
+    @rpc.map_errors
+    async def Heartbeat(self, request: kpb.HeartbeatRequest, context) -> kpb.HeartbeatResponse:
+        if not self.state.heartbeat(request.node_id):
+            raise NotFound(f"unknown node {request.node_id!r}: register again")
+        return kpb.HeartbeatResponse()
+
+    @rpc.map_errors
+    async def BatchLookup(self, request: kpb.BatchLookupRequest, context) -> kpb.BatchLookupResponse:
+        n = self.state.lookup([key_of(k) for k in request.keys], bytes(request.model_fingerprint))
+        return kpb.BatchLookupResponse(num_stored_prefix=n)
+
+    @rpc.map_errors
+    async def PutStart(self, request: kpb.PutStartRequest, context) -> kpb.PutStartResponse:
+        plan = self.state.put_start([key_of(k) for k in request.keys], meta_from_pb(request.meta))
+        return kpb.PutStartResponse(
+            put_id=plan.put_id, placements=[kpb.Copies(copies=[location_to_pb(c) for c in cs]) for cs in plan.placements],
+            already_stored=plan.already_stored, refused=plan.refused, expires_in_s=plan.expires_in_s)
+
+    @rpc.map_errors
+    async def PutCommit(self, request: kpb.PutCommitRequest, context) -> kpb.PutCommitResponse:
+        return kpb.PutCommitResponse(num_committed=self.state.put_commit(request.put_id, list(request.failed_node_ids)))
+
+    @rpc.map_errors
+    async def PutAbort(self, request: kpb.PutAbortRequest, context) -> kpb.PutAbortResponse:
+        self.state.put_abort(request.put_id)
+        return kpb.PutAbortResponse()
+
+    @rpc.map_errors
+    async def GetStart(self, request: kpb.GetStartRequest, context) -> kpb.GetStartResponse:
+        plan = self.state.get_start([key_of(k) for k in request.keys], bytes(request.model_fingerprint))
+        return kpb.GetStartResponse(lease_id=plan.lease_id, locations=[location_to_pb(loc) for loc in plan.locations],
+                                    lease_s=plan.lease_s)
+
+    @rpc.map_errors
+    async def GetDone(self, request: kpb.GetDoneRequest, context) -> kpb.GetDoneResponse:
+        return kpb.GetDoneResponse(found=self.state.get_done(request.lease_id))
+
+    @rpc.map_errors
+    async def Stats(self, request: kpb.MasterStatsRequest, context) -> kpb.MasterStats:
+        s = self.state
+        s.expire()
+        c = s.counters
+        return kpb.MasterStats(
+            num_keys=s.num_keys, num_leases=s.num_leases, num_pending_puts=s.num_pending_puts,
+            num_evictions=c.num_evictions, num_dead_nodes=c.num_dead_nodes, num_expired_leases=c.num_expired_leases,
+            num_expired_puts=c.num_expired_puts, num_rejected_inventory=c.num_rejected_inventory,
+            nodes=[kpb.NodeStats(node=node_to_pb(info), num_slots=total, num_slots_used=used, num_values=values)
+                   for info, used, total, values in s.node_infos()])
+
+
+async def _expire_loop(state: MasterState) -> None:
+    """Dead nodes leave the map even when no request arrives."""
+    while True:
+        await asyncio.sleep(state.config.heartbeat_interval_s)
+        state.expire()
+
+
+async def serve(config: MasterConfig) -> None:
+    state = MasterState(config)
+    server, health = rpc.create_server([SERVICE_NAME])
+    kpb_grpc.add_KVStoreMasterServicer_to_server(MasterServicer(state), server)
+    port = rpc.bind(server, config.host, config.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    expirer = asyncio.create_task(_expire_loop(state))
+    await rpc.set_serving(health, [SERVICE_NAME], True)
+    logger.info("kvstore master serving on %s:%d (replication %d, watermarks %.2f/%.2f)", config.host, port,
+                config.replication, config.low_watermark, config.high_watermark)
+    try:
+        await stop.wait()
+    finally:
+        expirer.cancel()
+        await server.stop(grace=1.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(config_from_args(MasterConfig, args)))
+    return 0

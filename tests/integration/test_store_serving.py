@@ -1,0 +1,143 @@
+"""The KV cache store in the serving path, with real processes: router, prefill, decode, store
+master and two store nodes.
+
+A prompt computed by one prefill worker is not recomputed by another (here: the prefill worker is
+replaced by a fresh process with an empty local cache), tokens are identical with and without
+store hits, and a store node killed with SIGKILL during load costs recomputation, never a failed
+request or a changed token; the master stops placing blocks on the dead node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+import torch
+
+from integration_helpers import wait_until
+from pdserve import rpc
+from pdserve.client import Client
+from pdserve.cluster import Cluster, ClusterSpec
+from pdserve.proto import kvstore_pb2 as kpb
+from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
+
+NUM_NEW = 12
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 2048, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def store_cluster(tiny_model_dir):
+    spec = ClusterSpec(model=str(tiny_model_dir), num_prefill=1, num_decode=1, num_store_nodes=2,
+                       router_args=["--local-prefill-threshold", "0", "--health-interval-s", "0.2"],
+                       worker_args=["--kv-cache-memory-mb", "64", "--max-num-batched-tokens", "128"],
+                       decode_args=["--store-publish-generated"], store_args=["--capacity-mb", "64"])
+    cluster = Cluster(spec)
+    cluster.start(timeout_s=180)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def _master_stats(address: str) -> kpb.MasterStats:
+    async with rpc.channel(address) as ch:
+        return await kpb_grpc.KVStoreMasterStub(ch).Stats(kpb.MasterStatsRequest(), timeout=5)
+
+
+async def _prefill_stats(client: Client, address: str):
+    return next(w.stats for w in await client.workers() if w.address == address)
+
+
+async def _complete(address: str, prompt: list[int]):
+    async with Client(address) as client:
+        return await client.complete(prompt, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, timeout_s=60)
+
+
+def _replace_prefill_worker(cluster: Cluster) -> str:
+    """Kill the prefill worker and start a fresh one (empty local prefix cache); returns its address."""
+    old = next(p for p in cluster.procs if p.name.startswith("prefill") and p.alive())
+    cluster.kill(old.name, signal.SIGKILL)
+    new = cluster.start_worker("prefill", len([p for p in cluster.procs if p.name.startswith("prefill")]))
+
+    async def ready():
+        async with Client(cluster.router_address) as client:
+            return [w for w in await client.workers() if w.role == 1 and w.healthy and w.address != old.address]
+    asyncio.run(wait_until(ready, timeout_s=60, what="replacement prefill worker healthy"))
+    return new.address
+
+
+def test_prefix_computed_once_is_loaded_not_recomputed(store_cluster):
+    prompt = _prompt(300, seed=11)
+    first = asyncio.run(_complete(store_cluster.router_address, prompt))
+    full_blocks = len(prompt) // 16
+
+    async def published():
+        return (await _master_stats(store_cluster.store_address)).num_keys >= full_blocks
+    asyncio.run(wait_until(published, timeout_s=30, what="prompt blocks published to the store"))
+
+    new_address = _replace_prefill_worker(store_cluster)
+    second = asyncio.run(_complete(store_cluster.router_address, prompt))
+    assert second.token_ids == first.token_ids  # parity with and without store hits
+    expected_hits = ((len(prompt) - 1) // 16) * 16
+    assert second.usage.cached_tokens == expected_hits
+
+    async def prefill_counts():  # the router polls stats: wait until it has seen this request
+        async with Client(store_cluster.router_address) as client:
+            s = await _prefill_stats(client, new_address)
+            return (s.store_hit_tokens, s.num_prompt_tokens_computed) if s.num_prompt_tokens_computed else None
+    hits, computed = asyncio.run(wait_until(prefill_counts, timeout_s=10, what="new prefill worker's stats"))
+    assert hits == expected_hits
+    assert computed == len(prompt) - expected_hits  # only the tail was computed by the new worker
+
+
+def test_store_node_killed_during_load_changes_nothing(store_cluster):
+    prompts = [_prompt(n, seed=100 + i) for i, n in enumerate((90, 200, 150, 260, 120, 180))]
+    reference = [asyncio.run(_complete(store_cluster.router_address, p)).token_ids for p in prompts]
+
+    async def load_with_kill():
+        async with Client(store_cluster.router_address) as client:
+            tasks = [asyncio.create_task(client.complete(p, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True,
+                                                         timeout_s=60)) for p in prompts]
+            await asyncio.sleep(0)  # the requests are in flight while the node dies
+            store_cluster.kill("kvstore-node-0", signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    _replace_prefill_worker(store_cluster)  # fresh local cache: these prompts must come from the store
+    results = asyncio.run(load_with_kill())
+    assert [r.token_ids for r in results] == reference
+    assert all(r.finish_reason == "length" for r in results)
+
+    async def node_declared_dead():
+        stats = await _master_stats(store_cluster.store_address)
+        return stats.num_dead_nodes >= 1
+    asyncio.run(wait_until(node_declared_dead, timeout_s=30, what="master declares the killed node dead"))
+    # new blocks are placed only on the surviving node
+    asyncio.run(_complete(store_cluster.router_address, _prompt(320, seed=999)))
+
+    async def placed_on_survivor_only():
+        stats = await _master_stats(store_cluster.store_address)
+        alive = [n for n in stats.nodes if n.node.node_id != "node-0"]
+        return alive and all(n.num_values > 0 for n in alive) and all(
+            n.num_values == 0 for n in stats.nodes if n.node.node_id == "node-0")
+    asyncio.run(wait_until(placed_on_survivor_only, timeout_s=30, what="placement only on the survivor"))
+
+
+def test_second_turn_reuses_the_whole_first_turn(store_cluster):
+    """Decode publishes generated blocks (--store-publish-generated): a follow-up turn that repeats
+    prompt + answer finds all of it in the store."""
+    prompt = _prompt(100, seed=21)
+    turn1 = asyncio.run(_complete(store_cluster.router_address, prompt))
+    history = prompt + turn1.token_ids
+    num_blocks = (len(history) - 1) // 16  # the last sampled token's KV is never computed
+
+    async def published():
+        return (await _master_stats(store_cluster.store_address)).num_keys >= num_blocks
+    asyncio.run(wait_until(published, timeout_s=30, what="first turn published"))
+    _replace_prefill_worker(store_cluster)
+    turn2 = asyncio.run(_complete(store_cluster.router_address, history + _prompt(40, seed=22)))
+    assert turn2.usage.cached_tokens == num_blocks * 16
