@@ -84,9 +84,15 @@ class AsyncEngine:
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[req_id] = stream
         finished = False
+        def add_and_check(e: LLMEngine) -> tuple[Sequence, bool]:
+            seq = add(e)
+            # Judged here, on the engine thread, before any step: by the time the caller sees the
+            # result the engine may have stepped the sequence to its end (its outputs are queued).
+            return seq, seq.is_finished
+
         try:
-            seq = await self.call(add)
-            if seq.is_finished:  # e.g. the first token was already the last
+            seq, finished_when_added = await self.call(add_and_check)
+            if finished_when_added:  # e.g. the first token (sampled elsewhere) was already the last
                 finished = True
                 yield RequestOutput(req_id, [], None, True, seq.finish_reason, seq.num_prompt_tokens,
                                     seq.num_cached_tokens, seq.num_output_tokens)

@@ -10,6 +10,7 @@ prefix-cache hits).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -110,6 +111,7 @@ class Scheduler:
         if not seq.admitted:
             seq.num_cached_tokens = len(cached) * bs
             seq.admitted = True
+            seq.first_scheduled_time = time.monotonic()
         return n
 
     def _ensure_blocks(self, seq: Sequence, scheduled_ids: set[str]) -> bool:

@@ -38,6 +38,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
+        self.first_scheduled_time: float | None = None  # when its first tokens entered a step
 
     def generator_for_next_token(self) -> torch.Generator | None:
         """The seeded generator for the next draw, keyed on (seed, output position) so that a

@@ -11,7 +11,7 @@ import grpc
 
 from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.engine.block_hash import chain_block_hashes
-from pdserve.errors import InvalidRequest
+from pdserve.errors import InvalidRequest, RequestAborted
 from pdserve.prefill.kv_sender import KVSender
 from pdserve.prefill.store_prefix import StorePrefix
 from pdserve.proto import pdserve_pb2 as pb
@@ -58,7 +58,13 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             async for out in engine.generate_simple(req_id, prompt, params, keep_blocks=True):
                 first = out
             self.store_prefix.release(prefix)
-            block_table = await engine.call(lambda e: list(e.requests[req_id].block_table))
+
+            def finished_seq(e):
+                seq = e.requests[req_id]
+                compute_s = (seq.first_token_time or 0.0) - (seq.first_scheduled_time or 0.0)
+                return list(seq.block_table), max(0.0, compute_s)
+
+            block_table, compute_s = await engine.call(finished_seq)
             if self.sender.granularity == "request":
                 self.sender.push_all(plan, block_table)
             self.store_prefix.publish(prefix, block_table)
@@ -74,10 +80,12 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             if not handed_off:
                 self.sender.remove(req_id)
                 engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
-        assert first is not None and first.new_token_ids
+        if first is None or not first.new_token_ids:
+            raise RequestAborted(f"[{req_id}] prefill ended without a first token (aborted)")
         self.num_prefills += 1
+        # compute time only (queueing excluded): the router's TTFT predictor learns seconds per token from it
         resp = pb.PrefillResponse(first_token_id=first.new_token_ids[0], num_cached_tokens=first.num_cached_tokens,
-                                  prefill_seconds=time.monotonic() - t0)
+                                  prefill_seconds=compute_s)
         if first.new_logprobs:
             resp.first_logprob = first.new_logprobs[0]
         return resp

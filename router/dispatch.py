@@ -267,11 +267,7 @@ class Dispatcher:
             raise PeerUnavailable("no healthy decode worker is available")
         for decode in candidates:
             try:
-                desc = await decode.decode_stub.Reserve(pb.ReserveRequest(
-                    request_id=state.req_id, num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens,
-                    model_fingerprint=self.meta.fingerprint,
-                    timeout_s=min(self.config.hop_timeout_s, self._remaining(deadline))),
-                    timeout=min(self.config.hop_timeout_s, self._remaining(deadline)))
+                desc = await self._reserve_on(state, decode, prompt_ids, params, deadline)
                 return decode, desc
             except grpc.aio.AioRpcError as exc:
                 err = typed_error(exc, f"decode {decode.worker_id} Reserve")
@@ -282,6 +278,20 @@ class Dispatcher:
                 raise err from exc
         self.num_rejected += 1
         raise Overloaded("every decode worker is out of KV blocks; retry later", retry_after_s=1.0)
+
+    async def _reserve_on(self, state: RequestState, decode: Worker, prompt_ids: list[int],
+                          params: SamplingParams, deadline: float) -> pb.TransferDescriptor:
+        """One Reserve call; if the request is cancelled while it is in flight, the reservation it
+        may have made is released (instead of waiting for its expiry)."""
+        try:
+            return await decode.decode_stub.Reserve(pb.ReserveRequest(
+                request_id=state.req_id, num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens,
+                model_fingerprint=self.meta.fingerprint,
+                timeout_s=min(self.config.hop_timeout_s, self._remaining(deadline))),
+                timeout=min(self.config.hop_timeout_s, self._remaining(deadline)))
+        except asyncio.CancelledError:
+            self._release_later(decode, state.req_id, state)
+            raise
 
     async def _attempt(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
                        usage: pb.Usage, excluded: set[str]) -> AsyncIterator[Event]:
