@@ -31,8 +31,13 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
     and fails the expectation; expiry or cancel aborts the lanes still writing into it.
 
 ucxx keeps one UCX context and worker per process in a module global (unavoidable); UCX reads its
-settings from the environment when that context is created: see `ucx_env.py` for our defaults.
-The listener accepts on all interfaces (ucxx cannot bind one); `host` is the address peers are told.
+settings from the environment when that context is created: see `ucx_env.py` for our defaults. The
+context's notifier thread completes futures on the event loop running when the first agent starts, so
+all agents of a process must run on that one loop (tests use a session-scoped loop). The listener
+accepts on all interfaces (ucxx cannot bind one); `host` is the address peers are told.
+Errors: TransferRejected (a KVTransferError: refused before any byte moved), KVTransferTimeout,
+KVTransferError (connection lost, peer failed mid-way), PeerUnavailable (cannot connect),
+InvalidRequest (the caller's own regions, buffer names or token are wrong).
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ class TransferAgent:
 
     # ---- buffers and tokens ----------------------------------------------------------------------
     def register_buffer(self, name: str, buf: object) -> None:
-        """Makes a contiguous CPU numpy array or torch tensor addressable by name; it is viewed as bytes, never copied."""
+        """Makes a contiguous CPU numpy array or torch tensor addressable by name (viewed as bytes, never copied)."""
         self._buffers[name] = byte_view(buf)
 
     def unregister_buffer(self, name: str) -> None:
@@ -248,7 +253,7 @@ class TransferAgent:
         await self._send_pieces(lane, seq, tag_base, view, pieces, deadline)
 
     async def _request_ready(self, lane: Lane, seq: int, kind: Kind, body: bytes, deadline: float) -> tuple[int, int]:
-        """Sends a request and waits for READY -> (push_id, tag_base); a REJECT raises TransferRejected (lane stays usable)."""
+        """Sends a request, waits for READY -> (push_id, tag_base); REJECT raises TransferRejected (lane stays usable)."""
         await lane.send_message(seq, Slot.REQUEST_HEADER, kind, body, deadline)
         reply_kind, reply = await lane.recv_message(seq, Slot.REPLY_HEADER, deadline)
         if reply_kind == Kind.REJECT:

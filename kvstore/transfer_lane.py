@@ -1,4 +1,5 @@
-"""One lane of the transfer layer (a ucxx control endpoint plus an optional shared-memory data endpoint) and the per-peer pool of lanes.
+"""One lane of the transfer layer (a ucxx control endpoint plus an optional shared-memory data endpoint)
+and the per-peer pool of lanes.
 
 Every wait here is bounded by a deadline on the event loop's clock; a lane that fails in any way is
 aborted (which also cancels receives posted through it) and never reused.

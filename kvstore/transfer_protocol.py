@@ -2,8 +2,8 @@
 
 Every control message is a fixed 24-byte header and its body, sent as one UCX message when both fit
 in CONTROL_BYTES (else as two), with a ucxx tag derived from the lane's request sequence number, so a
-late or foreign message never matches a receive posted for another request. Payload tags come from a random 64-bit base that the data's
-receiver picks per operation and reveals only to the authorised sender.
+late or foreign message never matches a receive posted for another request. Payload tags come from a
+random 64-bit base that the data's receiver picks per operation and reveals only to the authorised sender.
 """
 
 from __future__ import annotations

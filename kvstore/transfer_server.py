@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pdserve.errors import KVTransferError
+from pdserve.errors import KVTransferError, KVTransferTimeout
 
 from .transfer_lane import Lane, gather_or_fail
 from .transfer_protocol import BodyReader, BodyWriter, Kind, Slot, TransferRejected, new_payload_tag_base
@@ -123,7 +123,8 @@ class TransferServer:
                 raise exp.error
         except BaseException as exc:
             lane.abort()  # cancels the receives still posted into the buffer
-            self._registry.finish_expectation(exp.token, KVTransferError(f"push failed: {exc}"))
+            error_type = KVTransferTimeout if isinstance(exc, KVTransferTimeout) else KVTransferError
+            self._registry.finish_expectation(exp.token, error_type(f"push failed: {exc}"))
             raise KVTransferError(f"push failed: {exc}") from exc
         finally:
             exp.lanes.discard(lane)
@@ -136,7 +137,8 @@ class TransferServer:
             self._registry.finish_expectation(exp.token, None)
         await lane.send_message(seq, Slot.FINAL_HEADER, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
 
-    async def _serve_pull(self, lane: Lane, seq: int, token: bytes, tag_base: int, pieces: list[tuple[int, int]]) -> None:
+    async def _serve_pull(self, lane: Lane, seq: int, token: bytes, tag_base: int,
+                          pieces: list[tuple[int, int]]) -> None:
         """Says READY and sends the exposed pieces with the puller's tags (it posts the receives)."""
         started = time.perf_counter()
         exposure = self._registry.exposure_for(token, pieces)

@@ -64,7 +64,7 @@ class Expectation:
         return self._finished.is_set()
 
     async def wait(self) -> None:
-        """Returns once every region landed; raises KVTransferTimeout past the deadline, KVTransferError if it failed."""
+        """Returns once every region landed; KVTransferTimeout past the deadline, KVTransferError if it failed."""
         await self._finished.wait()
         if self.error is not None:
             raise self.error

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
+import threading
 from types import ModuleType
 
 # name -> default; each with the reason it is here.
@@ -34,10 +36,18 @@ def apply_ucx_env_defaults() -> None:
 
 
 def import_ucxx() -> ModuleType:
-    """The ucxx module, imported after the defaults above are in place."""
+    """The ucxx module, imported after the defaults above are in place.
+
+    On first import it also arranges for ucxx's notifier thread (a non-daemon thread that completes
+    request futures) to be stopped when the interpreter exits; otherwise the exit waits for it forever.
+    The hook runs before Python joins non-daemon threads, which plain `atexit` does not.
+    """
     apply_ucx_env_defaults()
+    first_import = "ucxx" not in sys.modules
     import ucxx
 
+    if first_import:
+        threading._register_atexit(ucxx.stop_notifier_thread)  # type: ignore[attr-defined]
     return ucxx
 
 
