@@ -235,9 +235,10 @@ def main() -> None:
 `benchmarks/ttft_disagg_vs_colocated.py` measures time to first token (TTFT) on an idle
 system. It sends one request at a time with prefix caching off, so every prompt is computed in
 full. It compares three clusters, started one after another: `colocated` (one worker does
-prefill and decode), `disagg` (1 prefill + 1 decode worker, each layer's KV pushed as soon as
-it is computed) and `disagg-no-overlap` (the same with `--no-layerwise-push`: all KV is pushed
-after the last layer). The router runs with `--local-prefill-threshold 0`, so every
+prefill and decode), `disagg` (1 prefill + 1 decode worker with `--kv-push {args.push}`: each
+{'prefill chunk' if args.push == 'chunk' else 'layer of each prefill chunk'}'s KV is pushed as soon as it is computed, overlapping the
+rest of the prefill) and `disagg-no-overlap` (the same with `--kv-push request`: all KV is pushed
+after the last chunk). The router runs with `--local-prefill-threshold 0`, so every
 disaggregated request is prefilled remotely. Lengths are interleaved within each cluster, and
 the cluster order rotates each round.
 
@@ -245,8 +246,8 @@ the cluster order rotates each round.
 - Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), \
 Python {platform.python_version()}; model: built-in `{args.model_size}`, float32, 1 torch thread per worker
 - Load average (1/5/15 min): start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, \
-end {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}. Other engineers' tests were running on the \
-same 2 cores, so absolute times are noisy. The ratios compare medians of variants measured in the same run.
+end {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}. Anything else running on the \
+same 2 cores makes absolute times noisy. The ratios compare medians of variants measured in the same run.
 - Samples: {args.rounds} cluster starts x {args.reps} requests per length and configuration \
 ({args.warmup} warm-up request per length after each start, not counted); {args.max_tokens} output tokens per request
 
@@ -257,7 +258,7 @@ the bytes decode received per request, from its `pdserve:kv_transfer_bytes_recei
 {table}
 
 - disagg/colocated TTFT ratio per length: {', '.join(f'{n}: {r:.3f}' for n, r in zip(args.lengths, ratios))}
-  (goal <= 1.05; {'met' if all(r <= 1.05 for r in ratios) else 'not met'} at every length).
+  (goal <= 1.05; {'met at every length' if all(r <= 1.05 for r in ratios) else 'missed at ' + ', '.join(str(n) for n, r in zip(args.lengths, ratios) if r > 1.05)}).
 - disagg-no-overlap/colocated TTFT ratio per length: {', '.join(f'{n}: {r:.3f}' for n, r in zip(args.lengths, no_overlap_ratios))}.
 - TT2T of no-overlap minus overlap per length (ms):
   {', '.join(f'{n}: {d:+.1f}' for n, d in zip(args.lengths, no_overlap))}.
@@ -267,7 +268,7 @@ computed, while the last pushes finish in the background (`prefill/servicer.py`)
 not wait for the transfer tail in either mode. A `no-ovl/ovl` TTFT ratio below 1 means that
 pushing while computing slows the computation itself.
 The transfer shows up in TT2T: decode admits the request only once all of its KV has landed.
-With overlap, only the last layer's push remains when the first token is returned. Without
+With overlap, only the last chunk's (or layer's) push remains when the first token is returned. Without
 overlap, the whole prompt's KV is still to move. TT2T for colocated is TTFT plus one decode
 step. The KV per request is whole 16-token blocks x 4 layers x (K, V) x 2 KV heads x 64 dims x
 4 bytes (float32) = 4096 bytes per token for the tiny model.
