@@ -398,8 +398,8 @@ Requests cut off at that limit count as not good.
 - Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), \
 Python {platform.python_version()}; model: built-in `{args.model_size}`, float32, 1 torch thread per worker
 - Load average (1/5/15 min): start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, \
-end {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}. Other engineers' tests shared the 2 cores, \
-so the absolute numbers are noisy.
+end {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}. Anything else on the 2 cores \
+makes the absolute numbers noisy; both deployments ran back to back at each rate.
 
 **How the SLO was chosen** (calibration on colocated, per workload, before any sweep):
 1. {args.calib_prompts} requests sent at once (rate 10^4/s); colocated's completed req/s is its capacity C.
