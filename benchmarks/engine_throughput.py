@@ -34,6 +34,7 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 def bench_size(size: str, args: argparse.Namespace) -> dict:
     model = ensure_builtin_model(size)
     engine = LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, max_num_seqs=args.num_requests,
+                                    dtype=args.dtype,
                                     max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=False))
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -60,7 +61,7 @@ def bench_size(size: str, args: argparse.Namespace) -> dict:
     ref_tps, ref_tpot = REFERENCE.get(size, (float("nan"), float("nan")))
     tpot_ms = 1e3 * statistics.median(tpots)
     return {
-        "size": size, "params_m": sum(t.numel() for t in [engine.model.w.embed]) / 1e6,
+        "size": size, "dtype": args.dtype, "embed_params_m": engine.model.w.embed.numel() / 1e6,
         "offline_output_tok_s": n_out / elapsed, "offline_total_tok_s": (n_in + n_out) / elapsed,
         "offline_prompt_tok_s_equiv": n_in / elapsed, "offline_seconds": elapsed,
         "single_ttft_ms": 1e3 * statistics.median(ttfts), "single_tpot_ms": tpot_ms,
@@ -79,11 +80,13 @@ def main() -> None:
     ap.add_argument("--single-runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and KV dtype (the issue's numbers are float32; bfloat16 uses AVX512-BF16 where present)")
     ap.add_argument("--json", default="", help="write results to this file")
     args = ap.parse_args()
     rows = [bench_size(s, args) for s in args.sizes]
     print(f"\nengine throughput: {args.num_requests} requests x {args.prompt_len} prompt + {args.output_len} output "
-          f"tokens, float32, {args.threads} thread(s)")
+          f"tokens, {args.dtype}, {args.threads} thread(s)")
     print(f"{'model':<6} {'out tok/s':>10} {'total tok/s':>12} {'TTFT ms':>8} {'TPOT ms':>8} "
           f"{'vs vLLM tok/s':>14} {'vs vLLM TPOT':>13}")
     for r in rows:

@@ -43,8 +43,10 @@ LayerCallback = Callable[[int], None]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    """RMSNorm computed in float32 and cast back (as transformers does for half-precision models)."""
+    xf = x.float()
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,9 @@ class Transformer:
         c = self.config
         T = input_ids.shape[0]
         h = F.embedding(input_ids, self.w.embed)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [T, 1, hd]
+        dtype = self.w.embed.dtype  # rotary tables are float32; applied in the model's dtype, as transformers does
+        cos = self.cos[positions].unsqueeze(1).to(dtype)  # [T, 1, hd]
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
         for i, lw in enumerate(self.w.layers):
             x = rms_norm(h, lw.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, lw.qkv, lw.qkv_bias)
@@ -96,7 +100,8 @@ class Transformer:
         return rms_norm(h, self.w.norm, c.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.w.lm_head)
+        """float32 logits whatever the model's dtype, so sampling and logprobs are computed in full precision."""
+        return F.linear(hidden, self.w.lm_head).float()
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                    meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
@@ -110,8 +115,8 @@ class Transformer:
             if seg.mask is None:  # the whole context is new: use the fresh K/V, skip the gather
                 ks, vs = k[rows], v[rows]
             else:
-                ks = k_blocks[seg.block_table].view(-1, nkv, hd)[:seg.ctx_len]
-                vs = v_blocks[seg.block_table].view(-1, nkv, hd)[:seg.ctx_len]
+                ks = torch.index_select(k_blocks, 0, seg.block_table).view(-1, nkv, hd)[:seg.ctx_len]
+                vs = torch.index_select(v_blocks, 0, seg.block_table).view(-1, nkv, hd)[:seg.ctx_len]
             o = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
                 vs.transpose(0, 1).unsqueeze(0), attn_mask=seg.mask, is_causal=seg.mask is None, enable_gqa=gqa,
@@ -121,8 +126,9 @@ class Transformer:
             assert meta.decode_block_tables is not None
             B = meta.decode_block_tables.shape[0]
             qd = q[meta.decode_rows].unsqueeze(2)  # [B, nh, 1, hd]
-            kd = k_blocks[meta.decode_block_tables].view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
-            vd = v_blocks[meta.decode_block_tables].view(B, -1, nkv, hd).transpose(1, 2)
+            flat_tables = meta.decode_block_tables.view(-1)  # index_select: ~1.6x faster than advanced indexing
+            kd = torch.index_select(k_blocks, 0, flat_tables).view(B, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+            vd = torch.index_select(v_blocks, 0, flat_tables).view(B, -1, nkv, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa)
             out[meta.decode_rows] = o.squeeze(2)
         return out
