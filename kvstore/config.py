@@ -25,6 +25,7 @@ class MasterConfig:
     node_timeout_s: float = field(default=3.0, metadata=_h("a node silent this long is dead: its blocks leave the "
                                                            "map and nothing more is placed on it"))
     heartbeat_interval_s: float = field(default=0.5, metadata=_h("how often nodes are told to heartbeat"))
+    metrics_port: int = field(default=-1, metadata=_h("serve Prometheus /metrics on this port (-1: off, 0: any free)"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -35,6 +36,8 @@ class MasterConfig:
             raise ValueError("need 0 < low_watermark <= high_watermark <= 1")
         if min(self.lease_s, self.put_timeout_s, self.node_timeout_s, self.heartbeat_interval_s) <= 0:
             raise ValueError("timeouts and intervals must be > 0")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError("metrics_port must be -1 (off) or in [0, 65535]")
         if self.heartbeat_interval_s >= self.node_timeout_s:
             raise ValueError("heartbeat_interval_s must be shorter than node_timeout_s")
 
@@ -55,6 +58,7 @@ class NodeConfig:
                                                     choices=["host", "device"]))
     transfer_timeout_s: float = field(default=30.0, metadata=_h("bound on every KV transfer"))
     transfer_lanes: int = field(default=2, metadata=_h("parallel UCX endpoints per peer"))
+    metrics_port: int = field(default=-1, metadata=_h("serve Prometheus /metrics on this port (-1: off, 0: any free)"))
     fault_lie_about_sizes: bool = field(default=False, metadata=_h(
         "testing only: claim half the real size of every value read (clients must catch it)"))
 
@@ -71,3 +75,5 @@ class NodeConfig:
             raise ValueError("transfer_timeout_s must be > 0 and transfer_lanes >= 1")
         if not self.master:
             raise ValueError("master address is required")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError("metrics_port must be -1 (off) or in [0, 65535]")

@@ -109,6 +109,14 @@ async def serve(config: MasterConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    metrics = None
+    if config.metrics_port >= 0:
+        from pdserve.metrics_server import MetricsServer
+
+        from .metrics import MasterCollector
+
+        metrics = MetricsServer(config.host, config.metrics_port, MasterCollector(state), what="kvstore master")
+        await metrics.start()
     expirer = asyncio.create_task(_expire_loop(state))
     await rpc.set_serving(health, [SERVICE_NAME], True)
     logger.info("kvstore master serving on %s:%d (replication %d, watermarks %.2f/%.2f)", config.host, port,
@@ -117,6 +125,8 @@ async def serve(config: MasterConfig) -> None:
         await stop.wait()
     finally:
         expirer.cancel()
+        if metrics is not None:
+            await metrics.stop()
         await server.stop(grace=1.0)
 
 

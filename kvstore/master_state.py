@@ -143,6 +143,9 @@ class MasterCounters:
     num_expired_leases: int = 0
     num_expired_puts: int = 0
     num_rejected_inventory: int = 0
+    num_get_query_blocks: int = 0  # keys asked for by get_start (loads)
+    num_get_hit_blocks: int = 0  # of those, served: the longest stored prefix
+    num_committed_copies: int = 0  # block copies made visible by put_commit
 
 
 class MasterState:
@@ -263,6 +266,8 @@ class MasterState:
             locations.append(node.location(key, node.lru[key], entry.meta))
         for key, _ in reversed(replicas):  # a prompt's first blocks become the most recent: tails go first
             self._touch(key)
+        self.counters.num_get_query_blocks += len(keys)
+        self.counters.num_get_hit_blocks += len(replicas)
         if not replicas:
             return GetPlan("", [], 0.0)
         lease_id = secrets.token_hex(8)
@@ -381,6 +386,7 @@ class MasterState:
             entry.replicas[node_id] = 0
             node.lru[key] = slot
             num_committed += 1
+        self.counters.num_committed_copies += num_committed
         return num_committed
 
     # ---- introspection ----------------------------------------------------------------------------

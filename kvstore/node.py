@@ -81,6 +81,7 @@ class StoreNode:
         self._tasks: set[asyncio.Task] = set()
         self._heartbeat_task: asyncio.Task | None = None
         self._master: grpc.aio.Channel | None = None
+        self.metrics_server = None
 
     def info(self) -> NodeInfo:
         return NodeInfo(self.node_id, self.address, self.agent.address, self.pool.capacity_bytes, self.pool.slot_nbytes)
@@ -102,6 +103,13 @@ class StoreNode:
         self.node_id = self.node_id or f"node@{self.address}"
         self._master = rpc.channel(c.master)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        if c.metrics_port >= 0:
+            from pdserve.metrics_server import MetricsServer
+
+            from .metrics import NodeCollector
+
+            self.metrics_server = MetricsServer(c.host, c.metrics_port, NodeCollector(self), what="kvstore node")
+            await self.metrics_server.start()
         await rpc.set_serving(self.health, [SERVICE_NAME], True)  # health is the node itself, never the master
         logger.info("kvstore node %s: %d MiB pool, gRPC %s, transfer %s, master %s", self.node_id, c.capacity_mb,
                     self.address, self.agent.address, c.master)
@@ -111,6 +119,8 @@ class StoreNode:
             self._heartbeat_task.cancel()
         for task in list(self._tasks):
             task.cancel()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self.server is not None:
             await self.server.stop(grace=0.5)
         if self.agent is not None:

@@ -87,7 +87,7 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     router_port: int = 0
     http_port: int = 0  # router's OpenAI HTTP API and /metrics (0: a free one; -1: none)
-    worker_metrics: bool = True  # each worker serves /metrics on a free port of its own
+    worker_metrics: bool = True  # each worker and store process serves /metrics on a free port of its own
     router_args: list[str] = field(default_factory=list)
     prefill_args: list[str] = field(default_factory=list)
     decode_args: list[str] = field(default_factory=list)
@@ -135,17 +135,29 @@ class Cluster:
         s = self.spec
         port = free_port(s.host)
         self.store_address = f"{s.host}:{port}"
-        self._spawn("kvstore-master", self._cmd("kvstore-master", "--host", s.host, "--port", str(port)),
-                    self.store_address)
+        metrics = self._metrics_flags()
+        proc = self._spawn("kvstore-master", self._cmd("kvstore-master", "--host", s.host, "--port", str(port),
+                                                       *metrics), self.store_address)
+        proc.metrics_url = self._metrics_url(metrics)
         for i in range(s.num_store_nodes):
             self.start_store_node(i)
 
     def start_store_node(self, index: int) -> Proc:
         s = self.spec
         port = free_port(s.host)
-        return self._spawn(f"kvstore-node-{index}", self._cmd(
+        metrics = self._metrics_flags()
+        proc = self._spawn(f"kvstore-node-{index}", self._cmd(
             "kvstore-node", "--host", s.host, "--port", str(port), "--master", self.store_address,
-            "--node-id", f"node-{index}", *s.store_args), f"{s.host}:{port}")
+            "--node-id", f"node-{index}", *metrics, *s.store_args), f"{s.host}:{port}")
+        proc.metrics_url = self._metrics_url(metrics)
+        return proc
+
+    def _metrics_flags(self) -> list[str]:
+        """`--metrics-port P` on a free port when the spec asks for per-process metrics, else nothing."""
+        return ["--metrics-port", str(free_port(self.spec.host))] if self.spec.worker_metrics else []
+
+    def _metrics_url(self, metrics_flags: list[str]) -> str:
+        return f"http://{self.spec.host}:{metrics_flags[1]}/metrics" if metrics_flags else ""
 
     def _store_flags(self) -> list[str]:
         return ["--kvstore-master", self.store_address] if self.store_address else []
@@ -155,12 +167,12 @@ class Cluster:
         port = free_port(s.host)
         extra = {"prefill": s.prefill_args, "decode": s.decode_args, "worker": s.decode_args}[role]
         model = ["--model", s.model] if s.model else []
-        metrics_port = free_port(s.host) if s.worker_metrics else -1
+        metrics = self._metrics_flags()
         argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address,
-                         "--metrics-port", str(metrics_port), *model, *self._store_flags(), *s.worker_args, *extra)
+                         *metrics, *model, *self._store_flags(), *s.worker_args, *extra)
         name = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}[role]
         proc = self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
-        proc.metrics_url = f"http://{s.host}:{metrics_port}/metrics" if metrics_port > 0 else ""
+        proc.metrics_url = self._metrics_url(metrics)
         return proc
 
     def start(self, timeout_s: float = 120.0) -> str:

@@ -1,6 +1,7 @@
 """Prometheus metrics of workers: the one table turning `pb.WorkerStats` into metric families
 (used by each worker's own /metrics and by the router's per-worker view), and the tiny aiohttp
-server a worker runs to expose it. Does not own the router's request metrics (router/metrics.py).
+server a worker or KV store process runs to expose its collector. Does not own the router's request
+metrics (router/metrics.py) nor the store's families (kvstore/metrics.py).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def worker_stats_families(workers: Iterable[tuple[list[str], pb.WorkerStats]]) -
     return [*families, usage]
 
 
-class _WorkerCollector:
+class WorkerCollector:
     """Reads the worker's stats at scrape time (nothing is cached between scrapes)."""
 
     def __init__(self, stats_fn: Callable[[], pb.WorkerStats], agent_stats_fn: Callable[[], Any]) -> None:
@@ -94,14 +95,15 @@ def metrics_response(registry: CollectorRegistry) -> web.Response:
 
 
 class MetricsServer:
-    """GET /metrics on its own port, for a worker process (the router serves /metrics on its HTTP port)."""
+    """GET /metrics on its own port, for a worker or store process (the router serves /metrics on
+    its HTTP port). `collector` is any prometheus_client collector: an object with `collect()`."""
 
-    def __init__(self, host: str, port: int, stats_fn: Callable[[], pb.WorkerStats],
-                 agent_stats_fn: Callable[[], Any] = lambda: None) -> None:
+    def __init__(self, host: str, port: int, collector: Any, what: str = "worker") -> None:
         self.host = host
         self.port = port
+        self.what = what
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_WorkerCollector(stats_fn, agent_stats_fn))
+        self.registry.register(collector)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -117,7 +119,7 @@ class MetricsServer:
         await site.start()
         port = self._runner.addresses[0][1]  # the real one when port is 0
         self.url = f"http://{self.host}:{port}/metrics"
-        logger.info("worker metrics on %s", self.url)
+        logger.info("%s metrics on %s", self.what, self.url)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -85,10 +85,10 @@ class WorkerRuntime:
         self.address = f"{host}:{port}"
         self.worker_id = self.worker_id or f"{self.role_name}@{self.address}"
         if c.metrics_port >= 0:
-            from pdserve.metrics_server import MetricsServer
+            from pdserve.metrics_server import MetricsServer, WorkerCollector
 
-            self.metrics_server = MetricsServer(c.host, c.metrics_port, self.base_stats,
-                                                lambda: getattr(self.agent, "stats", None))
+            collector = WorkerCollector(self.base_stats, lambda: getattr(self.agent, "stats", None))
+            self.metrics_server = MetricsServer(c.host, c.metrics_port, collector)
             await self.metrics_server.start()
         await rpc.set_serving(self.health, self.service_names, True)
         logger.info("%s serving gRPC on %s, KV transfers on %s", self.worker_id, self.address, self.transfer_address)

@@ -15,6 +15,23 @@ def start_cluster(spec: ClusterSpec, timeout_s: float = 180.0) -> Cluster:
     return cluster
 
 
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Samples of a /metrics page: (sample name, sorted labels) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples named `name` whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
+
+
 async def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition"):
     """Poll an async predicate until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout_s

@@ -14,8 +14,8 @@ import time
 import aiohttp
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from integration_helpers import scrape, total
 from pdserve.client import Client
 from pdserve.cluster import Cluster, ClusterSpec
 
@@ -46,20 +46,6 @@ def oai(cluster) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def model(oai) -> str:
     return oai.models.list().data[0].id
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """Samples of a /metrics page: (sample name, sorted labels) -> value."""
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
 
 
 async def live_worker_stats(cluster: Cluster) -> list:

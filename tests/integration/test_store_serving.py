@@ -15,7 +15,7 @@ import signal
 import pytest
 import torch
 
-from integration_helpers import wait_until
+from integration_helpers import scrape, total, wait_until
 from pdserve import rpc
 from pdserve.client import Client
 from pdserve.cluster import Cluster, ClusterSpec
@@ -93,6 +93,19 @@ def test_prefix_computed_once_is_loaded_not_recomputed(store_cluster):
     hits, computed = asyncio.run(wait_until(prefill_counts, timeout_s=10, what="new prefill worker's stats"))
     assert hits == expected_hits
     assert computed == len(prompt) - expected_hits  # only the tail was computed by the new worker
+
+    # the store's own /metrics show the same story
+    master = next(p for p in store_cluster.procs if p.name == "kvstore-master")
+    m = scrape(master.metrics_url)
+    assert total(m, "pdserve:store_keys") >= full_blocks
+    assert total(m, "pdserve:store_get_hit_blocks_total") >= expected_hits // 16
+    assert 0 < total(m, "pdserve:store_hit_ratio") <= 1
+    assert total(m, "pdserve:store_live_nodes") == 2
+    assert total(m, "pdserve:store_node_values") == total(m, "pdserve:store_keys")  # replication 1
+    nodes = [scrape(p.metrics_url) for p in store_cluster.procs if p.name.startswith("kvstore-node")]
+    assert sum(total(n, "pdserve:kv_transfer_bytes_received_total") for n in nodes) > 0  # puts landed
+    assert sum(total(n, "pdserve:kv_transfer_bytes_sent_total") for n in nodes) > 0  # the load was served
+    assert sum(total(n, "pdserve:store_pool_values") for n in nodes) >= full_blocks
 
 
 def test_store_node_killed_during_load_changes_nothing(store_cluster):

@@ -1,0 +1,101 @@
+"""Prometheus collectors of the KV cache store: the master's map (keys, leases, evictions, the
+block hit ratio of loads, per-node capacity) and a node's pool and transfers. Both read the live
+state at scrape time; `pdserve.metrics_server.MetricsServer` serves them on `--metrics-port`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .master_state import MasterState
+    from .node import StoreNode
+
+# MasterCounters attribute -> (metric name without _total, help). Names share the pdserve:store_ prefix.
+_MASTER_COUNTERS = {
+    "num_get_query_blocks": ("pdserve:store_get_query_blocks", "Blocks asked for by loads (GetStart)."),
+    "num_get_hit_blocks": ("pdserve:store_get_hit_blocks", "Blocks served by loads: the longest stored prefix."),
+    "num_committed_copies": ("pdserve:store_committed_copies", "Block copies made visible by PutCommit."),
+    "num_evictions": ("pdserve:store_evictions", "Blocks evicted (LRU between the watermarks)."),
+    "num_dead_nodes": ("pdserve:store_dead_nodes", "Nodes declared dead (silent past --node-timeout-s)."),
+    "num_expired_leases": ("pdserve:store_expired_leases", "Read leases freed by their deadline."),
+    "num_expired_puts": ("pdserve:store_expired_puts", "Puts neither committed nor aborted in time."),
+    "num_rejected_inventory": ("pdserve:store_rejected_inventory",
+                               "Values a (re)registering node reported that the master refused."),
+}
+NODE_LABELS = ["node"]
+
+
+class MasterCollector:
+    """The master's map, read at scrape time."""
+
+    def __init__(self, state: MasterState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.state
+        s.expire()
+        c = s.counters
+        yield GaugeMetricFamily("pdserve:store_keys", "Blocks stored (distinct keys).", value=s.num_keys)
+        yield GaugeMetricFamily("pdserve:store_leases", "Read leases held now.", value=s.num_leases)
+        yield GaugeMetricFamily("pdserve:store_pending_puts", "Puts started and not yet committed.",
+                                value=s.num_pending_puts)
+        for attr, (name, help_text) in _MASTER_COUNTERS.items():
+            yield CounterMetricFamily(name, help_text, value=getattr(c, attr))
+        ratio = c.num_get_hit_blocks / c.num_get_query_blocks if c.num_get_query_blocks else 0.0
+        yield GaugeMetricFamily("pdserve:store_hit_ratio",
+                                "Fraction of blocks asked for by loads that the store served, since start.",
+                                value=ratio)
+        slots = GaugeMetricFamily("pdserve:store_node_slots", "Slots in a live node's pool.", labels=NODE_LABELS)
+        used = GaugeMetricFamily("pdserve:store_node_slots_used", "Slots committed or pending on a live node.",
+                                 labels=NODE_LABELS)
+        values = GaugeMetricFamily("pdserve:store_node_values", "Committed values on a live node.",
+                                   labels=NODE_LABELS)
+        for info, num_used, num_slots, num_values in s.node_infos():
+            slots.add_metric([info.node_id], num_slots)
+            used.add_metric([info.node_id], num_used)
+            values.add_metric([info.node_id], num_values)
+        yield from (slots, used, values)
+        yield GaugeMetricFamily("pdserve:store_live_nodes", "Nodes alive now.", value=len(s.node_infos()))
+
+
+class NodeCollector:
+    """One node's pool and its transfer agent's counters, read at scrape time."""
+
+    def __init__(self, node: StoreNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        labels = [node.node_id]
+        pool = node.pool
+
+        def gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, help_text, labels=NODE_LABELS)
+            family.add_metric(labels, value)
+            return family
+
+        def counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, help_text, labels=NODE_LABELS)
+            family.add_metric(labels, value)
+            return family
+
+        yield gauge("pdserve:store_pool_capacity_bytes", "Bytes in the node's memory pool.", pool.capacity_bytes)
+        yield gauge("pdserve:store_pool_slots", "Slots in the pool (0 until the first write fixes the size).",
+                    pool.num_slots)
+        yield gauge("pdserve:store_pool_values", "Values held in the pool.", pool.num_values)
+        stats = getattr(node.agent, "stats", None)
+        if stats is None:
+            return
+        yield counter("pdserve:kv_transfer_bytes_sent", "KV bytes that left this node (loads served).",
+                      stats.bytes_sent)
+        yield counter("pdserve:kv_transfer_bytes_received", "KV bytes that landed in this node (puts).",
+                      stats.bytes_received)
+        yield counter("pdserve:kv_transfer_rejected",
+                      "Transfers refused before any byte moved (bad token, region, late or replayed).",
+                      stats.num_rejected)
+        yield counter("pdserve:kv_transfer_failures", "Transfers that broke after starting, timeouts included.",
+                      stats.num_failures)
