@@ -162,8 +162,9 @@ async def _send_all(config: BenchConfig, backend: Backend, requests: list[BenchR
                 tasks.append(asyncio.create_task(send_when_allowed(request), name=request.request_id))
             await asyncio.gather(*tasks, return_exceptions=True)
     except TimeoutError:
-        logger.warning("time limit of %.1f s reached: cancelling %d in-flight requests", config.max_duration_s,
-                       sum(1 for t in tasks if not t.done()))
+        in_flight = sum(1 for t in tasks if not t.done() and t.get_name() in start_times)
+        logger.warning("time limit of %.1f s reached: cancelling %d in-flight requests (%d not sent yet)",
+                       config.max_duration_s, in_flight, len(requests) - len(start_times))
     finally:
         duration_s = time.perf_counter() - t0
         for task in tasks:

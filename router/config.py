@@ -54,6 +54,9 @@ class RouterConfig:
     tls_cert_file: str = field(default="", metadata=_h("PEM certificate of the gRPC listener (with --tls-key-file: TLS)",
                                                        metavar="FILE"))
     tls_key_file: str = field(default="", metadata=_h("PEM private key of the gRPC listener", metavar="FILE"))
+    worker_tls_ca_file: str = field(default="", metadata=_h(
+        "PEM CA certificate to verify workers' gRPC TLS (workers run with --tls-cert-file); empty: plaintext",
+        metavar="FILE"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

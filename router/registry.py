@@ -38,9 +38,10 @@ class Worker:
     inflight: int = 0  # requests the router has sent here and not yet finished
     queued_prompt_tokens: int = 0  # prompt tokens sent here for prefill and not yet answered
     channel: grpc.aio.Channel | None = None
+    tls_ca_file: str = ""  # dial the worker over TLS, trusting this CA (RouterConfig.worker_tls_ca_file)
 
     def __post_init__(self) -> None:
-        self.channel = rpc.channel(self.address)
+        self.channel = rpc.channel(self.address, self.tls_ca_file)
         self.decode_stub = pb_grpc.DecodeWorkerStub(self.channel)
         self.prefill_stub = pb_grpc.PrefillWorkerStub(self.channel)
 
@@ -69,7 +70,8 @@ class WorkerRegistry:
         for role, addresses in ((pb.PREFILL, c.prefill_workers), (pb.DECODE, c.decode_workers),
                                 (pb.COLOCATED, c.colocated_workers)):
             for address in RouterConfig.split(addresses):
-                self.workers[address] = Worker(address, role, worker_id=address, static=True)
+                self.workers[address] = Worker(address, role, worker_id=address, static=True,
+                                               tls_ca_file=c.worker_tls_ca_file)
 
     def register(self, info: pb.WorkerInfo) -> None:
         if self.fingerprint and info.model_fingerprint and info.model_fingerprint != self.fingerprint:
@@ -77,7 +79,7 @@ class WorkerRegistry:
             return
         worker = self.workers.get(info.address)
         if worker is None:
-            worker = Worker(info.address, info.role)
+            worker = Worker(info.address, info.role, tls_ca_file=self.config.worker_tls_ca_file)
             self.workers[info.address] = worker
             logger.info("worker registered: %s (%s, KV on %s)", info.worker_id, worker.role_name,
                         info.transfer_address)

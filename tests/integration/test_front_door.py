@@ -190,6 +190,44 @@ async def test_tls_on_grpc(colocated_cluster, tmp_path):
         await app.stop()
 
 
+async def test_router_dials_tls_workers_with_their_ca(tiny_model_dir, tmp_path):
+    """A worker serving gRPC over TLS is reached by a router given --worker-tls-ca-file, and never
+    by one without it (the worker stays unhealthy there, and requests get UNAVAILABLE, not a hang)."""
+    import sys
+
+    from pdserve.cluster import free_port, spawn_process
+
+    cert, key = make_self_signed_cert(tmp_path)
+    address = f"127.0.0.1:{free_port()}"
+    worker = spawn_process([sys.executable, "-m", "pdserve", "worker", "--host", "127.0.0.1",
+                            "--port", address.rsplit(":", 1)[1], "--model", str(tiny_model_dir),
+                            "--tls-cert-file", str(cert), "--tls-key-file", str(key)], tmp_path / "worker.log")
+    with_ca = RouterApp(RouterConfig(model=str(tiny_model_dir), port=0, http_port=-1, health_interval_s=0.2,
+                                     colocated_workers=address, worker_tls_ca_file=str(cert)))
+    without_ca = RouterApp(RouterConfig(model=str(tiny_model_dir), port=0, http_port=-1, health_interval_s=0.2,
+                                        colocated_workers=address, hop_timeout_s=2.0))
+    await with_ca.start()
+    await without_ca.start()
+    try:
+        async def healthy():
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+            return bool(with_ca.registry.healthy(3))
+        await wait_until(healthy, timeout_s=60, what="TLS worker healthy through the CA")
+        async with Client(with_ca.address) as client:
+            r = await client.complete([5, 6, 7], max_tokens=3, timeout_s=30)
+            assert len(r.token_ids) == 3
+        assert not without_ca.registry.healthy(3)
+        async with Client(without_ca.address) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.complete([5, 6, 7], max_tokens=3, timeout_s=30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await with_ca.stop()
+        await without_ca.stop()
+        worker.terminate()
+        worker.wait(10)
+
+
 async def test_tls_config_needs_both_files():
     with pytest.raises(ValueError):
         RouterConfig(tls_cert_file="cert.pem")
