@@ -24,6 +24,10 @@ class RouterConfig:
     local_prefill_threshold: int = field(default=256, metadata=_h(
         "prompts shorter than this many tokens are prefilled on the decode worker (conditional "
         "disaggregation; below ~256 tokens the extra hops cost more than they save on a CPU host)"))
+    local_prefill_max_inflight: int = field(default=4, metadata=_h(
+        "... but only while the decode worker has fewer requests in flight than this: a local prefill "
+        "stalls every running sequence's next token, so a busy decode worker sends even short prompts "
+        "to a prefill worker (0: never prefill on decode when a prefill worker is up)"))
     request_timeout_s: float = field(default=600.0, metadata=_h("deadline of a request without its own"))
     hop_timeout_s: float = field(default=60.0, metadata=_h("bound on each Reserve / Prefill call"))
     health_interval_s: float = field(default=0.5, metadata=_h("how often each worker's Stats are polled"))
@@ -63,8 +67,8 @@ class RouterConfig:
             raise ValueError("port must be in [0, 65535]")
         if not -1 <= self.http_port < 65536:
             raise ValueError("http_port must be -1 (off) or in [0, 65535]")
-        if self.local_prefill_threshold < 0:
-            raise ValueError("local_prefill_threshold must be >= 0")
+        if self.local_prefill_threshold < 0 or self.local_prefill_max_inflight < 0:
+            raise ValueError("local_prefill_threshold and local_prefill_max_inflight must be >= 0")
         if self.request_timeout_s <= 0 or self.hop_timeout_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("timeouts and intervals must be > 0")
         if self.unhealthy_after < 1:

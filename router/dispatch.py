@@ -293,12 +293,19 @@ class Dispatcher:
             self._release_later(decode, state.req_id, state)
             raise
 
+    def _prefill_locally(self, decode: Worker, num_prompt_tokens: int) -> bool:
+        """Conditional disaggregation: a short prompt is prefilled on the decode worker itself, saving
+        the extra hops, unless that worker is busy (a local prefill delays every running sequence's
+        next token). Falls back to local when no prefill worker is up (pick_prefill returns None)."""
+        c = self.config
+        return num_prompt_tokens < c.local_prefill_threshold and decode.inflight < c.local_prefill_max_inflight
+
     async def _attempt(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
                        usage: pb.Usage, excluded: set[str]) -> AsyncIterator[Event]:
         decode = self.registry.pick_decode(excluded)
         prefill = None
         hashes = chain_block_hashes(prompt_ids, self.meta.block_size, self.meta.fingerprint)
-        if decode.role == pb.DECODE and len(prompt_ids) >= self.config.local_prefill_threshold:
+        if decode.role == pb.DECODE and not self._prefill_locally(decode, len(prompt_ids)):
             prefill, choice = await self.pick_prefill(prompt_ids, hashes, excluded)
             if choice is not None:
                 logger.debug("[%s] prefill choice %s: est. TTFT %.1f ms, %d cached tokens (%d from the store)",

@@ -18,6 +18,7 @@ from pdserve.client import Client
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.proto import pdserve_pb2 as pb
 
 NUM_NEW = 24
 PROMPT_LENS = (5, 40, 150, 300, 97)  # 150 and 300 span several 64-token chunks
@@ -161,3 +162,38 @@ def test_no_workers_is_unavailable_quickly(tiny_model_dir):
         assert elapsed < 5
     finally:
         cluster.stop()
+
+
+async def test_conditional_disaggregation(disagg_cluster, tiny_model_dir):
+    """Short prompts are prefilled on the decode worker while it is not busy; long prompts, and
+    short ones once decode has --local-prefill-max-inflight requests, go to a prefill worker.
+    The decision shows in the router's counters, and tokens are the same either way."""
+    from pdserve.router.config import RouterConfig
+    from pdserve.router.server import RouterApp
+
+    workers = {p.name: p.address for p in disagg_cluster.procs}
+    short, long_ = list(range(5, 25)), list(range(5, 155))
+
+    async def run(max_inflight: int) -> tuple[list[list[int]], int, int]:
+        app = RouterApp(RouterConfig(
+            model=str(tiny_model_dir), port=0, http_port=-1, health_interval_s=0.2,
+            prefill_workers=workers["prefill-0"], decode_workers=workers["decode-0"],
+            local_prefill_threshold=100, local_prefill_max_inflight=max_inflight))
+        await app.start()
+        try:
+            async def ready():
+                return app.registry.healthy(pb.PREFILL) and app.registry.healthy(pb.DECODE)
+            await wait_until(ready, timeout_s=20, what="static workers healthy")
+            async with Client(app.address) as client:
+                outs = [(await client.complete(p, max_tokens=6, temperature=0.0, ignore_eos=True, timeout_s=60)).token_ids
+                        for p in (short, long_)]
+            d = app.dispatcher
+            return outs, d.num_local_prefills, d.num_remote_prefills
+        finally:
+            await app.stop()
+
+    idle_outs, idle_local, idle_remote = await run(max_inflight=4)
+    assert (idle_local, idle_remote) == (1, 1)  # short: on decode; long: on the prefill worker
+    busy_outs, busy_local, busy_remote = await run(max_inflight=0)  # as if decode were always busy
+    assert (busy_local, busy_remote) == (0, 2)
+    assert idle_outs == busy_outs
