@@ -28,6 +28,9 @@ class RouterConfig:
         "... but only while the decode worker has fewer requests in flight than this: a local prefill "
         "stalls every running sequence's next token, so a busy decode worker sends even short prompts "
         "to a prefill worker (0: never prefill on decode when a prefill worker is up)"))
+    remote_prefill_max_queue_tokens: int = field(default=1024, metadata=_h(
+        "... unless the best prefill worker already has more than this many prompt tokens queued: when "
+        "both sides are busy, a short prompt stays on decode rather than wait in the prefill queue (0: no limit)"))
     request_timeout_s: float = field(default=600.0, metadata=_h("deadline of a request without its own"))
     hop_timeout_s: float = field(default=60.0, metadata=_h("bound on each Reserve / Prefill call"))
     health_interval_s: float = field(default=0.5, metadata=_h("how often each worker's Stats are polled"))
@@ -67,8 +70,9 @@ class RouterConfig:
             raise ValueError("port must be in [0, 65535]")
         if not -1 <= self.http_port < 65536:
             raise ValueError("http_port must be -1 (off) or in [0, 65535]")
-        if self.local_prefill_threshold < 0 or self.local_prefill_max_inflight < 0:
-            raise ValueError("local_prefill_threshold and local_prefill_max_inflight must be >= 0")
+        if min(self.local_prefill_threshold, self.local_prefill_max_inflight, self.remote_prefill_max_queue_tokens) < 0:
+            raise ValueError("local_prefill_threshold, local_prefill_max_inflight and "
+                             "remote_prefill_max_queue_tokens must be >= 0")
         if self.request_timeout_s <= 0 or self.hop_timeout_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("timeouts and intervals must be > 0")
         if self.unhealthy_after < 1:

@@ -66,6 +66,24 @@ class Event:
     cached_tokens: int | None = None  # set once, by whichever worker computed the prompt
 
 
+def prefill_locally(config: RouterConfig, num_prompt_tokens: int, decode_inflight: int,
+                    prefill_queued_tokens: int | None = None) -> bool:
+    """Conditional disaggregation: whether a prompt is prefilled on its decode worker.
+
+    Only short prompts (< local_prefill_threshold) ever are: it saves the extra hops. While the decode
+    worker is not busy (fewer than local_prefill_max_inflight requests) they always are; on a busy one
+    a local prefill would stall every running sequence, so they go to a prefill worker, unless that
+    worker's queue is already longer than remote_prefill_max_queue_tokens (`prefill_queued_tokens`,
+    None before a prefill worker is chosen). With no prefill worker up, everything is local anyway."""
+    c = config
+    if num_prompt_tokens >= c.local_prefill_threshold:
+        return False
+    if decode_inflight < c.local_prefill_max_inflight:
+        return True
+    return (prefill_queued_tokens is not None and c.remote_prefill_max_queue_tokens > 0
+            and prefill_queued_tokens > c.remote_prefill_max_queue_tokens)
+
+
 class Dispatcher:
     def __init__(self, config: RouterConfig, registry: WorkerRegistry, tokenizer: Tokenizer, meta: ModelMeta) -> None:
         self.config = config
@@ -293,20 +311,18 @@ class Dispatcher:
             self._release_later(decode, state.req_id, state)
             raise
 
-    def _prefill_locally(self, decode: Worker, num_prompt_tokens: int) -> bool:
-        """Conditional disaggregation: a short prompt is prefilled on the decode worker itself, saving
-        the extra hops, unless that worker is busy (a local prefill delays every running sequence's
-        next token). Falls back to local when no prefill worker is up (pick_prefill returns None)."""
-        c = self.config
-        return num_prompt_tokens < c.local_prefill_threshold and decode.inflight < c.local_prefill_max_inflight
-
     async def _attempt(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
                        usage: pb.Usage, excluded: set[str]) -> AsyncIterator[Event]:
         decode = self.registry.pick_decode(excluded)
         prefill = None
         hashes = chain_block_hashes(prompt_ids, self.meta.block_size, self.meta.fingerprint)
-        if decode.role == pb.DECODE and not self._prefill_locally(decode, len(prompt_ids)):
+        if decode.role == pb.DECODE and not prefill_locally(self.config, len(prompt_ids), decode.inflight):
             prefill, choice = await self.pick_prefill(prompt_ids, hashes, excluded)
+            if prefill is not None and prefill_locally(self.config, len(prompt_ids), decode.inflight,
+                                                       prefill.queued_prompt_tokens):
+                logger.debug("[%s] prefill queue of %d tokens: short prompt stays on decode", state.req_id,
+                             prefill.queued_prompt_tokens)
+                prefill = choice = None
             if choice is not None:
                 logger.debug("[%s] prefill choice %s: est. TTFT %.1f ms, %d cached tokens (%d from the store)",
                              state.req_id, choice.address, 1e3 * choice.estimated_ttft_s, choice.cached_tokens,

@@ -1,0 +1,35 @@
+"""The conditional-disaggregation decision (router/dispatch.py `prefill_locally`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.router.config import RouterConfig
+from pdserve.router.dispatch import prefill_locally
+
+CONFIG = RouterConfig(local_prefill_threshold=256, local_prefill_max_inflight=4, remote_prefill_max_queue_tokens=1024)
+
+
+@pytest.mark.parametrize("tokens, inflight, queued, local", [
+    (300, 0, None, False),   # long prompts always go to a prefill worker
+    (300, 9, 5000, False),   # ... even when both sides are busy
+    (100, 3, None, True),    # short prompt, decode not busy: local
+    (100, 4, None, False),   # short prompt, decode busy: remote ...
+    (100, 4, 1024, False),   # ... while the prefill queue is within its limit
+    (100, 4, 1025, True),    # both busy: stay local rather than queue
+])
+def test_decision(tokens, inflight, queued, local):
+    assert prefill_locally(CONFIG, tokens, inflight, queued) is local
+
+
+def test_limits_off():
+    never_local = RouterConfig(local_prefill_threshold=0)
+    assert not prefill_locally(never_local, 1, 0)
+    no_queue_limit = RouterConfig(local_prefill_threshold=256, local_prefill_max_inflight=0,
+                                  remote_prefill_max_queue_tokens=0)
+    assert not prefill_locally(no_queue_limit, 10, 0, 10**6)
+
+
+def test_negative_limits_rejected():
+    with pytest.raises(ValueError, match="remote_prefill_max_queue_tokens"):
+        RouterConfig(remote_prefill_max_queue_tokens=-1)
