@@ -38,6 +38,20 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] (padding points at block 0)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool: True where real
 
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """The same metadata with every tensor on `device` (itself when that is where they are)."""
+        if self.slot_mapping.device == device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+        return AttentionMetadata(
+            slot_mapping=move(self.slot_mapping),
+            prefills=[PrefillSegment(p.q_start, p.q_len, move(p.block_table), p.ctx_len, move(p.mask))
+                      for p in self.prefills],
+            decode_rows=move(self.decode_rows), decode_block_tables=move(self.decode_block_tables),
+            decode_mask=move(self.decode_mask))
+
 
 LayerCallback = Callable[[int], None]
 
@@ -62,7 +76,8 @@ class Transformer:
         self.w = weights
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), config.inv_freq())
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.device = weights.embed.device
+        self.cos, self.sin = emb.cos().to(self.device), emb.sin().to(self.device)
         c = config
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
 

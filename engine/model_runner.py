@@ -69,8 +69,11 @@ class ModelRunner:
                 ) -> tuple[torch.Tensor | None, list[int]]:
         """Runs one step. Returns (logits [num_sampling, vocab] or None, sample_rows)."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_cache, on_layer_done)
+        device = self.model.device  # inputs are built on the CPU; no-ops there
+        hidden = self.model.forward(input_ids.to(device), positions.to(device), meta.to(device), self.kv_cache,
+                                    on_layer_done)
         rows = [r for r in sample_rows if r >= 0]
         if not rows:
             return None, sample_rows
-        return self.model.logits(hidden[torch.tensor(rows)]), sample_rows
+        # sampling runs on the CPU (per-request seeded CPU generators): [rows, vocab] float32 comes back
+        return self.model.logits(hidden[torch.tensor(rows, device=device)]).cpu(), sample_rows
