@@ -28,7 +28,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self.sender = sender
         self.store_prefix = store_prefix
         self.num_prefills = 0
-        self._background: set[asyncio.Task] = set()  # transfers finishing after the response
+        self._finishing: dict[str, asyncio.Task] = {}  # request id -> its transfer finishing after the response
 
     @map_errors
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
@@ -49,6 +49,13 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         # Only the first token is sampled here; decode continues with the full parameters.
         params = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1, min_tokens=0)
         t0 = time.monotonic()
+        stale = self._finishing.get(req_id)
+        if stale is not None:
+            # A retry reuses the request id only after the router gave up on the earlier attempt (its
+            # decode worker died, so that transfer can only fail): stop it and free its blocks first.
+            logger.info("[%s] retry while the previous attempt's transfer is still finishing: cancelling it", req_id)
+            stale.cancel()
+            await asyncio.gather(stale, return_exceptions=True)
         plan = self.sender.add(req_id, dest, len(prompt))
         first = None
         handed_off = False
@@ -71,8 +78,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             # Answer now; the last pushes drain in the background. Decode admits the request only
             # once every byte has landed, so the first token need not wait for the transfer tail.
             task = asyncio.create_task(self._finish_transfer(req_id, plan, t0))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._finishing[req_id] = task
+            task.add_done_callback(lambda t: self._finishing.pop(req_id, None) if self._finishing.get(req_id) is t
+                                   else None)
             handed_off = True
         finally:
             if prefix is not None:

@@ -199,3 +199,38 @@ async def test_no_request_outlives_its_deadline_while_a_decode_worker_dies(clust
 
 async def _any_streaming(client: Client) -> bool:
     return any(w.role == pb.DECODE and w.stats.num_running > 0 for w in await client.workers())
+
+
+async def test_prefill_retry_while_the_old_transfer_still_drains(cluster):
+    """A retry reaches the same prefill worker with the same request id while the first attempt's KV
+    push (to a decode worker that died: here a listener that never answers) is still draining. The
+    retry must be served (the stale attempt is cancelled and its blocks freed), not refused with
+    "request id already in use"; in the end every block is free again."""
+    import socket
+
+    await _full_strength(cluster)
+    prefill = next(p for p in cluster.procs if p.name.startswith("prefill-"))
+    decode = next(p for p in cluster.procs if p.name.startswith("decode-"))
+    prompt = _prompt(40, seed=77)
+    req_id = "stale-transfer-retry"
+    silent = socket.socket()  # accepts TCP connections (backlog) and never speaks UCX: pushes hang
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        async with rpc.channel(decode.address) as dch, rpc.channel(prefill.address) as pch:
+            dstub, pstub = pb_grpc.DecodeWorkerStub(dch), pb_grpc.PrefillWorkerStub(pch)
+            desc = await dstub.Reserve(pb.ReserveRequest(request_id=req_id, num_prompt_tokens=len(prompt),
+                                                         max_tokens=4, timeout_s=30), timeout=10)
+            desc.transfer_address = f"127.0.0.1:{silent.getsockname()[1]}"
+            request = pb.PrefillRequest(request_id=req_id, prompt_token_ids=prompt, destination=desc,
+                                        sampling=pb.SamplingOptions(temperature=0.0, max_tokens=4))
+            first = await pstub.Prefill(request, timeout=30)
+            second = await pstub.Prefill(request, timeout=30)  # the first push cannot have finished
+            assert second.first_token_id == first.first_token_id
+            await dstub.Release(pb.ReleaseRequest(request_id=req_id), timeout=10)
+    finally:
+        silent.close()
+    async with Client(cluster.router_address) as client:
+        from integration_helpers import all_blocks_free
+
+        await wait_until(lambda: all_blocks_free(client), timeout_s=40, what="every block free")
