@@ -42,7 +42,8 @@ from pathlib import Path
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
-from pdserve.cluster import Cluster, ClusterSpec  # noqa: E402
+from bench_docs import replace_section  # noqa: E402
+from pdserve.cluster import Cluster, ClusterSpec, start_cluster  # noqa: E402
 from pdserve.engine.builtin_model import ensure_builtin_model  # noqa: E402
 from pdserve.loadtest import BenchConfig, run_benchmark  # noqa: E402
 from pdserve.loadtest.metrics import SLO, latency_values  # noqa: E402
@@ -61,21 +62,6 @@ def cluster_spec(name: str, model: str, worker_args: list[str], router_args: lis
     return ClusterSpec(model=model, num_prefill=1 if disagg else 0, num_decode=1 if disagg else 0,
                        num_colocated=0 if disagg else 2, router_args=router_args, worker_args=worker_args,
                        log_level="warning")
-
-
-def start_cluster(spec: ClusterSpec, attempts: int = 3) -> Cluster:
-    """A started cluster; retried because a port picked by `free_port` can be taken by another
-    process (other test runs on this machine) before the worker binds it."""
-    for attempt in range(1, attempts + 1):
-        cluster = Cluster(spec)
-        try:
-            cluster.start(timeout_s=120)  # stops its own processes when it fails
-            return cluster
-        except (RuntimeError, TimeoutError) as exc:
-            if attempt == attempts:
-                raise
-            print(f"  cluster start failed (attempt {attempt}): {str(exc).splitlines()[0]}", file=sys.stderr)
-    raise AssertionError("unreachable")
 
 
 def cpu_seconds(cluster: Cluster) -> dict[str, float]:
@@ -236,25 +222,6 @@ def plot(rows: list[dict], slos: dict[str, dict], img_dir: Path) -> list[Path]:
     return paths
 
 
-def replace_section(path: Path, heading: str, body: str, keep: str = ANALYSIS) -> None:
-    """Rewrite the `heading` section (up to the next `## ` heading) of a markdown file, or append it.
-    A hand-written `keep` subsection already in it (up to its next `### `) is carried over."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
-    section = f"{heading}\n\n{body.strip()}\n"
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(heading))
-        old = text[start:nxt if nxt >= 0 else len(text)]
-        if (k := old.find(keep + "\n")) >= 0:
-            end = old.find("\n### ", k + len(keep))
-            section += "\n" + old[k:end if end >= 0 else len(old)].strip() + "\n"
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ---- main -------------------------------------------------------------------------------------
 async def calibrate(cluster: Cluster, workload: str, args: argparse.Namespace, log: list[str]) -> dict:
     config = base_config(workload, cluster, args)
@@ -318,7 +285,7 @@ def main() -> None:
         # Both deployments stay up, so each rate runs them back to back under the same outside load;
         # the idle one costs a few hundredths of a core (its health polls), measured per run as "idle".
         for deployment in DEPLOYMENTS:
-            clusters[deployment] = start_cluster(cluster_spec(deployment, model, worker_args, router_args))
+            clusters[deployment] = start_cluster(cluster_spec(deployment, model, worker_args, router_args), attempts=3)
             asyncio.run(run_at(clusters[deployment], base_config("random", clusters[deployment], args), math.inf,
                                args.seed + 999, 2, num_prompts=4))  # warm-up
         for workload in args.workloads:  # colocated calibrates the SLO and the rates before any sweep
@@ -427,7 +394,7 @@ has landed. `gaps` is the median of the later inter-token gaps, which is pure de
 ![goodput vs rate]({rel[0]})
 ![TPOT CDFs]({rel[1]})
 """
-    replace_section(doc, SECTION, body)
+    replace_section(doc, SECTION, body, keep=ANALYSIS)
     print(f"wrote section {SECTION!r} of {doc}")
 
 

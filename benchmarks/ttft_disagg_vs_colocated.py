@@ -39,7 +39,8 @@ from pathlib import Path
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 from pdserve.client import Client  # noqa: E402
-from pdserve.cluster import Cluster, ClusterSpec  # noqa: E402
+from bench_docs import replace_section  # noqa: E402
+from pdserve.cluster import Cluster, ClusterSpec, start_cluster  # noqa: E402
 from pdserve.engine.builtin_model import ensure_builtin_model  # noqa: E402
 
 SECTION = "## TTFT: disaggregated vs colocated"
@@ -60,21 +61,6 @@ def cluster_spec(name: str, model: str, worker_args: list[str], push: str = "chu
         prefill_args=["--kv-push", "request" if name == "disagg-no-overlap" else push],
         log_level="warning",
     )
-
-
-def start_cluster(spec: ClusterSpec, attempts: int = 3) -> Cluster:
-    """A started cluster; retried because a free port picked by `free_port` can be taken by another
-    process (other test runs on this machine) before the worker binds it."""
-    for attempt in range(1, attempts + 1):
-        cluster = Cluster(spec)
-        try:
-            cluster.start(timeout_s=120)  # stops its processes itself when it fails
-            return cluster
-        except (RuntimeError, TimeoutError) as exc:
-            if attempt == attempts:
-                raise
-            print(f"  cluster start failed (attempt {attempt}): {str(exc).splitlines()[0]}", file=sys.stderr)
-    raise AssertionError("unreachable")
 
 
 def scrape_counter(metrics_url: str, name: str) -> float:
@@ -146,25 +132,6 @@ def format_table(rows: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, heading: str, body: str, keep: str = FINDINGS) -> None:
-    """Rewrite the `heading` section (up to the next `## ` heading) of a markdown file, or append it.
-    A hand-written `keep` subsection already in it (up to its next `### `) is carried over."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
-    section = f"{heading}\n\n{body.strip()}\n"
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(heading))
-        old = text[start:nxt if nxt >= 0 else len(text)]
-        if (k := old.find(keep + "\n")) >= 0:
-            end = old.find("\n### ", k + len(keep))
-            section += "\n" + old[k:end if end >= 0 else len(old)].strip() + "\n"
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048], help="prompt lengths (tokens)")
@@ -200,7 +167,8 @@ def main() -> None:
         for name in CONFIG_NAMES[shift:] + CONFIG_NAMES[:shift]:
             if time.monotonic() > deadline:
                 break
-            cluster = start_cluster(cluster_spec(name, str(model), shlex.split(args.worker_args), args.push))
+            cluster = start_cluster(cluster_spec(name, str(model), shlex.split(args.worker_args), args.push),
+                                    attempts=3)
             try:
                 t = time.monotonic()
                 got = asyncio.run(measure(cluster, args.lengths, args.reps, args.warmup, args.max_tokens,
@@ -273,7 +241,7 @@ overlap, the whole prompt's KV is still to move. TT2T for colocated is TTFT plus
 step. The KV per request is whole 16-token blocks x 4 layers x (K, V) x 2 KV heads x 64 dims x
 4 bytes (float32) = 4096 bytes per token for the tiny model.
 """
-    replace_section(Path(args.doc), SECTION, body)
+    replace_section(Path(args.doc), SECTION, body, keep=FINDINGS)
     print(f"wrote section {SECTION!r} of {args.doc}")
 
 

@@ -54,12 +54,13 @@ class MasterCollector:
                                  labels=NODE_LABELS)
         values = GaugeMetricFamily("pdserve:store_node_values", "Committed values on a live node.",
                                    labels=NODE_LABELS)
-        for info, num_used, num_slots, num_values in s.node_infos():
+        nodes = s.node_infos()
+        for info, num_used, num_slots, num_values in nodes:
             slots.add_metric([info.node_id], num_slots)
             used.add_metric([info.node_id], num_used)
             values.add_metric([info.node_id], num_values)
         yield from (slots, used, values)
-        yield GaugeMetricFamily("pdserve:store_live_nodes", "Nodes alive now.", value=len(s.node_infos()))
+        yield GaugeMetricFamily("pdserve:store_live_nodes", "Nodes alive now.", value=len(nodes))
 
 
 class NodeCollector:

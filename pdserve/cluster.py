@@ -135,29 +135,30 @@ class Cluster:
         s = self.spec
         port = free_port(s.host)
         self.store_address = f"{s.host}:{port}"
-        metrics = self._metrics_flags()
+        metrics_flags, metrics_url = self._metrics_endpoint()
         proc = self._spawn("kvstore-master", self._cmd("kvstore-master", "--host", s.host, "--port", str(port),
-                                                       *metrics), self.store_address)
-        proc.metrics_url = self._metrics_url(metrics)
+                                                       *metrics_flags), self.store_address)
+        proc.metrics_url = metrics_url
         for i in range(s.num_store_nodes):
             self.start_store_node(i)
 
     def start_store_node(self, index: int) -> Proc:
         s = self.spec
         port = free_port(s.host)
-        metrics = self._metrics_flags()
+        metrics_flags, metrics_url = self._metrics_endpoint()
         proc = self._spawn(f"kvstore-node-{index}", self._cmd(
             "kvstore-node", "--host", s.host, "--port", str(port), "--master", self.store_address,
-            "--node-id", f"node-{index}", *metrics, *s.store_args), f"{s.host}:{port}")
-        proc.metrics_url = self._metrics_url(metrics)
+            "--node-id", f"node-{index}", *metrics_flags, *s.store_args), f"{s.host}:{port}")
+        proc.metrics_url = metrics_url
         return proc
 
-    def _metrics_flags(self) -> list[str]:
-        """`--metrics-port P` on a free port when the spec asks for per-process metrics, else nothing."""
-        return ["--metrics-port", str(free_port(self.spec.host))] if self.spec.worker_metrics else []
-
-    def _metrics_url(self, metrics_flags: list[str]) -> str:
-        return f"http://{self.spec.host}:{metrics_flags[1]}/metrics" if metrics_flags else ""
+    def _metrics_endpoint(self) -> tuple[list[str], str]:
+        """(`--metrics-port P` on a free port, its /metrics URL) when the spec asks for per-process
+        metrics, else ([], "")."""
+        if not self.spec.worker_metrics:
+            return [], ""
+        port = free_port(self.spec.host)
+        return ["--metrics-port", str(port)], f"http://{self.spec.host}:{port}/metrics"
 
     def _store_flags(self) -> list[str]:
         return ["--kvstore-master", self.store_address] if self.store_address else []
@@ -167,12 +168,12 @@ class Cluster:
         port = free_port(s.host)
         extra = {"prefill": s.prefill_args, "decode": s.decode_args, "worker": s.decode_args}[role]
         model = ["--model", s.model] if s.model else []
-        metrics = self._metrics_flags()
+        metrics_flags, metrics_url = self._metrics_endpoint()
         argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address,
-                         *metrics, *model, *self._store_flags(), *s.worker_args, *extra)
+                         *metrics_flags, *model, *self._store_flags(), *s.worker_args, *extra)
         name = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}[role]
         proc = self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
-        proc.metrics_url = self._metrics_url(metrics)
+        proc.metrics_url = metrics_url
         return proc
 
     def start(self, timeout_s: float = 120.0) -> str:
@@ -268,3 +269,20 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_cluster(spec: ClusterSpec, timeout_s: float = 120.0, attempts: int = 1) -> Cluster:
+    """A started cluster. With `attempts` > 1 a failed start is retried with a fresh Cluster (fresh
+    ports): a port picked by `free_port` can be taken by another process before the worker binds it.
+    Each failed attempt has already stopped its own processes."""
+    for attempt in range(1, attempts + 1):
+        cluster = Cluster(spec)
+        try:
+            cluster.start(timeout_s=timeout_s)
+            return cluster
+        except (RuntimeError, TimeoutError) as exc:
+            if attempt == attempts:
+                raise
+            logger.warning("cluster start failed (attempt %d of %d): %s", attempt, attempts,
+                           str(exc).splitlines()[0])
+    raise AssertionError("unreachable")

@@ -7,12 +7,11 @@ import time
 
 
 from pdserve.cluster import Cluster, ClusterSpec
+from pdserve.cluster import start_cluster as _start_cluster
 
 
 def start_cluster(spec: ClusterSpec, timeout_s: float = 180.0) -> Cluster:
-    cluster = Cluster(spec)
-    cluster.start(timeout_s=timeout_s)
-    return cluster
+    return _start_cluster(spec, timeout_s=timeout_s)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
