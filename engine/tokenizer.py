@@ -178,9 +178,9 @@ class IncrementalDetokenizer:
     """Turns a stream of generated token ids into text deltas for one sequence.
 
     Decodes a short window `ids[prefix_offset:]` and emits what it adds over `ids[prefix_offset:
-    read_offset]`; a window whose text ends in U+FFFD (a multi-byte character split across
-    byte-level tokens) is held back until a later token completes it. So deltas never carry a
-    broken character, and all deltas plus `flush()` equal `decode(ids)`, cut before the first stop
+    read_offset]`; when the window's text ends in U+FFFD (a multi-byte character split across
+    byte-level tokens), the text before it is emitted at once and only that tail is held back
+    until a later token completes it. So deltas never carry a broken character, and all deltas plus `flush()` equal `decode(ids)`, cut before the first stop
     string when one occurs. A trailing partial stop string is held back until it either completes
     (then it is dropped) or cannot (then it is emitted).
     """
@@ -205,6 +205,7 @@ class IncrementalDetokenizer:
         self._window_ids: list[int] = context
         self._read_offset = len(context)
         self._text = ""  # decoded text of every generated token up to read_offset
+        self._pending = ""  # complete text of the tokens after read_offset, before their cut tail
         self._num_emitted_chars = 0
         self.num_tokens = 0
         self.stop_string: str | None = None  # the stop string that ended the sequence, if any
@@ -216,7 +217,7 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """All text emitted so far."""
-        return self._text[: self._num_emitted_chars]
+        return (self._text + self._pending)[: self._num_emitted_chars]
 
     def feed(self, token_ids: int | Iterable[int]) -> str:
         """Adds generated token(s); returns the text they make newly safe to show (maybe '')."""
@@ -242,28 +243,34 @@ class IncrementalDetokenizer:
         decode = self._tokenizer.decode
         prefix_text = decode(self._window_ids[: self._read_offset], self._skip_special_tokens)
         new_text = decode(self._window_ids, self._skip_special_tokens)
-        if len(new_text) <= len(prefix_text) or (new_text.endswith(_REPLACEMENT_CHAR) and not final):
+        if len(new_text) <= len(prefix_text):
+            return
+        if new_text.endswith(_REPLACEMENT_CHAR) and not final:
+            # Bytes before a cut character never change when later bytes arrive: show them now.
+            self._pending = new_text[len(prefix_text):].rstrip(_REPLACEMENT_CHAR)
             return
         self._text += new_text[len(prefix_text):]
+        self._pending = ""
         self._window_ids = self._window_ids[self._read_offset:]
         self._read_offset = len(self._window_ids)
 
     def _emit(self, final: bool) -> str:
+        text = self._text + self._pending
         if self._stop_strings:
             # a stop string can only begin where it could not have been seen on an earlier call
             start = max(0, self._num_emitted_chars - self._max_stop_len + 1)
-            stop_at = find_stop(self._text, self._stop_strings, start)
+            stop_at = find_stop(text, self._stop_strings, start)
             if stop_at is not None:
                 self.stop_string = min(
-                    (s for s in self._stop_strings if self._text.startswith(s, stop_at)), key=len)
-                self._text = self._text[:stop_at]
+                    (s for s in self._stop_strings if text.startswith(s, stop_at)), key=len)
+                self._text, self._pending = text[:stop_at], ""
                 end = stop_at
             elif final:
-                end = len(self._text)
+                end = len(text)
             else:
-                end = len(self._text) - partial_stop_len(self._text, self._stop_strings)
+                end = len(text) - partial_stop_len(text, self._stop_strings)
         else:
-            end = len(self._text)
-        delta = self._text[self._num_emitted_chars:end]
+            end = len(text)
+        delta = text[self._num_emitted_chars:end]
         self._num_emitted_chars = max(self._num_emitted_chars, end)
         return delta

@@ -103,8 +103,9 @@ class Client:
     async def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
         return await self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s, metadata=self._metadata)
 
-    async def workers(self, timeout_s: float = 5.0) -> list[pb.WorkerInfo]:
-        return list((await self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=timeout_s,
+    async def workers(self, timeout_s: float = 5.0, refresh: bool = False) -> list[pb.WorkerInfo]:
+        """The router's workers; `refresh` makes it poll them first, so their stats are current."""
+        return list((await self._stub.ListWorkers(pb.ListWorkersRequest(refresh=refresh), timeout=timeout_s,
                                                   metadata=self._metadata)).workers)
 
 

@@ -40,17 +40,29 @@ async def stream_generations(address: str) -> list[dict]:
             print()
             rows.append({"prompt_tokens": last.usage.prompt_tokens if last else 0, "tokens": n,
                          "ttft_ms": 1e3 * (ttft or 0), "tok_s": n / elapsed, "route": route})
-        workers = await client.workers()
+        workers = await client.workers(refresh=True)  # fresh stats, not the router's last poll
     print("\n\033[1msummary\033[0m")
     print(f"{'prompt tok':>10} {'out tok':>8} {'TTFT ms':>8} {'tok/s':>7}  prefill -> decode")
     for r in rows:
         print(f"{r['prompt_tokens']:>10} {r['tokens']:>8} {r['ttft_ms']:>8.1f} {r['tok_s']:>7.1f}  "
               f"{r['route'][0]} -> {r['route'][1]}")
+    print_worker_stats(workers)
+    return rows
+
+
+def print_worker_stats(workers: list) -> None:
+    """One line per worker: KV bytes moved, where prompts were prefilled, prefix-cache and store hits."""
+    from pdserve.proto import pdserve_pb2 as pb
+
     for w in workers:
         s = w.stats
-        print(f"  {w.worker_id:<28} KV sent {s.kv_bytes_sent / 2**20:7.2f} MiB  received "
-              f"{s.kv_bytes_received / 2**20:7.2f} MiB  free blocks {s.num_free_kv_blocks}/{s.num_kv_blocks}")
-    return rows
+        role = pb.WorkerRole.Name(w.role).lower()
+        hits = f"{s.prefix_cache_hits}/{s.prefix_cache_queries}" if s.prefix_cache_queries else "0/0"
+        prefills = (f"prefilled {s.num_prompt_tokens_computed} prompt tok" if w.role == pb.PREFILL else
+                    f"prefills local {s.num_local_prefills} remote {s.num_remote_prefills}")
+        print(f"  {w.worker_id:<24} {role:<9} KV sent {s.kv_bytes_sent / 2**20:6.2f} MiB  received "
+              f"{s.kv_bytes_received / 2**20:6.2f} MiB  {prefills}  prefix-cache hits {hits} blocks  "
+              f"store hits {s.store_hit_tokens} tok")
 
 
 def run_bench(address: str) -> int:

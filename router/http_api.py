@@ -204,7 +204,9 @@ class HttpApi:
         ev: Event | None = first
         try:
             while ev is not None:
-                if ev.text or ev.finish_reason or (req.logprobs and ev.token_ids):
+                # a chunk per generated token, its text empty while a cut character is held back
+                # (as vLLM does): clients see progress and TTFT even when the bytes are incomplete
+                if ev.text or ev.finish_reason or ev.token_ids:
                     lp = self._logprobs(out, ev) if req.logprobs and ev.token_ids else None
                     await resp.write(_sse(out.chunk(ev.text, lp, ev.finish_reason or None,
                                                     with_usage_field=usage_field)))
@@ -222,6 +224,9 @@ class HttpApi:
         await resp.write_eof()
 
     async def models(self, request: web.Request) -> web.Response:
+        reason = self.registry.unready_reason()
+        if reason:  # a client that waits for /v1/models may send at once: only list the model once it is served
+            return _json_error(503, f"not ready: {reason}", code="unavailable")
         m = self.dispatcher.meta
         return web.json_response({"object": "list", "data": [
             {"id": m.name, "object": "model", "created": self.started_at, "owned_by": "pdserve",
@@ -229,10 +234,10 @@ class HttpApi:
 
     # ---- operations ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        reason = self.registry.unready_reason()
+        if reason:
+            return web.json_response({"status": "unavailable", "reason": reason}, status=503)
         workers = self.registry.healthy(pb.DECODE, pb.COLOCATED)
-        if not workers:
-            return web.json_response({"status": "unavailable", "reason": "no healthy decode or colocated worker"},
-                                     status=503)
         return web.json_response({"status": "ok", "num_decode_workers": len(workers),
                                   "num_prefill_workers": len(self.registry.healthy(pb.PREFILL))})
 

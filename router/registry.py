@@ -138,6 +138,11 @@ class WorkerRegistry:
     def healthy(self, *roles: int) -> list[Worker]:
         return [w for w in self.workers.values() if w.healthy and w.role in roles]
 
+    def unready_reason(self) -> str:
+        """'' when the router can serve a request (a decode or colocated worker is healthy), else why
+        not. /health, /v1/models and GetModelInfo all answer from this, as vLLM's are up only with the engine."""
+        return "" if self.healthy(pb.DECODE, pb.COLOCATED) else "no healthy decode or colocated worker"
+
     def pick_decode(self, exclude: set[str] = frozenset()) -> Worker:
         """The least loaded healthy decode or colocated worker."""
         candidates = [w for w in self.healthy(pb.DECODE, pb.COLOCATED) if w.address not in exclude]

@@ -9,7 +9,7 @@ import uuid
 import grpc
 
 from pdserve.convert import sampling_from_proto
-from pdserve.errors import DeadlineExceeded, InvalidRequest
+from pdserve.errors import DeadlineExceeded, InvalidRequest, PeerUnavailable
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.auth import ApiKeyAuth, Unauthenticated, grpc_peer_host, metadata_value
@@ -76,6 +76,9 @@ class RouterServicer(pb_grpc.RouterServicer):
     @map_errors
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         await self._authenticate(context)
+        reason = self.registry.unready_reason()
+        if reason:
+            raise PeerUnavailable(f"not ready: {reason}")
         m = self.dispatcher.meta
         return pb.ModelInfo(name=m.name, max_model_len=m.max_model_len, vocab_size=m.vocab_size,
                             block_size=m.block_size, fingerprint=m.fingerprint, eos_token_id=m.eos_token_id)
@@ -84,6 +87,8 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def ListWorkers(self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ListWorkersResponse:
         await self._authenticate(context)
+        if request.refresh:
+            await self.registry.poll_all()  # each poll is bounded by its own timeout
         return pb.ListWorkersResponse(workers=[
             pb.WorkerInfo(worker_id=w.worker_id or w.address, role=w.role, address=w.address,
                           transfer_address=w.transfer_address, model_fingerprint=w.fingerprint, healthy=w.healthy,

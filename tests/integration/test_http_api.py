@@ -294,6 +294,97 @@ async def test_no_workers_is_503():
         await app.stop()
 
 
+async def test_models_and_model_info_answer_only_once_a_worker_serves(cluster):
+    """/v1/models and GetModelInfo are readiness probes, like /health: 503 / UNAVAILABLE while no
+    decode-capable worker is healthy (a script that waits for them can send at once), 200 after."""
+    import grpc
+
+    from pdserve.cluster import free_port
+    from pdserve.router.config import RouterConfig
+    from pdserve.router.server import RouterApp
+
+    worker = next(p for p in cluster.procs if p.name.startswith("colocated-"))
+    app = RouterApp(RouterConfig(model=cluster.spec.model, port=0, http_port=0, health_interval_s=0.2,
+                                 colocated_workers=f"127.0.0.1:{free_port()}"))  # nothing listens there
+    await app.start()
+    try:
+        url = f"http://{app.http_address}"
+        async with aiohttp.ClientSession() as session:
+            for path in ("/v1/models", "/health"):
+                async with session.get(f"{url}{path}") as resp:
+                    assert resp.status == 503, path
+            async with session.get(f"{url}/v1/models") as resp:
+                assert "no healthy decode or colocated worker" in (await resp.json())["error"]["message"]
+        async with Client(app.address) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.model_info()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in info.value.details()
+    finally:
+        await app.stop()
+
+    app = RouterApp(RouterConfig(model=cluster.spec.model, port=0, http_port=0, health_interval_s=0.2,
+                                 colocated_workers=worker.address))
+    await app.start()
+    try:
+        url = f"http://{app.http_address}"
+        deadline = time.monotonic() + POLL_TIMEOUT_S
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(f"{url}/v1/models") as resp:
+                    if resp.status == 200:
+                        assert (await resp.json())["data"][0]["id"]
+                        break
+                    assert resp.status == 503
+                assert time.monotonic() < deadline, "/v1/models never became ready"
+                await asyncio.sleep(0.1)
+            async with session.get(f"{url}/health") as resp:
+                assert resp.status == 200
+        async with Client(app.address) as client:
+            assert (await client.model_info()).name
+            # the first request after readiness is served, not refused
+            r = await client.complete([5, 6, 7], max_tokens=2, temperature=0.0, ignore_eos=True, timeout_s=30)
+            assert len(r.token_ids) == 2
+    finally:
+        await app.stop()
+
+
+# ---- streaming: a chunk per token, only a cut character held back ------------------------------
+
+async def test_stream_sends_a_chunk_per_token_holding_back_only_a_cut_character(cluster):
+    """Sampled output of the tiny byte-level model often cuts a character between tokens. Over the
+    real HTTP API, each token still gets its own SSE chunk at once; after chunk k the client has all
+    of decode(tokens[:k]) but its cut tail, and the held-back bytes arrive with the token completing them."""
+    from pdserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(cluster.spec.model)
+    prompt = "def fibonacci(n):"
+    async with Client(cluster.router_address) as client:
+        for seed in range(40):  # the same seed gives the same tokens through either front end
+            r = await client.complete(prompt, max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True,
+                                      timeout_s=30)
+            ids = list(r.token_ids)
+            if any(tok.decode(ids[:k]).endswith("\ufffd") for k in range(1, len(ids))):
+                break
+        else:
+            pytest.fail("no seed in 0..39 made a stream that cuts a character: the test would mean nothing")
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": seed, "ignore_eos": True,
+            "stream": True}
+    texts, finish = [], []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{cluster.http_url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    texts.append(choice["text"])
+                    finish.append(choice["finish_reason"])
+    assert len(texts) == len(ids) == 12, texts  # one chunk per token, none saved for the end
+    assert finish[:-1] == [None] * 11 and finish[-1] == "length"
+    for k in range(1, len(ids)):
+        assert "".join(texts[:k]) == tok.decode(ids[:k]).rstrip("\ufffd"), (k, texts)
+    assert "".join(texts) == r.text == tok.decode(ids)
+
+
 # ---- disaggregated (prefill + decode over UCX) ------------------------------------------------
 
 @pytest.fixture(scope="module")

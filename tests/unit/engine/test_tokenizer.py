@@ -160,6 +160,21 @@ def test_multibyte_characters_split_across_tokens(tok):
         assert "".join(deltas) == text == detok.text
 
 
+def test_only_the_cut_tail_is_held_back(tok):
+    """After every token, everything before a cut character has been shown: a stream of byte
+    fragments still shows progress (and a token such as 'h' + half of 'é' shows its 'h' at once)."""
+    rng = random.Random(1)
+    texts = ["héllo wörld 日本語 😀 emoji " * 3]
+    soups = [[rng.randrange(tok.vocab_size) for _ in range(60)] for _ in range(20)]
+    for ids in [tok.encode(t, add_special_tokens=False) for t in texts] + soups:
+        detok = IncrementalDetokenizer(tok, skip_special_tokens=False)
+        shown = ""
+        for k, token_id in enumerate(ids, start=1):
+            shown += detok.feed(token_id)
+            assert shown == tok.decode(ids[:k], skip_special_tokens=False).rstrip("\ufffd"), (ids, k)
+        assert shown + detok.flush() == tok.decode(ids, skip_special_tokens=False)
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_deltas_concatenate_to_decode(tok, text):
     ids = tok.encode(text)

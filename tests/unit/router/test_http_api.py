@@ -65,7 +65,8 @@ async def serve():
 
     async def start(mode: str) -> tuple[str, FakeDispatcher]:
         dispatcher = FakeDispatcher(mode)
-        registry = SimpleNamespace(healthy=lambda *roles: [])
+        registry = SimpleNamespace(healthy=lambda *roles: [],
+                                   unready_reason=lambda: "no healthy decode or colocated worker")
         api = HttpApi(dispatcher, registry, RouterMetrics("m"))  # type: ignore[arg-type]
         await api.start("127.0.0.1", 0)
         apis.append(api)
@@ -90,8 +91,9 @@ async def test_no_worker_is_503(serve):
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}) as r:
             assert r.status == 503 and "no healthy" in (await r.json())["error"]["message"]
-        async with s.get(f"{url}/health") as r:
-            assert r.status == 503
+        for path in ("/health", "/v1/models"):
+            async with s.get(f"{url}{path}") as r:
+                assert r.status == 503
 
 
 async def test_failure_mid_stream_is_an_error_chunk(serve):
