@@ -139,6 +139,8 @@ class OpenAIHTTPBackend(Backend):
                     if usage := chunk.get("usage"):
                         result.usage_prompt_tokens = usage.get("prompt_tokens")
                         result.usage_completion_tokens = usage.get("completion_tokens")
+                        details = usage.get("prompt_tokens_details") or {}
+                        result.usage_cached_tokens = details.get("cached_tokens")
                     for choice in chunk.get("choices") or ():
                         if text := self._delta_text(choice):
                             result.chunk_times.append(time.perf_counter())
@@ -236,6 +238,7 @@ class PdserveGrpcBackend(Backend):
                 if msg.finish_reason:
                     result.usage_prompt_tokens = msg.usage.prompt_tokens
                     result.usage_completion_tokens = msg.usage.completion_tokens
+                    result.usage_cached_tokens = msg.usage.cached_tokens
             result.success = True
         except grpc.aio.AioRpcError as exc:
             result.error_kind = f"grpc_{exc.code().name.lower()}"

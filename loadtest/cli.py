@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("trace_start_s", "mooncake: skip trace requests before this trace second", type=float)
     add("trace_end_s", "mooncake: stop at this trace second", type=float)
     add("trace_block_size", "mooncake: tokens per hash id in the trace", type=int)
+    add("ideal_lru_blocks", "mooncake: besides the unbounded ideal prefix-hit ratio, report the ideal of an "
+        "LRU cache of this many blocks (scaled block size; e.g. the prefill worker's KV blocks)", type=int)
 
     tokens = parser.add_argument_group("prompts and sampling")
     add = _adder(tokens)

@@ -51,6 +51,7 @@ class BenchConfig:
     trace_start_s: float = 0.0  # replay only trace requests in [start, end) seconds of trace time
     trace_end_s: float | None = None
     trace_block_size: int = 512  # tokens per hash id in the trace file
+    ideal_lru_blocks: int | None = None  # mooncake: also report the ideal hit ratio of an LRU cache this big
     # prompts and tokens
     prompt_format: str = "auto"  # tokens: `prompt` as a list of ids; text: decoded; auto: tokens if the backend takes them
     tokenizer: str | None = None  # a Hugging Face directory with tokenizer.json
@@ -98,6 +99,10 @@ class BenchConfig:
                              f"got {self.trace_block_size} * {self.length_scale} = {scaled_block}")
         if self.max_output_len is not None:
             _positive("max_output_len", self.max_output_len)
+        if self.ideal_lru_blocks is not None:
+            _positive("ideal_lru_blocks", self.ideal_lru_blocks)
+            if self.dataset != "mooncake":
+                raise ValueError("ideal_lru_blocks needs dataset mooncake (the ideal comes from the trace)")
         if self.trace_start_s < 0 or (self.trace_end_s is not None and self.trace_end_s <= self.trace_start_s):
             raise ValueError(f"need 0 <= trace_start_s < trace_end_s, got {self.trace_start_s}, {self.trace_end_s}")
         if self.vocab_size < 100:

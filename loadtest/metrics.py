@@ -54,6 +54,27 @@ class SLO:
 
 
 @dataclass(slots=True)
+class PrefixHits:
+    """Prompt tokens the server served from a cache (its usage's cached tokens) against the prompt."""
+
+    num_reporting: int  # successful requests whose usage reported cached tokens
+    cached_tokens: int  # summed over those requests
+    prompt_tokens: int
+    hit_ratio: float | None  # cached_tokens / prompt_tokens; None when no request reported
+    # mooncake: the trace's ideal for the same requests and scaling (loadtest.mooncake.ideal_hit_ratio)
+    ideal_unbounded: float | None = None
+    ideal_lru: float | None = None
+    ideal_lru_blocks: int | None = None
+
+
+def prefix_hits(results: list[RequestResult]) -> PrefixHits:
+    reporting = [r for r in results if r.success and r.usage_cached_tokens is not None]
+    cached = sum(r.usage_cached_tokens or 0 for r in reporting)
+    prompt = sum(r.prompt_len for r in reporting)
+    return PrefixHits(len(reporting), cached, prompt, cached / prompt if prompt else None)
+
+
+@dataclass(slots=True)
 class Summary:
     num_requests: int  # planned by the dataset
     num_sent: int
@@ -73,6 +94,7 @@ class Summary:
     slo: dict[str, float | None]
     latency: dict[str, LatencyStats | None]  # "ttft" | "tpot" | "itl" | "e2e"
     errors: dict[str, int] = field(default_factory=dict)  # error_kind -> count
+    prefix_hits: PrefixHits | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +153,7 @@ def summarize(results: list[RequestResult], num_requests: int, duration_s: float
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms},
         latency={name: latency_stats(values[name], percentiles) for name in LATENCY_METRICS},
         errors=dict(Counter(r.error_kind or "unknown" for r in results if not r.success)),
+        prefix_hits=prefix_hits(results),
     )
 
 

@@ -8,6 +8,7 @@ block size are scaled by `length_scale` (512-token blocks become 16-token blocks
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,36 @@ def mooncake_requests(config: BenchConfig, codec: TokenCodec) -> list[BenchReque
             prompt_len = codec.count(prompt) or prompt_len
         requests.append(BenchRequest(
             request_id=f"bench-{i}", prompt=prompt, prompt_len=prompt_len, max_tokens=output_len,
-            arrival_offset_s=(row.timestamp_ms - t0) / 1000 * config.time_scale,
+            arrival_offset_s=(row.timestamp_ms - t0) / 1000 * config.time_scale, hash_ids=row.hash_ids,
         ))
     return requests
+
+
+def ideal_hit_ratio(requests: list[BenchRequest], counted_ids: set[str], block_size: int,
+                    capacity_blocks: int | None = None) -> float | None:
+    """Prompt tokens an ideal prefix cache serves / prompt tokens, over the `counted_ids` requests,
+    replaying all `requests` (those sent) in order: every one of them fills the cache.
+
+    The cache holds whole blocks keyed by trace hash id (LRU at `capacity_blocks`, else unbounded),
+    with the engine's rules: a request looks up its first (prompt_len - 1) // block_size blocks (the
+    last prompt token is always computed), a block hits only while every block before it hit, and
+    then its whole blocks (prompt_len // block_size) are cached. None without counted requests.
+    """
+    cache: OrderedDict[int, None] = OrderedDict()
+    hit_tokens = prompt_tokens = 0
+    for r in requests:
+        assert r.hash_ids is not None, "ideal hit ratios need trace requests"
+        num_hit = 0
+        for h in r.hash_ids[: (r.prompt_len - 1) // block_size]:
+            if h not in cache:
+                break
+            num_hit += 1
+        for h in r.hash_ids[: r.prompt_len // block_size]:
+            cache[h] = None
+            cache.move_to_end(h)
+            if capacity_blocks is not None and len(cache) > capacity_blocks:
+                cache.popitem(last=False)
+        if r.request_id in counted_ids:
+            hit_tokens += num_hit * block_size
+            prompt_tokens += r.prompt_len
+    return hit_tokens / prompt_tokens if prompt_tokens else None

@@ -67,6 +67,17 @@ def format_summary(result: BenchResult) -> str:
         _row("Output token throughput (tok/s):", f"{s.output_throughput:.2f}"),
         _row("Total token throughput (tok/s):", f"{s.total_token_throughput:.2f}"),
     ]
+    if (hits := s.prefix_hits) is not None and (hits.hit_ratio is not None or hits.ideal_unbounded is not None):
+        lines.append(f"{'Prefix cache':-^{WIDTH}}")
+        lines.append(_row("Cached prompt tokens (server usage):",
+                          "n/a" if hits.hit_ratio is None else hits.cached_tokens))
+        lines.append(_row("Prefix-hit ratio:", "n/a" if hits.hit_ratio is None else f"{hits.hit_ratio:.3f}"))
+        if hits.ideal_unbounded is not None:
+            lines.append(_row("Trace ideal, unbounded cache:", f"{hits.ideal_unbounded:.3f}"))
+        if hits.ideal_lru is not None:
+            lines.append(_row(f"Trace ideal, LRU {hits.ideal_lru_blocks} blocks:", f"{hits.ideal_lru:.3f}"))
+        if hits.hit_ratio is not None and hits.ideal_unbounded:
+            lines.append(_row("Measured / unbounded ideal:", f"{hits.hit_ratio / hits.ideal_unbounded:.2f}"))
     for name, (title, short) in _LATENCY_TITLES.items():
         lines.append(f"{title:-^{WIDTH}}")
         stats: LatencyStats | None = s.latency.get(name)

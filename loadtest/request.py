@@ -16,6 +16,7 @@ class BenchRequest:
     prompt_len: int  # tokens the dataset meant to send (re-tokenised text may differ)
     max_tokens: int
     arrival_offset_s: float | None = None  # from a trace; None when arrivals are generated
+    hash_ids: tuple[int, ...] | None = None  # mooncake: the trace's block hash ids, for the ideal hit ratio
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # perf_counter of each streamed chunk with content
     usage_prompt_tokens: int | None = None  # from the server's `usage`, when it sends one
     usage_completion_tokens: int | None = None
+    usage_cached_tokens: int | None = None  # prompt tokens the server took from a cache (usage details)
 
     @property
     def ttft_s(self) -> float | None:

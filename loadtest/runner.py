@@ -22,7 +22,8 @@ from .arrivals import arrival_offsets
 from .backends import BACKENDS, Backend
 from .config import BenchConfig
 from .datasets import build_requests
-from .metrics import CANCELLED, SLO, Summary, summarize, throughput_timeline
+from .metrics import CANCELLED, SLO, PrefixHits, Summary, summarize, throughput_timeline
+from .mooncake import ideal_hit_ratio
 from .request import BenchRequest, RequestResult
 from .tokens import TokenCodec
 
@@ -57,6 +58,7 @@ class BenchResult:
                 "prompt_len": r.prompt_len,
                 "max_tokens": req.max_tokens,
                 "output_len": r.output_len,
+                "cached_tokens": r.usage_cached_tokens,
                 "ttft_ms": _ms(r.ttft_s),
                 "tpot_ms": _ms(r.tpot_s),
                 "e2e_ms": _ms(r.e2e_s),
@@ -100,6 +102,8 @@ async def run_benchmark(config: BenchConfig, backend: Backend | None = None) -> 
         _fill_token_counts(r, config, codec, type(backend).exact_token_counts)
     summary = summarize(results, len(requests), duration_s,
                         SLO(config.slo_ttft_ms, config.slo_tpot_ms, config.slo_e2e_ms), config.percentiles)
+    if config.dataset == "mooncake" and summary.prefix_hits is not None:
+        _fill_ideal_hits(summary.prefix_hits, config, requests, results)
     result = BenchResult(config, backend.model, started_at, t0, requests, offsets, results, summary,
                          throughput_timeline(results, t0, duration_s, _timeline_bin_s(duration_s)))
     await asyncio.to_thread(_write_outputs, result)
@@ -198,6 +202,20 @@ def _fill_token_counts(result: RequestResult, config: BenchConfig, codec: TokenC
         result.output_len = codec.count(result.output_text) or result.output_len
     if config.prompt_format == "text" and not codec.has_tokenizer and result.usage_prompt_tokens:
         result.prompt_len = result.usage_prompt_tokens
+
+
+def _fill_ideal_hits(hits: PrefixHits, config: BenchConfig, requests: list[BenchRequest],
+                     results: list[RequestResult]) -> None:
+    """The trace's ideal hit ratios for the requests sent (in send order), counted over those the
+    measured ratio counts (successful, usage reported; all successful ones if none reported)."""
+    sent = {r.request_id for r in results}
+    counted = {r.request_id for r in results if r.success and (r.usage_cached_tokens is not None
+                                                                 or not hits.num_reporting)}
+    replayed = [r for r in requests if r.request_id in sent]
+    hits.ideal_unbounded = ideal_hit_ratio(replayed, counted, config.scaled_block_size)
+    if config.ideal_lru_blocks is not None:
+        hits.ideal_lru_blocks = config.ideal_lru_blocks
+        hits.ideal_lru = ideal_hit_ratio(replayed, counted, config.scaled_block_size, config.ideal_lru_blocks)
 
 
 def _ms(seconds: float | None) -> float | None:

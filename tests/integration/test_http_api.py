@@ -272,6 +272,31 @@ def test_bench(cluster, backend, tmp_path):
     assert len(result["requests"]) == 10 and result["config"]["backend"] == backend and result["model"]
 
 
+def test_bench_prefix_hits_equal_the_routers_counters(cluster, tmp_path):
+    """A small Mooncake-format replay: bench's cached tokens (from each response's usage) are exactly
+    what the router counted, and with one request at a time the worker's prefix cache reaches the ideal."""
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps({"timestamp": 50 * i, "input_length": 512 * (i % 3 + 1) + 200,
+                                            "output_length": 96, "hash_ids": [9000, *range(9001, 9003 + i % 3)]})
+                                for i in range(8)))
+    before = scrape(f"{cluster.http_url}/metrics")
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdserve", "bench", "--base-url", cluster.http_url, "--dataset", "mooncake",
+         "--trace", str(trace), "--time-scale", "0.1", "--max-concurrency", "1", "--ideal-lru-blocks", "2",
+         "--max-duration-s", "60", "--no-progress", "--result-json", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = scrape(f"{cluster.http_url}/metrics")
+    hits = json.loads(out.read_text())["summary"]["prefix_hits"]
+    assert hits["num_reporting"] == 8
+    counted = total(after, "pdserve:prompt_tokens_cached_total") - total(before, "pdserve:prompt_tokens_cached_total")
+    prompt = total(after, "pdserve:prompt_tokens_total") - total(before, "pdserve:prompt_tokens_total")
+    assert (hits["cached_tokens"], hits["prompt_tokens"]) == (counted, prompt)
+    assert hits["cached_tokens"] > 0 and hits["hit_ratio"] == pytest.approx(hits["ideal_unbounded"])
+    assert "Prefix-hit ratio" in proc.stdout and "Trace ideal, unbounded cache" in proc.stdout
+
+
 # ---- a router with no workers -----------------------------------------------------------------
 
 async def test_no_workers_is_503():

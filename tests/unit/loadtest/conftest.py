@@ -1,7 +1,8 @@
 """Fixtures of the loadtest tests: a word-level tokenizer.json, and a minimal OpenAI-compatible stub server for the harness's own tests (not a pdserve test).
 
 It streams `max_tokens` SSE chunks with a small delay, then a usage chunk and [DONE]; it can
-answer every n-th request with 503. It runs on its own event loop in a thread so that both
+answer every n-th request with 503, and with `cache_block_size` it acts as an unbounded prefix
+cache of whole blocks of token-id prompts and reports `prompt_tokens_details.cached_tokens`. It runs on its own event loop in a thread so that both
 async tests and the synchronous CLI (which calls asyncio.run) can use it.
 """
 
@@ -27,6 +28,18 @@ class StubBehaviour:
     token_delay_s: float = 0.002
     fail_every: int = 0  # every n-th completion request gets HTTP 503 (0: never)
     bodies: list[dict] = field(default_factory=list)  # request bodies received
+    cache_block_size: int = 0  # > 0: report cached tokens as an unbounded cache of blocks this big
+    cached_prefixes: set[tuple[int, ...]] = field(default_factory=set)
+
+
+def cached_tokens(behaviour: StubBehaviour, prompt: list[int]) -> int:
+    """Tokens of the longest cached whole-block prefix (the last token always computed); then cache it."""
+    bs = behaviour.cache_block_size
+    num_hit = 0
+    while num_hit < (len(prompt) - 1) // bs and tuple(prompt[: (num_hit + 1) * bs]) in behaviour.cached_prefixes:
+        num_hit += 1
+    behaviour.cached_prefixes.update(tuple(prompt[: k * bs]) for k in range(1, len(prompt) // bs + 1))
+    return num_hit * bs
 
 
 def make_app(behaviour: StubBehaviour) -> web.Application:
@@ -58,7 +71,10 @@ def make_app(behaviour: StubBehaviour) -> web.Application:
             await asyncio.sleep(behaviour.token_delay_s)
             choice = {"index": 0, "delta": {"content": f"t{i} "}} if chat else {"index": 0, "text": f"t{i} "}
             await send({"choices": [choice]})
-        await send({"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": num_tokens}})
+        usage: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": num_tokens}
+        if behaviour.cache_block_size and not chat and isinstance(body["prompt"], list):
+            usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens(behaviour, body["prompt"])}
+        await send({"choices": [], "usage": usage})
         await resp.write(b"data: [DONE]\n\n")
         return resp
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from pdserve.loadtest.config import DEFAULT_TRACE_PATH, BenchConfig
-from pdserve.loadtest.mooncake import block_token_ids, load_trace, mooncake_requests, scaled_lengths
+from pdserve.loadtest.mooncake import (block_token_ids, ideal_hit_ratio, load_trace, mooncake_requests,
+                                      scaled_lengths)
 from pdserve.loadtest.tokens import TokenCodec
 
 ROWS = [
@@ -75,6 +77,22 @@ def test_window_and_first_n(trace_path: str) -> None:
     assert [r.arrival_offset_s for r in window] == [0.0, 1.5]  # rebased to the window's first request
     assert len(load_trace(trace_path, end_s=1.0)) == 2
     assert len(mooncake_requests(config(trace_path, num_prompts=1), TokenCodec(None, 1000))) == 1
+
+
+def test_ideal_hit_ratio_follows_the_engine_rules(trace_path: str) -> None:
+    requests = mooncake_requests(config(trace_path), TokenCodec(None, 1000))  # 38, 34, 22 tokens
+    every = {r.request_id for r in requests}
+    # the second request finds hash ids 1, 2 (two whole blocks of the first); the third shares nothing
+    assert ideal_hit_ratio(requests, every, 16) == pytest.approx(32 / (38 + 34 + 22))
+    # counted over the second request only (the first still fills the cache)
+    assert ideal_hit_ratio(requests, {"bench-1"}, 16) == pytest.approx(32 / 34)
+    # an LRU of one block keeps only hash id 2: the second request misses its first block
+    assert ideal_hit_ratio(requests, every, 16, capacity_blocks=1) == 0.0
+    assert ideal_hit_ratio(requests, every, 16, capacity_blocks=2) == pytest.approx(32 / 94)
+    assert ideal_hit_ratio(requests, set(), 16) is None
+    # a prompt of exactly two whole blocks looks up only the first: its last token is computed
+    two_blocks = dataclasses.replace(requests[1], request_id="again", prompt_len=32)
+    assert ideal_hit_ratio([requests[0], two_blocks], {"again"}, 16) == pytest.approx(16 / 32)
 
 
 def test_text_prompts(trace_path: str) -> None:

@@ -115,3 +115,34 @@ async def test_mooncake_replay_against_stub(stub_server: Any, tmp_path: Path) ->
     # A finite rate rescales the trace instead: 5 gaps at 100 req/s span 0.05 s.
     rescaled = await run_benchmark(bench_config(stub_server, dataset="mooncake", trace=str(trace), request_rate=100.0))
     assert rescaled.scheduled_offsets_s == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04, 0.05])
+
+
+@pytest.mark.parametrize("stub_behaviour", [{"cache_block_size": 16}], indirect=True)
+async def test_prefix_hits_from_usage_match_the_trace_ideal(stub_server: Any, tmp_path: Path) -> None:
+    """A server that is itself an unbounded whole-block prefix cache measures exactly the trace's ideal."""
+    trace = tmp_path / "trace.jsonl"
+    rows = [{"timestamp": 10 * i, "input_length": 512 * (i % 3 + 1) + 100, "output_length": 64,
+             "hash_ids": [0, *range(100 * (i % 4) + 1, 100 * (i % 4) + i % 3 + 2)]} for i in range(12)]
+    trace.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "result.json"
+    cfg = bench_config(stub_server, dataset="mooncake", trace=str(trace), max_concurrency=1, ideal_lru_blocks=2,
+                       result_json=str(out))
+    result = await run_benchmark(cfg)
+    hits = result.summary.prefix_hits
+    assert hits is not None and hits.num_reporting == 12
+    assert hits.prompt_tokens == result.summary.total_input_tokens
+    assert hits.cached_tokens == sum(r.usage_cached_tokens for r in result.results) > 0
+    assert hits.hit_ratio == pytest.approx(hits.ideal_unbounded)
+    assert hits.ideal_lru is not None and hits.ideal_lru < hits.ideal_unbounded and hits.ideal_lru_blocks == 2
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["prefix_hits"]["hit_ratio"] == pytest.approx(hits.hit_ratio)
+    assert sum(r["cached_tokens"] for r in saved["requests"]) == hits.cached_tokens
+    text = format_summary(result)
+    assert "Prefix-hit ratio" in text and "Trace ideal, unbounded cache" in text and "LRU 2 blocks" in text
+
+
+async def test_no_cached_tokens_reported_means_no_ratio(stub_server: Any) -> None:
+    result = await run_benchmark(bench_config(stub_server, num_prompts=3))
+    hits = result.summary.prefix_hits
+    assert hits is not None and hits.num_reporting == 0 and hits.hit_ratio is None
+    assert "Prefix-hit ratio" not in format_summary(result)
