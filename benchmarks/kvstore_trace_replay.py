@@ -53,7 +53,8 @@ def tokens_of_blocks(request: dict, num_blocks: int) -> int:
 
 def replay_in_process(reqs: list[dict], capacity: int, high: float, low: float) -> dict:
     from pdserve.kvstore.config import MasterConfig
-    from pdserve.kvstore.master_state import MasterState, NodeInfo, ValueMeta
+    from pdserve.kvstore.master_state import MasterState
+    from pdserve.kvstore.values import NodeInfo, ValueMeta
 
     meta = ValueMeta(4, "float32", (1,), FP)  # values of one slot each; only counts matter here
     state = MasterState(MasterConfig(high_watermark=high, low_watermark=low, node_timeout_s=1e9,
@@ -84,7 +85,7 @@ async def replay_real(reqs: list[dict], capacity_mb: int, log_dir: Path) -> dict
     from pdserve.cluster import free_port, spawn_process
     from pdserve.engine.kv_cache import PagedKVCache
     from pdserve.kvstore.client import KVStoreClient
-    from pdserve.kvstore.transfer import TransferAgent
+    from pdserve.transfer.ucx import UCXTransport
     from pdserve.proto import kvstore_pb2 as kpb
     from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 
@@ -99,7 +100,7 @@ async def replay_real(reqs: list[dict], capacity_mb: int, log_dir: Path) -> dict
                                  "--capacity-mb", str(capacity_mb)])]:
         procs.append(spawn_process([sys.executable, "-m", "pdserve", "--log-level", "warning", *argv],
                                    log_dir / f"{name}.log", env))
-    agent = TransferAgent("127.0.0.1", 0, num_lanes=2, timeout_s=10.0)
+    agent = UCXTransport("127.0.0.1", 0, num_lanes=2, timeout_s=10.0)
     agent.register_buffer("kv", kv.kv)
     client = KVStoreClient(f"127.0.0.1:{master_port}", agent, kv, FP, timeout_s=10.0, staging_blocks=max_blocks)
     try:

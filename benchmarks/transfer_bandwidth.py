@@ -1,7 +1,7 @@
 """Bandwidth of the transfer layer between two processes on one host, beside a plain ucxx endpoint and memcpy.
 
-Spawns a receiver process (a TransferAgent plus a plain ucxx listener) and a sender process; the sender
-times, for each size: TransferAgent.push() into the receiver (end to end: returns once the receiver
+Spawns a receiver process (a UCXTransport plus a plain ucxx listener) and a sender process; the sender
+times, for each size: UCXTransport.push() into the receiver (end to end: returns once the receiver
 says DONE), one plain `ep.send` + 1-byte ack on a default ucxx endpoint, and a warm `np.copyto` of the
 same bytes. Prints a table of median GB/s (1 GB = 1e9 bytes) and the UCX protocols/transports chosen,
 parsed from UCX_PROTO_INFO output of the sender. Not a test; bounded by --timeout-s.
@@ -32,12 +32,12 @@ def token_for(seed: int, size: int, i: int) -> bytes:
 
 # ---- receiver process -------------------------------------------------------------------------------
 async def run_receiver(args: argparse.Namespace) -> None:
-    from pdserve.kvstore.transfer import TransferAgent
-    from pdserve.kvstore.ucx_env import import_ucxx
+    from pdserve.transfer.ucx import UCXTransport
+    from pdserve.transfer.ucx_env import import_ucxx
 
     ucxx = import_ucxx()
     sizes = [s * MiB for s in args.sizes_mib]
-    agent = TransferAgent(num_lanes=args.lanes, timeout_s=args.timeout_s)
+    agent = UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s)
     await agent.start()
     dst = np.zeros(max(sizes), dtype=np.uint8)
     agent.register_buffer("dst", dst)
@@ -72,13 +72,13 @@ def gbps(nbytes: int, seconds: list[float]) -> float:
 
 
 async def run_sender(args: argparse.Namespace) -> None:
-    from pdserve.kvstore.transfer import TransferAgent
-    from pdserve.kvstore.ucx_env import available_transports, import_ucxx
+    from pdserve.transfer.ucx import UCXTransport
+    from pdserve.transfer.ucx_env import available_transports, import_ucxx
 
     ucxx = import_ucxx()
     peer, plain_port = args.peer.split(",")
     sizes = [s * MiB for s in args.sizes_mib]
-    agent = TransferAgent(num_lanes=args.lanes, timeout_s=args.timeout_s)
+    agent = UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s)
     await agent.start()
     src = np.random.default_rng(0).integers(0, 256, max(sizes), dtype=np.uint8)
     agent.register_buffer("src", src)
@@ -179,7 +179,7 @@ def drive(args: argparse.Namespace) -> int:
     for row in dict.fromkeys(parse_proto_info(output)):
         print(f"  {row}")
     env_shown = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("UCX_", "UCXPY_"))}
-    print(f"UCX environment given: {env_shown or '(none; code defaults from pdserve.kvstore.ucx_env)'}")
+    print(f"UCX environment given: {env_shown or '(none; code defaults from pdserve.transfer.ucx_env)'}")
     return 0
 
 
@@ -188,7 +188,7 @@ def main() -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 4, 16, 64, 256], help="push sizes in MiB")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per size (after one warm-up)")
-    parser.add_argument("--lanes", type=int, default=4, help="TransferAgent num_lanes")
+    parser.add_argument("--lanes", type=int, default=4, help="UCXTransport num_lanes")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="bound on the whole run")
     parser.add_argument("--role", choices=["driver", "receiver", "sender"], default="driver", help=argparse.SUPPRESS)
     parser.add_argument("--peer", help=argparse.SUPPRESS)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.errors import KVTransferError, KVTransferTimeout, NotFound, Overloaded
+from pdserve.transfer.base import ExpectationHandle, KVTransport
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +30,16 @@ class Reservation:
     token: bytes
     num_prompt_tokens: int
     expires_at: float  # time.monotonic()
-    expectation: object  # the transfer layer's Expectation
+    expectation: ExpectationHandle
     expiry: asyncio.TimerHandle | None = None
     admitted: bool = False
     created_at: float = field(default_factory=time.monotonic)
 
 
 class ReservationTable:
-    def __init__(self, engine: AsyncEngine, agent, timeout_s: float) -> None:
+    def __init__(self, engine: AsyncEngine, transport: KVTransport, timeout_s: float) -> None:
         self.engine = engine
-        self.agent = agent
+        self.transport = transport
         self.timeout_s = timeout_s
         self.reservations: dict[str, Reservation] = {}  # req_id -> reservation awaiting its KV
         self.num_expired = 0
@@ -68,7 +69,7 @@ class ReservationTable:
         num_prompt_blocks = kv.block_size and -(-num_prompt_tokens // kv.block_size)
         token = secrets.token_bytes(16)
         try:
-            expectation = self.agent.expect(token, KV_BUFFER, kv.regions(block_ids[:num_prompt_blocks]), timeout_s)
+            expectation = self.transport.expect(token, KV_BUFFER, kv.regions(block_ids[:num_prompt_blocks]), timeout_s)
         except BaseException:
             self.engine.submit(lambda e: e.block_manager.free(block_ids))
             raise
@@ -108,8 +109,8 @@ class ReservationTable:
             return 0
         if res.expiry is not None:
             res.expiry.cancel()
-        self.agent.cancel(res.token)
-        # The transfer layer guarantees no byte lands after cancel() returns, so the blocks are free to reuse.
+        await self.transport.cancel(res.token)
+        # The transport guarantees no byte lands after cancel() returns, so the blocks are free to reuse.
         await self.engine.call(lambda e: e.block_manager.free(res.block_ids))
         logger.debug("[%s] released reservation (%d blocks)", req_id, len(res.block_ids))
         return len(res.block_ids)

@@ -1,6 +1,6 @@
 """`pdserve decode` (and `pdserve worker`, the colocated role): a decode worker process.
 
-Serves the DecodeWorker gRPC service, receives prompt KV from prefill workers over UCX into
+Serves the DecodeWorker gRPC service, receives prompt KV from prefill workers (pdserve.transfer) into
 reserved blocks, runs the continuous-batching decode loop and streams tokens to the router.
 """
 
@@ -10,28 +10,31 @@ import argparse
 
 from pdserve.engine.config import EngineConfig
 from pdserve.settings import add_config_arguments, config_from_args
+from pdserve.transfer.config import TransferConfig
 from pdserve.worker_config import WorkerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, WorkerConfig, title="worker")
     add_config_arguments(parser, EngineConfig, title="engine")
+    add_config_arguments(parser, TransferConfig, title="transfer")
 
 
-async def serve(worker_config: WorkerConfig, engine_config: EngineConfig, colocated: bool = False) -> None:
+async def serve(worker_config: WorkerConfig, engine_config: EngineConfig, colocated: bool = False,
+                transfer_config: TransferConfig | None = None) -> None:
     from pdserve.decode.reservations import ReservationTable
     from pdserve.decode.servicer import DecodeServicer
     from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
     from pdserve.worker_runtime import WorkerRuntime
 
-    runtime = WorkerRuntime(pb.COLOCATED if colocated else pb.DECODE, worker_config, engine_config)
+    runtime = WorkerRuntime(pb.COLOCATED if colocated else pb.DECODE, worker_config, engine_config, transfer_config)
     runtime.install_signal_handlers()
     holder: dict[str, ReservationTable] = {}
 
     def add(server) -> list[str]:
         assert runtime.engine is not None
-        holder["r"] = ReservationTable(runtime.engine, runtime.agent, worker_config.reservation_timeout_s)
+        holder["r"] = ReservationTable(runtime.engine, runtime.transport, worker_config.reservation_timeout_s)
         pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(runtime, holder["r"]), server)
         return ["pdserve.v1.DecodeWorker"]
 
@@ -46,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     asyncio.run(serve(config_from_args(WorkerConfig, args), config_from_args(EngineConfig, args),
-                      colocated=getattr(args, "colocated", False)))
+                      colocated=getattr(args, "colocated", False), transfer_config=config_from_args(TransferConfig, args)))
     return 0

@@ -26,8 +26,9 @@ from pdserve.engine.block_hash import BlockHash
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
+from pdserve.transfer.base import KVTransport
 
-from .master_state import Location, StoredValue, ValueMeta
+from .values import Location, StoredValue, ValueMeta
 from .messages import location_from_pb, meta_to_pb, value_from_pb, value_to_pb
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,12 @@ class KVStoreClientStats:
 
 
 class KVStoreClient:
-    def __init__(self, master_address: str, agent, kv_cache: PagedKVCache, fingerprint: bytes, *,
+    def __init__(self, master_address: str, transport: KVTransport, kv_cache: PagedKVCache, fingerprint: bytes, *,
                  buffer_name: str = "kv", timeout_s: float = 5.0, staging_blocks: int = 256) -> None:
         if timeout_s <= 0 or staging_blocks < 1:
             raise ValueError("timeout_s must be > 0 and staging_blocks >= 1")
         self.master_address = master_address
-        self.agent = agent
+        self.transport = transport
         self.kv_cache = kv_cache
         self.fingerprint = fingerprint
         self.buffer_name = buffer_name
@@ -73,7 +74,7 @@ class KVStoreClient:
         self._node_channels: dict[str, grpc.aio.Channel] = {}  # node gRPC address -> channel
 
     async def start(self) -> None:
-        self.agent.register_buffer(self._staging_name, self._staging)
+        self.transport.register_buffer(self._staging_name, self._staging)
         self._master = rpc.channel(self.master_address)
         self._master_stub = kpb_grpc.KVStoreMasterStub(self._master)
 
@@ -90,7 +91,7 @@ class KVStoreClient:
             if channel is not None:
                 await channel.close()
         self._node_channels.clear()
-        self.agent.unregister_buffer(self._staging_name)
+        self.transport.unregister_buffer(self._staging_name)
 
     def _node(self, address: str) -> kpb_grpc.KVStoreNodeStub:
         channel = self._node_channels.get(address)
@@ -198,7 +199,7 @@ class KVStoreClient:
             return []
         src = [(v.offset, v.meta.nbytes) for _, v in good]
         dst = [region for i, _ in good for region in self._block_regions(block_ids[i])]
-        await self.agent.pull(node.transfer_address, bytes(resp.token), self.buffer_name, dst, src,
+        await self.transport.pull(node.transfer_address, bytes(resp.token), self.buffer_name, dst, src,
                               timeout_s=self._remaining(deadline))
         return [i for i, _ in good]
 
@@ -284,5 +285,5 @@ class KVStoreClient:
             timeout_s=self._remaining(deadline)), timeout=self._remaining(deadline))
         src = [(slot * self.value_nbytes, self.value_nbytes) for _, slot in items]
         dst = [(loc.offset, self.value_nbytes) for loc, _ in items]
-        await self.agent.push(node.transfer_address, bytes(resp.token), self._staging_name, src, dst,
+        await self.transport.push(node.transfer_address, bytes(resp.token), self._staging_name, src, dst,
                               timeout_s=self._remaining(deadline))

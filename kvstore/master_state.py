@@ -21,56 +21,9 @@ from pdserve.engine.block_hash import BlockHash
 from pdserve.errors import InvalidRequest, NotFound
 
 from .config import MasterConfig
+from .values import Location, NodeInfo, StoredValue, ValueMeta
 
 logger = logging.getLogger(__name__)
-
-DTYPE_NBYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
-
-
-@dataclass(frozen=True, slots=True)
-class ValueMeta:
-    """What one stored value is: `nbytes` bytes of `dtype` in `shape`, computed by the model `fingerprint`."""
-
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
-    fingerprint: bytes
-
-    def check(self) -> None:
-        """Raises InvalidRequest unless nbytes == prod(shape) * dtype size."""
-        if self.dtype not in DTYPE_NBYTES:
-            raise InvalidRequest(f"unknown dtype {self.dtype!r}")
-        if self.nbytes <= 0 or self.nbytes != math.prod(self.shape) * DTYPE_NBYTES[self.dtype]:
-            raise InvalidRequest(f"value of {self.nbytes} bytes does not match {self.dtype}{list(self.shape)}")
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    node_id: str
-    address: str  # gRPC control address host:port
-    transfer_address: str  # UCX listener host:port
-    capacity_bytes: int
-    slot_nbytes: int  # 0: not fixed yet (the first value placed on the node fixes it)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredValue:
-    """One inventory line of a node: `key` is in the slot at byte `offset`."""
-
-    key: BlockHash
-    offset: int
-    meta: ValueMeta
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where one copy of a value lives (a put's destination or a get's source)."""
-
-    key: BlockHash
-    node: NodeInfo
-    offset: int
-    meta: ValueMeta
-
 
 @dataclass(slots=True)
 class _Node:

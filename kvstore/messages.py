@@ -1,4 +1,4 @@
-"""Conversions between the store's protobuf messages (proto/kvstore.proto) and master_state's dataclasses."""
+"""Conversions between the store's protobuf messages (proto/kvstore.proto) and the value types of values.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pdserve.engine.block_hash import HASH_NBYTES, BlockHash
 from pdserve.errors import InvalidRequest
 from pdserve.proto import kvstore_pb2 as kpb
 
-from .master_state import Location, NodeInfo, StoredValue, ValueMeta
+from .values import Location, NodeInfo, StoredValue, ValueMeta
 
 
 def key_of(raw: bytes) -> BlockHash:

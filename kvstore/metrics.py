@@ -64,7 +64,7 @@ class MasterCollector:
 
 
 class NodeCollector:
-    """One node's pool and its transfer agent's counters, read at scrape time."""
+    """One node's pool and its KV transport's counters, read at scrape time."""
 
     def __init__(self, node: StoreNode) -> None:
         self.node = node
@@ -88,7 +88,7 @@ class NodeCollector:
         yield gauge("pdserve:store_pool_slots", "Slots in the pool (0 until the first write fixes the size).",
                     pool.num_slots)
         yield gauge("pdserve:store_pool_values", "Values held in the pool.", pool.num_values)
-        stats = getattr(node.agent, "stats", None)
+        stats = getattr(node.transport, "stats", None)
         if stats is None:
             return
         yield counter("pdserve:kv_transfer_bytes_sent", "KV bytes that left this node (loads served).",

@@ -1,5 +1,5 @@
 """`pdserve kvstore-node`: a KV cache store node. Holds block values in a slotted memory pool
-(node_pool.py) registered with its own TransferAgent, registers and heartbeats to the master, and
+(node_pool.py) registered with its own KV transport (pdserve.transfer), registers and heartbeats to the master, and
 issues the transfer tokens for its pool over a small gRPC service:
 
 - write: PrepareWrite checks the slots and sizes, opens an expectation and returns its one-time
@@ -8,7 +8,7 @@ issues the transfer tokens for its pool over a small gRPC service:
 - read: PrepareRead returns what the node holds at the asked slots (the client checks these claims
   against the master's metadata before any byte moves) and a token exposing exactly those regions;
   the client pulls them into its own KV pool. Reads are pulls so that the client's pool is written
-  only by the client's own agent.
+  only by the client's own transport.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from pdserve.errors import InvalidRequest, KVTransferError
 from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.settings import add_config_arguments, config_from_args
+from pdserve.transfer.base import KVTransport
+from pdserve.transfer.config import TransferConfig
 
 from .config import NodeConfig
-from .master_state import NodeInfo, StoredValue, ValueMeta
+from .values import NodeInfo, StoredValue, ValueMeta
 from .messages import node_to_pb, value_from_pb, value_to_pb
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ MIN_TOKEN_TIMEOUT_S = 0.1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, NodeConfig, title="kvstore node")
+    add_config_arguments(parser, TransferConfig, title="transfer")
 
 
 class NodeServicer(kpb_grpc.KVStoreNodeServicer):
@@ -67,12 +70,13 @@ class NodeServicer(kpb_grpc.KVStoreNodeServicer):
 class StoreNode:
     """The node's parts, built and torn down together."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, transfer_config: TransferConfig | None = None) -> None:
         from .node_pool import NodePool
 
         self.config = config
+        self.transfer_config = transfer_config or TransferConfig()
         self.pool = NodePool(config.capacity_mb * 2**20, config.slot_kb * 1024, config.memory)
-        self.agent = None
+        self.transport: KVTransport | None = None
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.address = ""
@@ -84,17 +88,17 @@ class StoreNode:
         self.metrics_server = None
 
     def info(self) -> NodeInfo:
-        return NodeInfo(self.node_id, self.address, self.agent.address, self.pool.capacity_bytes, self.pool.slot_nbytes)
+        return NodeInfo(self.node_id, self.address, self.transport.address, self.pool.capacity_bytes, self.pool.slot_nbytes)
 
     async def start(self) -> None:
-        from .transfer import TransferAgent
+        from pdserve.transfer.factory import create_transport
 
         c = self.config
-        # The UCX listener accepts on every interface; the host given here is what peers are told.
-        self.agent = TransferAgent(c.advertise_host or c.host, c.transfer_port, num_lanes=c.transfer_lanes,
-                                   timeout_s=c.transfer_timeout_s)
-        self.agent.register_buffer(POOL_BUFFER, self.pool.buffer)
-        await self.agent.start()
+        # The transfer listener accepts on every interface; the host given here is what peers are told.
+        self.transport = create_transport(self.transfer_config, c.advertise_host or c.host, c.transfer_port,
+                                          num_lanes=c.transfer_lanes, timeout_s=c.transfer_timeout_s)
+        self.transport.register_buffer(POOL_BUFFER, self.pool.buffer)  # device memory a backend cannot move fails here
+        await self.transport.start()
         self.server, self.health = rpc.create_server([SERVICE_NAME])
         kpb_grpc.add_KVStoreNodeServicer_to_server(NodeServicer(self), self.server)
         port = rpc.bind(self.server, c.host, c.port)
@@ -112,7 +116,7 @@ class StoreNode:
             await self.metrics_server.start()
         await rpc.set_serving(self.health, [SERVICE_NAME], True)  # health is the node itself, never the master
         logger.info("kvstore node %s: %d MiB pool, gRPC %s, transfer %s, master %s", self.node_id, c.capacity_mb,
-                    self.address, self.agent.address, c.master)
+                    self.address, self.transport.address, c.master)
 
     async def stop(self) -> None:
         if self._heartbeat_task is not None:
@@ -123,12 +127,8 @@ class StoreNode:
             await self.metrics_server.stop()
         if self.server is not None:
             await self.server.stop(grace=0.5)
-        if self.agent is not None:
-            await self.agent.close()
-            # ucxx's process-wide notifier thread is not a daemon: without this the process never exits.
-            import ucxx
-
-            ucxx.stop_notifier_thread()
+        if self.transport is not None:
+            await self.transport.close()
         if self._master is not None:
             await self._master.close()
 
@@ -166,7 +166,7 @@ class StoreNode:
     def prepare_write(self, values: list[StoredValue], timeout_s: float) -> bytes:
         regions = self.pool.check_write(values)
         token = secrets.token_bytes(16)
-        exp = self.agent.expect(token, POOL_BUFFER, regions, max(timeout_s, MIN_TOKEN_TIMEOUT_S))
+        exp = self.transport.expect(token, POOL_BUFFER, regions, max(timeout_s, MIN_TOKEN_TIMEOUT_S))
         self.pool.begin_write(values)
         loop = asyncio.get_running_loop()
         landed = loop.create_future()
@@ -209,12 +209,12 @@ class StoreNode:
         if not regions:
             return b"", claims
         token = secrets.token_bytes(16)
-        self.agent.expose(token, POOL_BUFFER, regions, max(timeout_s, MIN_TOKEN_TIMEOUT_S))
+        self.transport.expose(token, POOL_BUFFER, regions, max(timeout_s, MIN_TOKEN_TIMEOUT_S))
         return token, claims
 
 
-async def serve(config: NodeConfig) -> None:
-    node = StoreNode(config)
+async def serve(config: NodeConfig, transfer_config: TransferConfig | None = None) -> None:
+    node = StoreNode(config, transfer_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -227,5 +227,5 @@ async def serve(config: NodeConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(NodeConfig, args)))
+    asyncio.run(serve(config_from_args(NodeConfig, args), config_from_args(TransferConfig, args)))
     return 0

@@ -13,8 +13,8 @@ import numpy as np
 from pdserve.engine.block_hash import BlockHash
 from pdserve.errors import InvalidRequest
 
-from .master_state import StoredValue
-from .regions import Region
+from .values import StoredValue
+from pdserve.transfer.regions import Region
 
 logger = logging.getLogger(__name__)
 

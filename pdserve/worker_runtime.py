@@ -1,6 +1,6 @@
 """WorkerRuntime: what every worker process (prefill, decode, colocated) runs around its servicer.
 
-Builds the engine (on its own thread), the UCX transfer agent with the KV pool registered, the
+Builds the engine (on its own thread), the KV transport (pdserve.transfer) with the KV pool registered, the
 gRPC server with health and reflection, and the registration heartbeat to the router; tears all
 of it down on SIGTERM / SIGINT.
 """
@@ -21,6 +21,8 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.transfer.base import KVTransport
+from pdserve.transfer.config import TransferConfig
 from pdserve.worker_config import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -38,12 +40,14 @@ def resolve_model(engine_config: EngineConfig) -> EngineConfig:
 
 
 class WorkerRuntime:
-    def __init__(self, role: int, worker_config: WorkerConfig, engine_config: EngineConfig) -> None:
+    def __init__(self, role: int, worker_config: WorkerConfig, engine_config: EngineConfig,
+                 transfer_config: TransferConfig | None = None) -> None:
         self.role = role
         self.config = worker_config
         self.engine_config = resolve_model(engine_config)
+        self.transfer_config = transfer_config or TransferConfig()
         self.engine: AsyncEngine | None = None
-        self.agent = None
+        self.transport: KVTransport | None = None
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.metrics_server = None
@@ -64,16 +68,17 @@ class WorkerRuntime:
         self.engine.start()
         c = self.config
         if self.role != pb.COLOCATED:  # a colocated worker moves no KV between processes
-            from pdserve.kvstore.transfer import TransferAgent
+            from pdserve.transfer.factory import create_transport
 
-            self.agent = TransferAgent(c.host, c.transfer_port, num_lanes=c.transfer_lanes,
-                                       timeout_s=c.transfer_timeout_s)
-            await self.agent.start()
-            self.agent.register_buffer(KV_BUFFER, llm.kv_cache.kv)
+            self.transport = create_transport(self.transfer_config, c.host, c.transfer_port,
+                                              num_lanes=c.transfer_lanes, timeout_s=c.transfer_timeout_s)
+            # Registering first: memory the backend cannot move fails here, before anything listens.
+            self.transport.register_buffer(KV_BUFFER, llm.kv_cache.kv)
+            await self.transport.start()
             if c.kvstore_master:
                 from pdserve.kvstore.client import KVStoreClient
 
-                self.store = KVStoreClient(c.kvstore_master, self.agent, llm.kv_cache, llm.fingerprint,
+                self.store = KVStoreClient(c.kvstore_master, self.transport, llm.kv_cache, llm.fingerprint,
                                            buffer_name=KV_BUFFER, timeout_s=min(5.0, c.transfer_timeout_s))
                 await self.store.start()
                 logger.info("using the KV cache store at %s", c.kvstore_master)
@@ -87,7 +92,7 @@ class WorkerRuntime:
         if c.metrics_port >= 0:
             from pdserve.metrics_server import MetricsServer, WorkerCollector
 
-            collector = WorkerCollector(self.base_stats, lambda: getattr(self.agent, "stats", None))
+            collector = WorkerCollector(self.base_stats, lambda: getattr(self.transport, "stats", None))
             self.metrics_server = MetricsServer(c.host, c.metrics_port, collector)
             await self.metrics_server.start()
         await rpc.set_serving(self.health, self.service_names, True)
@@ -97,9 +102,9 @@ class WorkerRuntime:
 
     @property
     def transfer_address(self) -> str:
-        if self.agent is None:
+        if self.transport is None:
             return ""
-        host, _, port = self.agent.address.rpartition(":")
+        host, _, port = self.transport.address.rpartition(":")
         return f"{self.config.advertise_host or host}:{port}"
 
     def info(self, stats: pb.WorkerStats | None = None) -> pb.WorkerInfo:
@@ -111,7 +116,7 @@ class WorkerRuntime:
     def base_stats(self) -> pb.WorkerStats:
         assert self.engine is not None
         s = self.engine.engine.stats()
-        agent_stats = getattr(self.agent, "stats", None)
+        agent_stats = getattr(self.transport, "stats", None)
         return pb.WorkerStats(
             worker_id=self.worker_id, role=self.role, num_running=s["num_running"], num_waiting=s["num_waiting"],
             num_kv_blocks=s["num_kv_blocks"], num_free_kv_blocks=s["num_free_kv_blocks"],
@@ -170,12 +175,8 @@ class WorkerRuntime:
             await self.engine.stop()
         if self.store is not None:
             await self.store.close()
-        if self.agent is not None:
-            await self.agent.close()
-            # ucxx's process-wide notifier thread is not a daemon: without this the process never exits.
-            import ucxx
-
-            ucxx.stop_notifier_thread()
+        if self.transport is not None:
+            await self.transport.close()
         logger.info("%s stopped", self.worker_id)
 
 

@@ -19,6 +19,7 @@ from pdserve.engine.kv_cache import PagedKVCache, layer_regions
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.transfer.base import KVTransport
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ class PushPlan:
 
 
 class KVSender:
-    def __init__(self, agent, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop, timeout_s: float,
+    def __init__(self, transport: KVTransport, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop, timeout_s: float,
                  granularity: str = "chunk") -> None:
         if granularity not in ("layer", "chunk", "request"):
             raise ValueError(f"granularity must be layer, chunk or request, got {granularity!r}")
-        self.agent = agent
+        self.transport = transport
         self.kv = kv_cache
         self.loop = loop
         self.timeout_s = timeout_s
@@ -131,7 +132,7 @@ class KVSender:
             if plan.error is not None:
                 return
             try:
-                sent = await self.agent.push(plan.dest.transfer_address, plan.dest.token, KV_BUFFER, src, dst,
+                sent = await self.transport.push(plan.dest.transfer_address, plan.dest.token, KV_BUFFER, src, dst,
                                              timeout_s=self.timeout_s)
             except Exception as exc:  # noqa: BLE001 - recorded, raised by wait()
                 plan.error = exc

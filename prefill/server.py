@@ -1,6 +1,6 @@
 """`pdserve prefill`: a prefill worker process.
 
-Computes prompts (chunked), pushes each layer's KV to the chosen decode worker over UCX as soon
+Computes prompts (chunked), pushes each layer's KV to the chosen decode worker (pdserve.transfer) as soon
 as it exists, and returns the first token to the router.
 """
 
@@ -10,15 +10,18 @@ import argparse
 
 from pdserve.engine.config import EngineConfig
 from pdserve.settings import add_config_arguments, config_from_args
+from pdserve.transfer.config import TransferConfig
 from pdserve.worker_config import WorkerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, WorkerConfig, title="worker")
     add_config_arguments(parser, EngineConfig, title="engine")
+    add_config_arguments(parser, TransferConfig, title="transfer")
 
 
-async def serve(worker_config: WorkerConfig, engine_config: EngineConfig) -> None:
+async def serve(worker_config: WorkerConfig, engine_config: EngineConfig,
+                transfer_config: TransferConfig | None = None) -> None:
     import asyncio
 
     from pdserve.prefill.kv_sender import KVSender
@@ -28,13 +31,13 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig) -> Non
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
     from pdserve.worker_runtime import WorkerRuntime
 
-    runtime = WorkerRuntime(pb.PREFILL, worker_config, engine_config)
+    runtime = WorkerRuntime(pb.PREFILL, worker_config, engine_config, transfer_config)
     runtime.install_signal_handlers()
 
     def add(server) -> list[str]:
         assert runtime.engine is not None
         llm = runtime.engine.engine
-        sender = KVSender(runtime.agent, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s,
+        sender = KVSender(runtime.transport, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s,
                           granularity=worker_config.kv_push)
         llm.layer_hook = sender.on_layer
         store_prefix = StorePrefix(runtime.engine, runtime.store, publish=worker_config.store_publish)
@@ -51,5 +54,6 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig) -> Non
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    asyncio.run(serve(config_from_args(WorkerConfig, args), config_from_args(EngineConfig, args)))
+    asyncio.run(serve(config_from_args(WorkerConfig, args), config_from_args(EngineConfig, args),
+                      config_from_args(TransferConfig, args)))
     return 0

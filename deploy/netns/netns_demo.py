@@ -60,7 +60,7 @@ def reference_tokens(model_dir: str) -> list[list[int]]:
 
 
 def _disaggregated_available() -> bool:
-    return importlib.util.find_spec("pdserve.kvstore.transfer") is not None
+    return importlib.util.find_spec("pdserve.transfer.ucx") is not None
 
 
 def _store_available() -> bool:
@@ -215,7 +215,7 @@ def demo(args: argparse.Namespace) -> int:
     if topology == "auto":
         topology = "disaggregated" if _disaggregated_available() else "colocated"
     if topology == "disaggregated" and not _disaggregated_available():
-        raise SystemExit("the disaggregated topology needs the KV transfer layer (pdserve.kvstore.transfer)")
+        raise SystemExit("the disaggregated topology needs the KV transfer layer (pdserve.transfer.ucx)")
     with_store = topology == "disaggregated" and args.store and _store_available()
     removed = remove_leftovers()
     if removed:

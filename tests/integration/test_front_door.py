@@ -64,11 +64,11 @@ def test_library_defaults_bind_loopback():
     import inspect
 
     from pdserve.cluster import ClusterSpec
-    from pdserve.kvstore.transfer import TransferAgent
+    from pdserve.transfer.ucx import UCXTransport
     from pdserve.worker_config import WorkerConfig
 
     assert RouterConfig().host == WorkerConfig().host == ClusterSpec().host == "127.0.0.1"
-    assert inspect.signature(TransferAgent).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(UCXTransport).parameters["host"].default == "127.0.0.1"
 
 
 async def test_api_key_on_grpc_and_http(colocated_cluster):

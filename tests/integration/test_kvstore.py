@@ -1,5 +1,5 @@
 """The KV cache store with real processes on loopback: `pdserve kvstore-master` and `pdserve kvstore-node`
-subprocesses, and KVStoreClients (each with its own TransferAgent and PagedKVCache) in the test.
+subprocesses, and KVStoreClients (each with its own UCXTransport and PagedKVCache) in the test.
 
 Covers: publish then load into another pool is byte-identical; lookup gives the longest prefix;
 kill -9 of a node degrades loads and stops placement on it; a restarted master rebuilds its map
@@ -39,7 +39,7 @@ HOST = "127.0.0.1"
 def _stop_ucxx_notifier_at_session_end():
     """ucxx's notifier thread is not a daemon: without stopping it the test process never exits."""
     yield
-    from pdserve.kvstore.ucx_env import import_ucxx
+    from pdserve.transfer.ucx_env import import_ucxx
 
     import_ucxx().stop_notifier_thread()
 
@@ -124,15 +124,15 @@ async def start_store(num_nodes: int, *node_args: str, master_args: list[str] = 
 
 
 class Worker:
-    """What a prefill or decode worker has: a TransferAgent with its KV pool registered, and a client."""
+    """What a prefill or decode worker has: a UCXTransport with its KV pool registered, and a client."""
 
     def __init__(self, master_address: str, seed: int) -> None:
         from pdserve.kvstore.client import KVStoreClient
-        from pdserve.kvstore.transfer import TransferAgent
+        from pdserve.transfer.ucx import UCXTransport
 
         self.kv_cache = PagedKVCache(NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
         self.kv_cache.kv.copy_(torch.randn(self.kv_cache.kv.shape, generator=torch.Generator().manual_seed(seed)))
-        self.agent = TransferAgent(HOST, 0, num_lanes=2, timeout_s=5.0)
+        self.agent = UCXTransport(HOST, 0, num_lanes=2, timeout_s=5.0)
         self.agent.register_buffer("kv", self.kv_cache.kv)
         self.client = KVStoreClient(master_address, self.agent, self.kv_cache, FP, timeout_s=3.0, staging_blocks=16)
 

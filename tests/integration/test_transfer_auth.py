@@ -1,7 +1,7 @@
 """KV transfers into a decode worker are authorised by the reservation's one-time token: a foreign
 token, a write outside the reservation, a push after release or expiry, and a replayed push are
 all rejected before a byte is received, and the reservation is left intact (the rightful push
-still lands) or freed on time. Uses a TransferAgent of its own against a real decode worker.
+still lands) or freed on time. Uses a UCXTransport of its own against a real decode worker.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pdserve import rpc
 from pdserve.client import Client
 from pdserve.engine.kv_cache import layer_regions
 from pdserve.errors import KVTransferError
-from pdserve.kvstore.transfer import TransferAgent
+from pdserve.transfer.ucx import UCXTransport
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -62,7 +62,7 @@ def _regions(desc: pb.TransferDescriptor, layers: range | None = None, block_ids
     return out
 
 
-async def _push(agent: TransferAgent, desc: pb.TransferDescriptor, token: bytes, dst) -> int:
+async def _push(agent: UCXTransport, desc: pb.TransferDescriptor, token: bytes, dst) -> int:
     src, offset = [], 0
     for _, nbytes in dst:
         src.append((offset, nbytes))
@@ -74,14 +74,14 @@ async def _push(agent: TransferAgent, desc: pb.TransferDescriptor, token: bytes,
 def _stop_ucxx_notifier_at_session_end():
     """ucxx's notifier thread is not a daemon: without stopping it the test process never exits."""
     yield
-    from pdserve.kvstore.ucx_env import import_ucxx
+    from pdserve.transfer.ucx_env import import_ucxx
 
     import_ucxx().stop_notifier_thread()
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def setup(disagg_cluster):
-    agent = TransferAgent("127.0.0.1", 0, num_lanes=1, timeout_s=10)
+    agent = UCXTransport("127.0.0.1", 0, num_lanes=1, timeout_s=10)
     await agent.start()
     agent.register_buffer(SRC, np.full(64 << 20, 0x5A, dtype=np.uint8))
     decode_proc = next(p for p in disagg_cluster.procs if p.name.startswith("decode-"))

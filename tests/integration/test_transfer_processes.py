@@ -1,4 +1,4 @@
-"""TransferAgent between OS processes on loopback: the test process is one side, a `python -c` child the other."""
+"""UCXTransport between OS processes on loopback: the test process is one side, a `python -c` child the other."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import pytest_asyncio
 
 from pdserve.errors import KVTransferError, PeerUnavailable
-from pdserve.kvstore.transfer import TransferAgent, TransferRejected
+from pdserve.transfer.base import TransferRejected
+from pdserve.transfer.ucx import UCXTransport
 
 # ucxx's context (and its notifier thread) is bound to the first event loop that uses it: one loop for the session.
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(90)]
@@ -26,7 +27,7 @@ MiB = 1 << 20
 CHILD = r"""
 import asyncio, sys
 import numpy as np
-from pdserve.kvstore.transfer import TransferAgent
+from pdserve.transfer.ucx import UCXTransport
 
 def pattern(nbytes, seed):
     return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
@@ -35,7 +36,7 @@ async def main(role, token_hex, spec, timeout_s, peer=None):
     token = bytes.fromhex(token_hex)
     regions = [tuple(int(x) for x in r.split(":")) for r in spec.split(",")]
     buf_bytes = max(o + n for o, n in regions)
-    agent = TransferAgent(timeout_s=timeout_s)
+    agent = UCXTransport(timeout_s=timeout_s)
     await agent.start()
     try:
         if role == "receive":
@@ -131,7 +132,7 @@ def pattern(nbytes: int, seed: int) -> np.ndarray:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def agent():
-    agent = TransferAgent(timeout_s=3.0, lane_min_bytes=8 * MiB, max_piece_bytes=8 * MiB)
+    agent = UCXTransport(timeout_s=3.0, lane_min_bytes=8 * MiB, max_piece_bytes=8 * MiB)
     await agent.start()
     try:
         yield agent
@@ -194,7 +195,7 @@ async def test_sender_killed_mid_transfer_fails_receiver_within_timeout(agent) -
             await asyncio.wait_for(exp.wait(), 20)
         assert not exp.done  # it failed (KVTransferError), it did not complete and it did not hang
     finally:
-        agent.cancel(token)
+        await agent.cancel(token)
         agent.unregister_buffer("big")
         await child.stop()
 

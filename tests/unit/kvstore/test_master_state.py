@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pdserve.engine.block_hash import BlockHash
 from pdserve.errors import InvalidRequest, NotFound
 from pdserve.kvstore.config import MasterConfig
-from pdserve.kvstore.master_state import MasterState, NodeInfo, StoredValue, ValueMeta
+from pdserve.kvstore.master_state import MasterState
+from pdserve.kvstore.values import NodeInfo, StoredValue, ValueMeta
 
 FP = b"model-A".ljust(16, b"\0")
 OTHER_FP = b"model-B".ljust(16, b"\0")

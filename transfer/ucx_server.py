@@ -1,4 +1,4 @@
-"""Listener side of the transfer layer: accepts lanes and serves OPEN/DATA (writes into expectations) and PULL
+"""Listener side of the UCX backend: accepts lanes and serves OPEN/DATA (writes into expectations) and PULL
 (reads from exposures), one request at a time per lane, asking the TokenRegistry before any receive or send.
 """
 
@@ -12,9 +12,10 @@ from typing import Any
 
 from pdserve.errors import KVTransferError, KVTransferTimeout
 
-from .transfer_lane import Lane, gather_or_fail
-from .transfer_protocol import BodyReader, BodyWriter, Kind, Slot, TransferRejected, new_payload_tag_base
-from .transfer_state import Push, TokenRegistry, TransferStats
+from .base import TransferRejected, TransferStats
+from .tokens import Push, TokenRegistry
+from .ucx_lane import Lane, gather_or_fail
+from .wire import BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class TransferServer:
         tag_base = new_payload_tag_base()
         exp.lanes.add(lane)
         try:
-            recvs = [asyncio.ensure_future(lane.recv_payload(exp.view[offset:offset + nbytes], tag_base | i))
+            recvs = [asyncio.ensure_future(lane.recv_payload(exp.memory.slice(offset, nbytes), tag_base | i))
                      for i, (offset, nbytes) in enumerate(pieces)]
             ready = BodyWriter().u64(push_id).u64(tag_base).build()
             await lane.send_message(seq, Slot.REPLY_HEADER, Kind.READY, ready, exp.deadline)
@@ -147,7 +148,7 @@ class TransferServer:
         try:
             ready = BodyWriter().u64(0).u64(tag_base).build()
             await lane.send_message(seq, Slot.REPLY_HEADER, Kind.READY, ready, deadline)
-            await gather_or_fail([lane.send_payload(exposure.view[offset:offset + nbytes], tag_base | i)
+            await gather_or_fail([lane.send_payload(exposure.memory.slice(offset, nbytes), tag_base | i)
                                   for i, (offset, nbytes) in enumerate(pieces)], deadline, f"{lane!r} serve pull")
         except BaseException:
             lane.abort()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pdserve.errors import InvalidRequest
-from pdserve.kvstore.regions import IntervalSet, Piece, byte_view, check_regions, has_overlap, pair_regions, \
+from pdserve.transfer.regions import IntervalSet, Piece, check_regions, has_overlap, pair_regions, \
     split_among_lanes
 
 
@@ -56,12 +56,3 @@ def test_check_regions_and_overlap() -> None:
         with pytest.raises(InvalidRequest):
             check_regions(bad, 3, "t")
     assert has_overlap([(0, 10), (5, 1)]) and not has_overlap([(10, 5), (0, 10)])
-
-
-def test_byte_view_shares_memory() -> None:
-    a = np.zeros((4, 4), dtype=np.float32)
-    v = byte_view(a)
-    v[:4] = 255
-    assert v.nbytes == 64 and a[0, 0] != 0
-    with pytest.raises(InvalidRequest):
-        byte_view(a[:, ::2])

@@ -1,5 +1,5 @@
-"""Receiver- and owner-side authorisation state of the transfer layer: one-time tokens, what each lets a peer
-write (Expectation) or read (Exposure), and the agent's counters. No I/O; the server asks it before posting any receive.
+"""Receiver- and owner-side authorisation state shared by every transport backend: one-time tokens and what each
+lets a peer write (Expectation) or read (Exposure). No I/O; a backend asks it before any byte may land or leave.
 """
 
 from __future__ import annotations
@@ -7,41 +7,36 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 from collections.abc import Sequence
-
-import numpy as np
+from typing import Protocol
 
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout
 
+from .base import MAX_TOKEN_BYTES, TransferRejected, TransferStats
+from .memory import Memory
 from .regions import IntervalSet, Region, check_regions, has_overlap, total_bytes
-from .transfer_lane import Lane
-from .transfer_protocol import MAX_TOKEN_BYTES, TransferRejected, new_push_id
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(slots=True)
-class TransferStats:
-    """Counters since start; `seconds_*` are wall seconds inside push/pull calls and served operations."""
+class Abortable(Protocol):
+    """Whatever a backend has posted into or from a buffer (a UCX lane, a batch of reads): abort() cuts it off."""
 
-    bytes_sent: int = 0  # payload bytes that left this agent (pushes, served pulls)
-    bytes_received: int = 0  # payload bytes that landed here (served pushes, pulls)
-    num_pushes: int = 0  # completed push() calls
-    num_pulls: int = 0  # completed pull() calls
-    num_served: int = 0  # OPEN/DATA/PULL operations this agent's listener completed
-    num_rejected: int = 0  # requests refused before any byte moved (bad token, region, ...), either side
-    num_failures: int = 0  # operations that broke after starting, timeouts included, either side
-    seconds_sending: float = 0.0
-    seconds_receiving: float = 0.0
+    def abort(self) -> None: ...
+
+
+def new_push_id() -> int:
+    return secrets.randbits(63)
 
 
 class Expectation:
     """Receiver side of a token: which regions of which buffer may be written, and how much has landed."""
 
-    def __init__(self, token: bytes, buffer: str, view: np.ndarray, regions: list[Region], deadline: float) -> None:
+    def __init__(self, token: bytes, buffer: str, memory: Memory, regions: list[Region], deadline: float) -> None:
         self.token = token
         self.buffer = buffer
-        self.view = view  # flat uint8 view of the registered buffer
+        self.memory = memory  # the registered buffer
         self.regions = regions
         self.nbytes = total_bytes(regions)
         self.bytes_received = 0
@@ -49,7 +44,7 @@ class Expectation:
         self.allowed = IntervalSet(regions)
         self.claimed = IntervalSet()  # regions some OPEN already took
         self.push_ids: set[int] = set()
-        self.lanes: set[Lane] = set()  # lanes with receives posted into `view` right now
+        self.lanes: set[Abortable] = set()  # lanes with receives posted into the buffer now
         self.error: KVTransferError | None = None
         self._finished = asyncio.Event()
 
@@ -87,15 +82,15 @@ class Expectation:
 class Exposure:
     """Owner side of a pull token: regions of a buffer anyone presenting the token may read until it expires."""
 
-    def __init__(self, token: bytes, buffer: str, view: np.ndarray, regions: list[Region], deadline: float) -> None:
+    def __init__(self, token: bytes, buffer: str, memory: Memory, regions: list[Region], deadline: float) -> None:
         self.token = token
         self.buffer = buffer
-        self.view = view
+        self.memory = memory
         self.allowed = IntervalSet(regions)
         self.deadline = deadline
         self.num_reads = 0
         self.bytes_served = 0
-        self.lanes: set[Lane] = set()  # lanes sending from `view` right now
+        self.lanes: set[Abortable] = set()  # lanes sending from the buffer now
         self.closed = False
 
 
@@ -118,23 +113,23 @@ class TokenRegistry:
         self._pushes: dict[int, Push] = {}  # push_id -> Push
         self._timers: dict[bytes, asyncio.TimerHandle] = {}  # token -> expiry
 
-    def expect(self, token: bytes, buffer: str, view: np.ndarray, regions: Sequence[Region],
+    def expect(self, token: bytes, buffer: str, memory: Memory, regions: Sequence[Region],
                timeout_s: float) -> Expectation:
-        checked = self._check_new(token, view, regions, "expect")
-        if not view.flags.writeable:
+        checked = self._check_new(token, memory, regions, "expect")
+        if not memory.writeable:
             raise InvalidRequest(f"buffer {buffer!r} is read-only")
         loop = asyncio.get_running_loop()
-        exp = Expectation(token, buffer, view, checked, loop.time() + timeout_s)
+        exp = Expectation(token, buffer, memory, checked, loop.time() + timeout_s)
         self._expectations[token] = exp
         self._timers[token] = loop.call_later(timeout_s, self.finish_expectation, token, KVTransferTimeout(
             f"expected {exp.nbytes} bytes into {buffer!r} within {timeout_s} s"))
         return exp
 
-    def expose(self, token: bytes, buffer: str, view: np.ndarray, regions: Sequence[Region],
+    def expose(self, token: bytes, buffer: str, memory: Memory, regions: Sequence[Region],
                timeout_s: float) -> Exposure:
-        checked = self._check_new(token, view, regions, "expose")
+        checked = self._check_new(token, memory, regions, "expose")
         loop = asyncio.get_running_loop()
-        exposure = Exposure(token, buffer, view, checked, loop.time() + timeout_s)
+        exposure = Exposure(token, buffer, memory, checked, loop.time() + timeout_s)
         self._exposures[token] = exposure
         self._timers[token] = loop.call_later(timeout_s, self.cancel, token)
         return exposure
@@ -173,12 +168,12 @@ class TokenRegistry:
             exp.fail(error)
             self._stats.num_failures += 1
 
-    def _check_new(self, token: bytes, view: np.ndarray, regions: Sequence[Region], what: str) -> list[Region]:
+    def _check_new(self, token: bytes, memory: Memory, regions: Sequence[Region], what: str) -> list[Region]:
         if not isinstance(token, bytes) or not 8 <= len(token) <= MAX_TOKEN_BYTES:
             raise InvalidRequest(f"{what}: token must be 8..{MAX_TOKEN_BYTES} bytes")
         if token in self._expectations or token in self._exposures:
             raise InvalidRequest(f"{what}: token already in use")
-        checked = check_regions(regions, view.nbytes, what)
+        checked = check_regions(regions, memory.nbytes, what)
         if has_overlap(checked):
             raise InvalidRequest(f"{what}: regions overlap")
         return checked

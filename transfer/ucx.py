@@ -1,25 +1,25 @@
-"""The UCX transfer layer: moves KV-cache bytes between registered buffers of two processes; never chooses blocks.
+"""The UCX backend of `KVTransport` (base.py): moves KV bytes between registered buffers of two processes over
+ucxx; never chooses blocks.
 
-Public API (one `TransferAgent` per process, all methods on its asyncio loop):
-
-    agent = TransferAgent(host="127.0.0.1", port=0, *, num_lanes=4, timeout_s=30.0,
-                          max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, shared_memory=True)
-    await agent.start(); agent.address -> "host:port"; await agent.close()
-    agent.register_buffer(name, numpy_array_or_cpu_tensor); agent.unregister_buffer(name)
+    transport = UCXTransport(host="127.0.0.1", port=0, *, num_lanes=4, timeout_s=30.0,
+                             max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, shared_memory="auto")
+    await transport.start(); transport.address -> "host:port"; await transport.close()
+    transport.register_buffer(name, numpy_array_or_torch_tensor_or_cuda_array); transport.unregister_buffer(name)
     # receiver of a push (e.g. decode worker): one-time token from the reservation
-    exp = agent.expect(token, buffer, [(byte_offset, nbytes), ...], timeout_s) -> Expectation
+    exp = transport.expect(token, buffer, [(byte_offset, nbytes), ...], timeout_s) -> Expectation
     await exp.wait()  # all regions landed; KVTransferTimeout / KVTransferError otherwise
-    agent.cancel(token)  # drops an expectation or exposure; later data with the token is rejected
+    await transport.cancel(token)  # drops an expectation or exposure; later data with the token is rejected
     # sender (e.g. prefill worker); several pushes per token allowed (one per layer), no overlaps
-    nbytes = await agent.push(peer, token, src_buffer, src_regions, dst_regions, timeout_s=None)
+    nbytes = await transport.push(peer, token, src_buffer, src_regions, dst_regions, timeout_s=None)
     # reads (KV store): the owner exposes regions, the reader pulls them into its own buffer
-    agent.expose(token, buffer, regions, timeout_s) -> Exposure
-    nbytes = await agent.pull(peer, token, dst_buffer, dst_regions, src_regions, timeout_s=None)
-    agent.stats -> TransferStats (a copy)
+    transport.expose(token, buffer, regions, timeout_s) -> Exposure
+    nbytes = await transport.pull(peer, token, dst_buffer, dst_regions, src_regions, timeout_s=None)
+    transport.stats -> TransferStats (a copy)
 
 Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` lanes):
- 1. connect: HELLO carries host identity and UCX worker address both ways; on one host each side
-    also opens a shared-memory data endpoint (sysv + CMA zero-copy) to the other.
+ 1. connect: HELLO carries host identity and UCX worker address both ways; when the peers share memory
+    (host.py: same kernel, network and pid namespace, or --transfer-shared-memory on) each side also opens a
+    shared-memory data endpoint (sysv + CMA zero-copy) to the other.
  2. push: OPEN{token, all dst regions, this lane's pieces} -> the receiver checks the token (known,
     live) and that every region lies in the expectation and was not claimed before, BEFORE posting a
     receive; it replies REJECT{reason} (nothing written) or READY{push_id, random payload tag base}.
@@ -30,10 +30,13 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
  5. every wait has a deadline; any failure after READY aborts the lane (cancelling its posted receives)
     and fails the expectation; expiry or cancel aborts the lanes still writing into it.
 
+Device memory (CUDA torch tensors, cupy arrays) is handed to ucxx through the CUDA array interface, so UCX picks
+cuda_copy / cuda_ipc / RDMA itself; registering it fails at once when this process's UCX has no CUDA transport.
+
 ucxx keeps one UCX context and worker per process in a module global (unavoidable); UCX reads its
 settings from the environment when that context is created: see `ucx_env.py` for our defaults. The
-context's notifier thread completes futures on the event loop running when the first agent starts, so
-all agents of a process must run on that one loop (tests use a session-scoped loop). The listener
+context's notifier thread completes futures on the event loop running when the first transport starts, so
+all transports of a process must run on that one loop (tests use a session-scoped loop). The listener
 accepts on all interfaces (ucxx cannot bind one); `host` is the address peers are told.
 Errors: TransferRejected (a KVTransferError: refused before any byte moved), KVTransferTimeout,
 KVTransferError (connection lost, peer failed mid-way), PeerUnavailable (cannot connect),
@@ -48,26 +51,28 @@ import logging
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
 from pdserve.errors import InvalidRequest, KVTransferError, PeerUnavailable
 
-from .regions import Piece, Region, byte_view, check_regions, pair_regions, split_among_lanes, total_bytes
-from .transfer_lane import Lane, LanePool, bounded, gather_or_fail
-from .transfer_protocol import MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, TransferRejected, \
-    new_payload_tag_base
-from .transfer_server import TransferServer
-from .transfer_state import Expectation, Exposure, TokenRegistry, TransferStats
-from .ucx_env import host_identity, import_ucxx
+from .base import TransferRejected, TransferStats
+from .host import host_identity, shares_memory_with
+from .memory import Memory, memory_of
+from .regions import Piece, Region, check_regions, pair_regions, split_among_lanes, total_bytes
+from .tokens import Expectation, Exposure, TokenRegistry
+from .ucx_env import available_transports, import_ucxx
+from .ucx_lane import Lane, LanePool, bounded, gather_or_fail
+from .ucx_server import TransferServer
+from .wire import MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
 logger = logging.getLogger(__name__)
 
 
-class TransferAgent:
+class UCXTransport:
     """One per process: a ucxx listener plus a pool of outgoing lanes (endpoints) per peer."""
 
+    name = "ucx"
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
-                 max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, shared_memory: bool = True) -> None:
+                 max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, shared_memory: str = "auto") -> None:
         if num_lanes < 1 or timeout_s <= 0 or max_piece_bytes < 1 or lane_min_bytes < 1:
             raise ValueError("num_lanes, timeout_s, max_piece_bytes and lane_min_bytes must be positive")
         self.host = host
@@ -76,11 +81,12 @@ class TransferAgent:
         self.timeout_s = timeout_s
         self.max_piece_bytes = max_piece_bytes  # large regions are cut into pieces of at most this
         self.lane_min_bytes = lane_min_bytes  # a push uses one more lane per this many bytes
-        self.shared_memory = shared_memory
+        shares_memory_with(shared_memory, "", "")  # checks the setting
+        self.shared_memory = shared_memory  # auto | on | off (host.py)
         self.host_id = host_identity()
         self._stats = TransferStats()
         self._registry = TokenRegistry(self._stats)
-        self._buffers: dict[str, np.ndarray] = {}  # name -> flat uint8 view
+        self._buffers: dict[str, Memory] = {}  # name -> registered memory
         self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
         self._server: TransferServer | None = None
         self._ucxx = import_ucxx()
@@ -109,7 +115,7 @@ class TransferAgent:
     @property
     def address(self) -> str:
         if self._server is None:
-            raise RuntimeError("TransferAgent.start() was not called")
+            raise RuntimeError("UCXTransport.start() was not called")
         return f"{self.host}:{self.port}"
 
     @property
@@ -118,13 +124,19 @@ class TransferAgent:
 
     # ---- buffers and tokens ----------------------------------------------------------------------
     def register_buffer(self, name: str, buf: object) -> None:
-        """Makes a contiguous CPU numpy array or torch tensor addressable by name (viewed as bytes, never copied)."""
-        self._buffers[name] = byte_view(buf)
+        """Makes a contiguous numpy array, torch tensor (CPU or CUDA) or CUDA array addressable by name (no copy)."""
+        memory = memory_of(buf)
+        if memory.is_device:
+            transports = available_transports()
+            if not any(t.startswith(("cuda", "gdr", "rc", "dc")) for t in transports):
+                raise InvalidRequest(f"the ucx transport cannot move {memory.device} memory: this process's UCX "
+                                     f"offers only {', '.join(transports)} (no cuda_copy/cuda_ipc)")
+        self._buffers[name] = memory
 
     def unregister_buffer(self, name: str) -> None:
         self._buffers.pop(name, None)
 
-    def _view(self, name: str) -> np.ndarray:
+    def _view(self, name: str) -> Memory:
         try:
             return self._buffers[name]
         except KeyError:
@@ -138,8 +150,9 @@ class TransferAgent:
         """Allows whoever presents `token` to read these regions of `buffer` (any number of times) within timeout_s."""
         return self._registry.expose(token, buffer, self._view(buffer), regions, timeout_s)
 
-    def cancel(self, token: bytes) -> None:
-        """Drops the expectation or exposure of `token`; data in flight under it is cut off, later requests rejected."""
+    async def cancel(self, token: bytes) -> None:
+        """Drops the expectation or exposure of `token`; data in flight under it is cut off (its lanes are aborted,
+        which cancels the receives posted into the buffer), later requests rejected."""
         self._registry.cancel(token)
 
     # ---- sender side -----------------------------------------------------------------------------
@@ -175,8 +188,9 @@ class TransferAgent:
         return lane
 
     async def attach_data_endpoint(self, lane: Lane, peer_host_id: str, peer_worker_address: bytes) -> None:
-        """On one host, a worker-address endpoint without UCX error handling: the only kind UCX runs over shm/CMA."""
-        if not self.shared_memory or peer_host_id != self.host_id:
+        """When the peers share memory, a worker-address endpoint without UCX error handling: the only kind UCX runs
+        over shm/CMA."""
+        if not shares_memory_with(self.shared_memory, self.host_id, peer_host_id):
             return
         address = self._ucxx.get_ucx_address_from_buffer(peer_worker_address)
         lane.data_out = await self._ucxx.create_endpoint_from_worker_address(address, endpoint_error_handling=False)
@@ -245,7 +259,7 @@ class TransferAgent:
         elif isinstance(exc, KVTransferError):
             self._stats.num_failures += 1
 
-    async def _push_data(self, lane: Lane, push_id: int, view: np.ndarray, pieces: list[Piece],
+    async def _push_data(self, lane: Lane, push_id: int, view: Memory, pieces: list[Piece],
                          deadline: float) -> None:
         body = BodyWriter().u64(push_id).regions([(p.dst_offset, p.nbytes) for p in pieces]).build()
         seq = lane.next_seq()
@@ -266,9 +280,9 @@ class TransferAgent:
         reader.finish()
         return push_id, tag_base
 
-    async def _send_pieces(self, lane: Lane, seq: int, tag_base: int, view: np.ndarray, pieces: list[Piece],
+    async def _send_pieces(self, lane: Lane, seq: int, tag_base: int, view: Memory, pieces: list[Piece],
                            deadline: float) -> None:
-        sends = [lane.send_payload(view[p.src_offset:p.src_offset + p.nbytes], tag_base | i)
+        sends = [lane.send_payload(view.slice(p.src_offset, p.nbytes), tag_base | i)
                  for i, p in enumerate(pieces)]
 
         async def final_reply() -> None:
@@ -311,13 +325,13 @@ class TransferAgent:
         self._stats.num_pulls += 1
         return nbytes
 
-    async def _pull_on_lane(self, lane: Lane, token: bytes, view: np.ndarray, pieces: list[Piece],
+    async def _pull_on_lane(self, lane: Lane, token: bytes, view: Memory, pieces: list[Piece],
                             deadline: float) -> None:
         tag_base = new_payload_tag_base()
         body = BodyWriter().blob(token).u64(tag_base).regions([(p.src_offset, p.nbytes) for p in pieces]).build()
         seq = lane.next_seq()
         await self._request_ready(lane, seq, Kind.PULL, body, deadline)
-        recvs = [lane.recv_payload(view[p.dst_offset:p.dst_offset + p.nbytes], tag_base | i)
+        recvs = [lane.recv_payload(view.slice(p.dst_offset, p.nbytes), tag_base | i)
                  for i, p in enumerate(pieces)]
         try:
             await gather_or_fail(recvs, deadline, f"{lane!r} pull payload")
@@ -327,4 +341,4 @@ class TransferAgent:
 
 
 
-__all__ = ["Expectation", "Exposure", "TransferAgent", "TransferRejected", "TransferStats"]
+__all__ = ["Expectation", "Exposure", "TransferRejected", "TransferStats", "UCXTransport"]

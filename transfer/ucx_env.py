@@ -2,14 +2,13 @@
 
 UCX reads its configuration from the environment once, when ucxx creates its process-wide
 context (ucxx keeps that context in a module global; there is one UCX worker per process and
-every TransferAgent in the process shares it). A value the user already exported always wins.
+every UCXTransport in the process shares it). A value the user already exported always wins.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import threading
 from types import ModuleType
@@ -49,16 +48,6 @@ def import_ucxx() -> ModuleType:
     if first_import:
         threading._register_atexit(ucxx.stop_notifier_thread)  # type: ignore[attr-defined]
     return ucxx
-
-
-def host_identity() -> str:
-    """Same string for two processes on one host (same kernel boot), so shared memory between them can work."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot_id = f.read().strip()
-    except OSError:
-        boot_id = ""
-    return f"{socket.gethostname()}/{boot_id}"
 
 
 def available_transports() -> list[str]:

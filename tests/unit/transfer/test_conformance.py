@@ -1,4 +1,4 @@
-"""Two TransferAgents in one process and one event loop, over real ucxx on loopback."""
+"""Two UCXTransports in one process and one event loop, over real ucxx on loopback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest_asyncio
 import torch
 
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout, PeerUnavailable
-from pdserve.kvstore.transfer import TransferAgent, TransferRejected
+from pdserve.transfer.base import TransferRejected
+from pdserve.transfer.ucx import UCXTransport
 
 # ucxx's context (and its notifier thread) is bound to the first event loop that uses it: one loop for the session.
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)]
@@ -21,8 +22,8 @@ BUF_BYTES = 8 << 20
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def agents():
-    sender = TransferAgent(num_lanes=3, timeout_s=5.0, max_piece_bytes=1 << 20, lane_min_bytes=1 << 20)
-    receiver = TransferAgent(num_lanes=3, timeout_s=5.0)
+    sender = UCXTransport(num_lanes=3, timeout_s=5.0, max_piece_bytes=1 << 20, lane_min_bytes=1 << 20)
+    receiver = UCXTransport(num_lanes=3, timeout_s=5.0)
     await sender.start()
     await receiver.start()
     src = np.random.default_rng(0).integers(0, 256, BUF_BYTES, dtype=np.uint8)
@@ -116,7 +117,7 @@ async def test_push_after_cancel_rejected_and_wait_raises(agents) -> None:
     dst[:] = 3
     tok = token()
     exp = receiver.expect(tok, "dst", [(0, 4096)], timeout_s=5)
-    receiver.cancel(tok)
+    await receiver.cancel(tok)
     with pytest.raises(KVTransferError, match="cancelled"):
         await exp.wait()
     with pytest.raises(TransferRejected):
@@ -150,7 +151,7 @@ async def test_duplicate_write_rejected(agents) -> None:
     with pytest.raises(TransferRejected, match="already written"):
         await sender.push(receiver.address, tok, "src", [(0, 4096)], [(2048, 4096)])
     assert exp.bytes_received == 4096 and not exp.finished
-    receiver.cancel(tok)
+    await receiver.cancel(tok)
 
 
 async def test_timeout_when_sender_never_sends(agents) -> None:
@@ -171,7 +172,7 @@ async def test_pull_exposed_regions(agents) -> None:
     assert got == 1 << 20 and np.array_equal(local, src[1 << 20:2 << 20])
     with pytest.raises(TransferRejected):
         await receiver.pull(sender.address, tok, "local", [(0, 4096)], [(2 << 20, 4096)])  # not exposed
-    sender.cancel(tok)
+    await sender.cancel(tok)
     with pytest.raises(TransferRejected):
         await receiver.pull(sender.address, tok, "local", [(0, 4096)], [(0, 4096)])
 
@@ -203,7 +204,7 @@ async def test_caller_errors_are_invalid_request(agents) -> None:
 
 async def test_unreachable_peer_raises_within_timeout(agents) -> None:
     sender, _, _, _ = agents
-    closed = TransferAgent(timeout_s=1.0)
+    closed = UCXTransport(timeout_s=1.0)
     await closed.start()
     address = closed.address
     await closed.close()

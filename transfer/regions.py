@@ -10,8 +10,6 @@ import bisect
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-import numpy as np
-
 from pdserve.errors import InvalidRequest
 
 Region = tuple[int, int]  # (byte_offset, nbytes)
@@ -23,26 +21,6 @@ class Piece(NamedTuple):
     src_offset: int
     dst_offset: int
     nbytes: int
-
-
-def byte_view(buf: object) -> np.ndarray:
-    """A flat, writable-if-possible uint8 numpy view of a contiguous CPU torch tensor or numpy array (no copy)."""
-    if isinstance(buf, np.ndarray):
-        if not buf.flags.c_contiguous:
-            raise InvalidRequest("buffer must be C-contiguous")
-        return buf.reshape(-1).view(np.uint8)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        torch = None
-    if torch is not None and isinstance(buf, torch.Tensor):
-        if buf.device.type != "cpu":
-            raise InvalidRequest(f"only CPU tensors are supported for now, got {buf.device}")
-        if not buf.is_contiguous():
-            raise InvalidRequest("tensor must be contiguous")
-        # view(-1) then view(uint8) reinterprets any dtype (bf16 included) without a copy.
-        return buf.detach().reshape(-1).view(torch.uint8).numpy()
-    raise InvalidRequest(f"unsupported buffer type {type(buf).__name__}; use a numpy array or a CPU torch tensor")
 
 
 def check_regions(regions: Iterable[Sequence[int]], buffer_nbytes: int, what: str) -> list[Region]:

@@ -1,4 +1,4 @@
-"""Wire format of the transfer layer: message kinds, headers, bodies and tags. No I/O here.
+"""Wire format of the transfer backends' control messages: kinds, headers, bodies and (UCX) tags. No I/O here.
 
 Every control message is a fixed 24-byte header and its body, sent as one UCX message when both fit
 in CONTROL_BYTES (else as two), with a ucxx tag derived from the lane's request sequence number, so a
@@ -23,7 +23,6 @@ MAGIC = 0x50445846  # "PDXF"
 HEADER = struct.Struct("<IHHQQ")  # magic, kind, reserved, seq, body_len -> 24 bytes
 CONTROL_BYTES = 4096  # a control message up to this size (header + body) goes as one UCX message
 MAX_BODY_BYTES = 64 << 20  # 64 MiB: about 4M regions in one request
-MAX_TOKEN_BYTES = 256
 # Low bits of a payload tag index the pieces of one operation; the high bits are random.
 PIECE_INDEX_BITS = 24
 MAX_PIECES_PER_OP = 1 << PIECE_INDEX_BITS
@@ -61,10 +60,6 @@ def message_tag(seq: int, slot: Slot) -> int:
 def new_payload_tag_base() -> int:
     """Random 64-bit base with the piece-index bits cleared."""
     return secrets.randbits(64) & ~(MAX_PIECES_PER_OP - 1) & 0xFFFF_FFFF_FFFF_FFFF
-
-
-def new_push_id() -> int:
-    return secrets.randbits(63)
 
 
 def unpack_header(raw: np.ndarray, expected_seq: int) -> tuple[Kind, int]:
@@ -130,7 +125,3 @@ class BodyReader:
     def finish(self) -> None:
         if self._pos != len(self._body):
             raise KVTransferError("trailing bytes in message body")
-
-
-class TransferRejected(KVTransferError):
-    """The peer refused a request before any byte moved (unknown token, region outside what it allows, ...)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from pdserve.errors import KVTransferError, KVTransferTimeout, PeerUnavailable
 
-from .transfer_protocol import CONTROL_BYTES, HEADER, MAGIC, Kind, Slot, message_tag, unpack_header
+from .wire import CONTROL_BYTES, HEADER, MAGIC, Kind, Slot, message_tag, unpack_header
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,10 @@ class Lane:
                       f"{self!r} recv {kind.name} body")
         return kind, body
 
-    def send_payload(self, view: np.ndarray, tag: int) -> Awaitable[Any]:
+    def send_payload(self, view: object, tag: int) -> Awaitable[Any]:
         return self.data_out.send(view, tag=tag, force_tag=True)
 
-    def recv_payload(self, view: np.ndarray, tag: int) -> Awaitable[Any]:
+    def recv_payload(self, view: object, tag: int) -> Awaitable[Any]:
         return self.ctrl.recv(view, tag=tag, force_tag=True)
 
     def abort(self) -> None:

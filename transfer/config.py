@@ -1,0 +1,26 @@
+"""TransferConfig: the settings that choose and shape a process's KV transport (workers and store nodes share it).
+
+Listener port, lanes and timeout stay in the component's own config (WorkerConfig, NodeConfig), whose defaults differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .host import SHARED_MEMORY_CHOICES
+
+
+def _h(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    transfer_shared_memory: str = field(default="auto", metadata=_h(
+        "whether KV may move through shared memory (UCX sysv/CMA) to a peer: auto (when the peer runs on this kernel "
+        "in the same network and pid namespace), on (always; e.g. containers that share IPC and pid), off (never)",
+        choices=list(SHARED_MEMORY_CHOICES)))
+
+    def __post_init__(self) -> None:
+        if self.transfer_shared_memory not in SHARED_MEMORY_CHOICES:
+            raise ValueError(f"transfer_shared_memory must be one of {', '.join(SHARED_MEMORY_CHOICES)}")

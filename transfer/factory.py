@@ -1,0 +1,15 @@
+"""Builds the one KV transport of a process from its TransferConfig (the only place a backend is chosen)."""
+
+from __future__ import annotations
+
+from .base import KVTransport
+from .config import TransferConfig
+
+
+def create_transport(config: TransferConfig, host: str, port: int, *, num_lanes: int,
+                     timeout_s: float) -> KVTransport:
+    """An unstarted transport: `host` is the address peers are told, `port` 0 picks a free one."""
+    from .ucx import UCXTransport
+
+    return UCXTransport(host, port, num_lanes=num_lanes, timeout_s=timeout_s,
+                        shared_memory=config.transfer_shared_memory)
