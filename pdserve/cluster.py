@@ -9,6 +9,7 @@ PR_SET_PDEATHSIG so that even a `kill -9` of the parent leaves no orphans.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -61,6 +62,7 @@ class Proc:
     address: str = ""
     popen: subprocess.Popen | None = None
     metrics_url: str = ""  # http://host:port/metrics when the process serves Prometheus metrics
+    restarts: int = 0  # times this process was started again after the first start
 
     @property
     def pid(self) -> int:
@@ -114,6 +116,7 @@ class Cluster:
         proc = Proc(name, argv, self.log_dir / (log_name or f"{name}.log"), address)
         proc.popen = spawn_process(argv, proc.log_path, self.spec.env)
         self.procs.append(proc)
+        self.write_state()
         return proc
 
     def start_router(self) -> Proc:
@@ -191,6 +194,7 @@ class Cluster:
             self.start_worker("decode", i)
         for i in range(self.spec.num_colocated):
             self.start_worker("worker", i)
+        self.write_state()
         try:
             asyncio.run(self.wait_ready(timeout_s))
         except BaseException:
@@ -234,18 +238,40 @@ class Cluster:
         return proc
 
     def restart(self, name: str, sig: int = signal.SIGKILL) -> Proc:
-        """Stop process `name` with `sig` if it still runs, then start it again with the same command
-        line (same ports, so a worker re-registers with the router under its old address); its log
-        goes to `<name>.restart<N>.log`. Returns the new Proc; wait for it with `wait_ready`."""
-        old = self.kill(name, sig)
+        """Stop process `name` with `sig` if it still runs, then start it again (`respawn`)."""
+        self.kill(name, sig)
+        return self.respawn(name)
+
+    def respawn(self, name: str) -> Proc:
+        """Start the exited process `name` again with the same command line (same ports, so a worker
+        re-registers with the router under its old address); its log goes to `<name>.restart<N>.log`.
+        Returns the new Proc, in the old one's place; wait for it with `wait_ready`."""
+        old = next(p for p in self.procs if p.name == name)
+        assert not old.alive(), f"{name} still runs"
         num_restarts = sum(1 for p in self.log_dir.glob(f"{name}.restart*.log")) + 1
         index = self.procs.index(old)
         self.procs.remove(old)
         proc = self._spawn(name, old.argv, old.address, log_name=f"{name}.restart{num_restarts}.log")
         proc.metrics_url = old.metrics_url
+        proc.restarts = old.restarts + 1
         self.procs.remove(proc)
         self.procs.insert(index, proc)
+        self.write_state()
         return proc
+
+    @property
+    def state_path(self) -> Path:
+        return self.log_dir / "processes.json"
+
+    def write_state(self) -> None:
+        """`<log dir>/processes.json`: every process's name, pid, address, metrics URL, restarts and log,
+        rewritten on each (re)start so operators and tests can find the current pids."""
+        rows = [{"name": p.name, "pid": p.pid, "address": p.address, "metrics_url": p.metrics_url,
+                 "restarts": p.restarts, "log": str(p.log_path)} for p in self.procs]
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"router": self.router_address, "http": self.http_url,
+                                   "kvstore_master": self.store_address, "processes": rows}, indent=1))
+        tmp.replace(self.state_path)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM everything (workers first), then SIGKILL what is left after `timeout_s`."""

@@ -1,6 +1,7 @@
 """Start a whole pdserve cluster on this machine: router, prefill and decode workers (or colocated
 workers), each its own process on 127.0.0.1, serving the built-in tiny model unless --model is
-given. Prints where to connect; Ctrl-C stops everything."""
+given. Prints where to connect, then supervises: a process that exits is restarted with backoff
+(`supervisor.py`) while the rest keep serving; Ctrl-C, or a crash loop, stops everything."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.settings import add_config_arguments, config_from_args
+from pdserve.supervisor import RestartPolicy
 
 
 def _h(text: str, **extra) -> dict:
@@ -35,10 +37,17 @@ class UpConfig:
         "extra flags for every worker, shell-quoted, e.g. '--kv-cache-memory-mb 256'", metavar="ARGS"))
     router_args: str = field(default="", metadata=_h("extra flags for the router, shell-quoted", metavar="ARGS"))
     timeout_s: float = field(default=180.0, metadata=_h("seconds to wait for the cluster to be ready"))
+    restart_backoff_s: float = field(default=0.5, metadata=_h(
+        "a process that exits is started again after this delay, doubled per exit within --restart-window-s"))
+    max_restarts: int = field(default=5, metadata=_h(
+        "exits of one process within --restart-window-s beyond this are a crash loop: the cluster stops"))
+    restart_window_s: float = field(default=60.0, metadata=_h("window of the crash-loop count, in seconds"))
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.workers, self.store_nodes) < 0:
             raise ValueError("worker and store node counts must be >= 0")
+        RestartPolicy(self.restart_backoff_s, max(8.0, self.restart_backoff_s), self.max_restarts,
+                      self.restart_window_s)  # checks the restart settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.cluster import Cluster, ClusterSpec
+    from pdserve.supervisor import CrashLoop, Supervisor
 
     c = config_from_args(UpConfig, args)
     spec = ClusterSpec(model=c.model, num_prefill=0 if c.colocated else c.prefill,
@@ -76,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"         HTTP {cluster.http_url}/v1 (OpenAI-compatible)")
         print(f"  try:   curl {cluster.http_url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32}}'")
-    print("Ctrl-C stops everything.")
+    print(f"Ctrl-C stops everything. A process that exits is restarted; pids in {cluster.state_path}", flush=True)
     stopping = False
 
     def on_signal(signum, frame) -> None:
@@ -85,14 +95,17 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    policy = RestartPolicy(c.restart_backoff_s, max(8.0, c.restart_backoff_s), c.max_restarts, c.restart_window_s)
+    supervisor = Supervisor(cluster, policy, report=lambda line: print(line, file=sys.stderr, flush=True))
+    status = 0
     try:
         while not stopping:
-            dead = [p for p in cluster.procs if not p.alive()]
-            if dead:
-                print(f"{dead[0].name} exited unexpectedly:\n{dead[0].log_tail()}", file=sys.stderr)
-                break
-            time.sleep(0.5)
+            supervisor.poll()
+            time.sleep(0.2)
+    except CrashLoop as exc:
+        print(f"error: crash loop, stopping the cluster: {exc}", file=sys.stderr)
+        status = 1
     finally:
-        print("stopping ...", file=sys.stderr)
+        print("stopping ...", file=sys.stderr, flush=True)
         cluster.stop()
-    return 0
+    return status

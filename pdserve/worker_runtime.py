@@ -139,10 +139,12 @@ class WorkerRuntime:
                 try:
                     resp = await stub.RegisterWorker(pb.RegisterWorkerRequest(worker=self.info()), timeout=2.0)
                     interval = resp.heartbeat_interval_s or interval
+                    wait_s = interval
                 except grpc.aio.AioRpcError as exc:
                     logger.debug("registration with %s failed: %s", self.config.router, exc.code().name)
+                    wait_s = min(interval, 0.5)  # a restarted router learns this worker within a second
                 try:
-                    await asyncio.wait_for(self._stop.wait(), interval)
+                    await asyncio.wait_for(self._stop.wait(), wait_s)
                 except asyncio.TimeoutError:
                     pass
 
