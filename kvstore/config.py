@@ -51,7 +51,9 @@ class NodeConfig:
     advertise_host: str = field(default="", metadata=_h(
         "host the master and clients use to reach this node (default: --host)"))
     node_id: str = field(default="", metadata=_h("stable name of this node (default: node@host:port)"))
-    capacity_mb: int = field(default=256, metadata=_h("memory pool size in MiB"))
+    # 1 GiB: twice a worker's default KV cache (engine kv_cache_memory_mb), so a store node holds what
+    # a prefill worker's own cache has dropped; a smaller store only repeats the worker's cache.
+    capacity_mb: int = field(default=1024, metadata=_h("memory (DRAM) tier size in MiB"))
     slot_kb: int = field(default=0, metadata=_h(
         "slot size in KiB, one block value per slot (0: fixed by the first value written)"))
     memory: str = field(default="host", metadata=_h("pool memory: host (numpy) or device (cupy, needs a GPU)",

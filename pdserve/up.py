@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from pdserve.kvstore.config import NodeConfig
 from pdserve.settings import add_config_arguments, config_from_args
 from pdserve.supervisor import RestartPolicy
 
@@ -29,6 +30,9 @@ class UpConfig:
         "serve with colocated workers (prefill + decode in one process) instead"))
     workers: int = field(default=1, metadata=_h("colocated workers, with --colocated"))
     store_nodes: int = field(default=1, metadata=_h("KV cache store nodes, started with one store master (0: no store)"))
+    store_memory_mb: int = field(default=NodeConfig.__dataclass_fields__["capacity_mb"].default, metadata=_h(
+        "DRAM tier of each store node in MiB (default: twice a worker's default KV cache, so the store holds "
+        "blocks the prefill workers' own caches have dropped)"))
     host: str = field(default="127.0.0.1", metadata=_h("address every process binds to"))
     port: int = field(default=50051, metadata=_h("router gRPC port"))
     http_port: int = field(default=8000, metadata=_h("router OpenAI HTTP API and /metrics port (0: a free one; -1: none)"))
@@ -48,10 +52,27 @@ class UpConfig:
             raise ValueError("worker and store node counts must be >= 0")
         RestartPolicy(self.restart_backoff_s, max(8.0, self.restart_backoff_s), self.max_restarts,
                       self.restart_window_s)  # checks the restart settings
+        if self.store_memory_mb < 1:
+            raise ValueError("store_memory_mb must be >= 1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, UpConfig, title="cluster")
+
+
+def store_capacity_line(c: UpConfig, model_dir: str) -> str:
+    """What each store tier holds, in tokens of this model's KV (float32), beside a worker's own cache."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.model_config import ModelConfig
+
+    bytes_per_token = ModelConfig.from_dir(model_dir).kv_bytes_per_token
+    worker_mb = EngineConfig.__dataclass_fields__["kv_cache_memory_mb"].default
+
+    def tokens(mb: int) -> str:
+        return f"{mb * 2**20 // bytes_per_token:,} tokens"
+
+    return (f"  KV store: {c.store_nodes} node(s), each DRAM {c.store_memory_mb} MiB = {tokens(c.store_memory_mb)} "
+            f"(a worker's default KV cache: {worker_mb} MiB = {tokens(worker_mb)})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     c = config_from_args(UpConfig, args)
     spec = ClusterSpec(model=c.model, num_prefill=0 if c.colocated else c.prefill,
                        num_decode=0 if c.colocated else c.decode, num_colocated=c.workers if c.colocated else 0,
-                       num_store_nodes=0 if c.colocated else c.store_nodes, host=c.host, router_port=c.port,
+                       num_store_nodes=0 if c.colocated else c.store_nodes,
+                       store_args=["--capacity-mb", str(c.store_memory_mb)], host=c.host, router_port=c.port,
                        http_port=c.http_port, log_dir=c.log_dir, worker_args=shlex.split(c.worker_args),
                        router_args=shlex.split(c.router_args), log_level=args.log_level)
     cluster = Cluster(spec)
@@ -80,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     for p in cluster.procs:
         metrics = f"  metrics {p.metrics_url}" if p.metrics_url else ""
         print(f"  {p.name:<12} pid {p.pid:<8} {p.address}{metrics}")
+    if cluster.store_address:
+        print(store_capacity_line(c, cluster.spec.model))
     print(f"\nconnect: gRPC {address}")
     print(f"  try:   pdserve generate --url {address} \"def fibonacci(n):\"")
     if cluster.http_url:

@@ -45,7 +45,8 @@ class RouterConfig:
     kvstore_master: str = field(default="", metadata=_h(
         "KV cache store master host:port, asked how much of a prompt it holds (KV-aware routing)"))
     prefix_index_blocks: int = field(default=65536, metadata=_h(
-        "blocks remembered per prefill worker in the router's approximate prefix index"))
+        "blocks remembered per prefill worker in the router's approximate prefix index (at most the "
+        "worker's own KV blocks, as its stats report)"))
     store_load_cost: float = field(default=0.1, metadata=_h(
         "cost of loading one token's KV from the store, relative to computing it (routing cost model)"))
     ttft_slo_ms: float = field(default=0.0, metadata=_h(

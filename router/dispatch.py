@@ -368,7 +368,7 @@ class Dispatcher:
                 prefill.inflight -= 1
                 prefill.queued_prompt_tokens -= len(prompt_ids)
             self._observe_prefill(len(prompt_ids) - resp.num_cached_tokens, resp.prefill_seconds)
-            self.prefix_index.record(prefill.address, hashes)
+            self.prefix_index.record(prefill.address, hashes, prefill.stats.num_kv_blocks)
             if usage.completion_tokens == 0:
                 usage.cached_tokens = resp.num_cached_tokens
             first = Event(token_ids=[resp.first_token_id], prefill_worker=prefill.worker_id,

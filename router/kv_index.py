@@ -26,7 +26,9 @@ from pdserve.engine.block_hash import BlockHash
 
 
 class PrefixIndex:
-    """Per worker, the block hashes recently prefilled there (LRU, bounded)."""
+    """Per worker, the block hashes recently prefilled there (LRU, bounded by `capacity_blocks` and by
+    the worker's own KV pool: a worker cannot hold more blocks than it has, so remembering more would
+    promise local hits that only the store can give)."""
 
     def __init__(self, capacity_blocks: int) -> None:
         self.capacity = capacity_blocks
@@ -44,12 +46,14 @@ class PrefixIndex:
             n += 1
         return n
 
-    def record(self, worker: str, hashes: list[BlockHash]) -> None:
+    def record(self, worker: str, hashes: list[BlockHash], worker_num_blocks: int = 0) -> None:
+        """`worker_num_blocks`: the worker's KV pool size (0: unknown, only `capacity_blocks` bounds it)."""
         seen = self._by_worker.setdefault(worker, OrderedDict())
         for h in hashes:
             seen[h] = None
             seen.move_to_end(h)
-        while len(seen) > self.capacity:
+        limit = min(self.capacity, worker_num_blocks) if worker_num_blocks else self.capacity
+        while len(seen) > limit:
             seen.popitem(last=False)
 
     def forget(self, worker: str) -> None:
