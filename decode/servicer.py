@@ -10,7 +10,7 @@ import logging
 
 import grpc
 
-from pdserve.convert import check_token_ids, sampling_from_proto
+from pdserve.convert import check_token_ids, layout_to_proto, sampling_from_proto
 from pdserve.decode.reservations import ReservationTable
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.engine.llm_engine import LLMEngine
@@ -47,8 +47,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         return pb.TransferDescriptor(
             request_id=request.request_id, transfer_address=self.runtime.transfer_address,
             block_ids=res.block_ids, token=res.token, tag=int.from_bytes(res.token[:8], "little"),
-            layout=pb.KVLayout(num_layers=kv.num_layers, num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
-                               block_size=kv.block_size, num_blocks=kv.num_blocks, dtype=str(kv.kv.dtype)[6:]),
+            layout=layout_to_proto(kv.layout()),
             model_fingerprint=self.llm.fingerprint, expires_in_s=res.expires_at - res.created_at)
 
     @map_errors

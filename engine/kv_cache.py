@@ -1,13 +1,90 @@
-"""The paged KV cache: one preallocated tensor holding every layer's K and V blocks.
+"""The paged KV cache: one preallocated tensor holding every block's K and V for every layer, and its layout.
 
-Layout `[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]`, contiguous, so
-one layer's K (or V) for a run of consecutive blocks is one contiguous byte range: the unit the
-transfer layer moves. Owns memory and byte offsets; never chooses blocks (see block_manager.py).
+Block-major layout `[num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]`, contiguous:
+a block holds all its layers, so one request's KV is one byte region per run of consecutive block ids
+whatever the layer count (the unit the transfer layer moves and the store keeps as one value).
+`layout()` describes it; the transfer plan, reservations and the store compute regions from it, for
+this pool and (from a peer's pb.KVLayout) for another's. Owns memory and byte offsets; never chooses
+blocks (see block_manager.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+Region = tuple[int, int]  # (byte_offset, nbytes) inside the registered pool
+LAYOUT_ORDER = "block,layer,kv,token,head,dim"  # outermost first; pb.KVLayout.order names it for peers
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheLayout:
+    """Shape, dtype and byte arithmetic of a block-major pool (this worker's or a peer's)."""
+
+    num_blocks: int
+    num_layers: int
+    block_size: int  # tokens per block
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "float32", "bfloat16", ...
+    element_size: int  # bytes per element
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def kv_block_nbytes(self) -> int:
+        """Bytes of one block of one layer's K (or V): [block_size, num_kv_heads, head_dim]."""
+        return self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+
+    @property
+    def layer_block_nbytes(self) -> int:
+        """Bytes of one layer's K and V of one block (adjacent in memory)."""
+        return 2 * self.kv_block_nbytes
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block, all layers: the block stride, and the size of a stored value."""
+        return self.num_layers * self.layer_block_nbytes
+
+    @property
+    def token_nbytes(self) -> int:
+        """Bytes of one token's K and V over all layers."""
+        return self.block_nbytes // self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_nbytes
+
+    @property
+    def strides_bytes(self) -> tuple[int, ...]:
+        """Byte strides of `shape` (C order)."""
+        strides, acc = [], self.element_size
+        for dim in reversed(self.shape):
+            strides.append(acc)
+            acc *= dim
+        return tuple(reversed(strides))
+
+    def regions(self, block_ids: list[int], layers: range | None = None) -> list[Region]:
+        """Byte regions of `block_ids` (in order), all layers (None) or a contiguous range of layers.
+
+        All layers: one region per run of consecutive ids. A layer range: one region per block (its
+        layers' K and V are adjacent inside the block). Region order follows `block_ids`, so a source
+        and a destination list of the same blocks pair up byte for byte.
+        """
+        if layers is None or (layers.start == 0 and layers.stop == self.num_layers):
+            return [(start * self.block_nbytes, count * self.block_nbytes) for start, count in block_runs(block_ids)]
+        if not (0 <= layers.start < layers.stop <= self.num_layers and layers.step == 1):
+            raise ValueError(f"layers must be a contiguous range inside [0, {self.num_layers}), got {layers}")
+        offset, nbytes = layers.start * self.layer_block_nbytes, len(layers) * self.layer_block_nbytes
+        return [(b * self.block_nbytes + offset, nbytes) for b in block_ids]
+
+    def compatible(self, other: KVCacheLayout) -> bool:
+        """True when blocks can be copied byte for byte between the two pools (pool sizes may differ)."""
+        return (self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype) == (
+            other.num_layers, other.block_size, other.num_kv_heads, other.head_dim, other.dtype)
 
 
 class PagedKVCache:
@@ -18,62 +95,43 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+        # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+        self.kv = torch.zeros(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, dtype=dtype,
                               device=device)
-        # per layer: flat [num_blocks * block_size, num_kv_heads, head_dim] views of K and V
-        self._flat = [
-            (self.kv[i, 0].view(-1, num_kv_heads, head_dim), self.kv[i, 1].view(-1, num_kv_heads, head_dim))
-            for i in range(num_layers)
-        ]
+        self._layout = KVCacheLayout(num_blocks, num_layers, block_size, num_kv_heads, head_dim,
+                                     str(dtype).removeprefix("torch."), self.kv.element_size())
+
+    def layout(self) -> KVCacheLayout:
+        return self._layout
 
     def layer_blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer as [num_blocks, block_size, num_kv_heads, head_dim]."""
-        return self.kv[layer, 0], self.kv[layer, 1]
-
-    @property
-    def block_nbytes(self) -> int:
-        """Bytes of one block of one layer's K (or V)."""
-        return self.block_size * self.num_kv_heads * self.head_dim * self.kv.element_size()
+        """K and V of one layer as [num_blocks, block_size, num_kv_heads, head_dim] views; the block
+        dimension is strided (stride = one whole block), the inner three are contiguous."""
+        return self.kv[:, layer, 0], self.kv[:, layer, 1]
 
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat K and V views of one layer, indexed by slot (block_id * block_size + offset)."""
-        return self._flat[layer]
-
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new tokens' K/V ([T, num_kv_heads, head_dim]) at their slots ([T])."""
-        k_flat, v_flat = self._flat[layer]
-        k_flat.index_copy_(0, slot_mapping, k)
-        v_flat.index_copy_(0, slot_mapping, v)
+        """Store new tokens' K/V ([T, num_kv_heads, head_dim]) at their slots ([T], block_id * block_size + offset)."""
+        block_idx = torch.div(slot_mapping, self.block_size, rounding_mode="floor")
+        offset = slot_mapping - block_idx * self.block_size
+        k_blocks, v_blocks = self.layer_blocks(layer)
+        k_blocks.index_put_((block_idx, offset), k)
+        v_blocks.index_put_((block_idx, offset), v)
 
-    def layer_regions(self, layer: int, block_ids: list[int]) -> list[tuple[int, int]]:
-        """(byte_offset, nbytes) regions covering `block_ids` of one layer's K and V, adjacent blocks merged."""
-        return layer_regions(self.num_blocks, self.block_nbytes, layer, block_ids)
+    def regions(self, block_ids: list[int], layers: range | None = None) -> list[Region]:
+        """Byte regions of `block_ids` in this pool (see KVCacheLayout.regions)."""
+        return self._layout.regions(block_ids, layers)
 
-    def regions(self, block_ids: list[int], layers: range | None = None) -> list[tuple[int, int]]:
-        """Regions for `block_ids` over several layers, in (layer, K/V, run) order."""
-        out: list[tuple[int, int]] = []
-        for layer in layers if layers is not None else range(self.num_layers):
-            out.extend(self.layer_regions(layer, block_ids))
-        return out
-
-
-def layer_regions(num_blocks: int, block_nbytes: int, layer: int, block_ids: list[int]) -> list[tuple[int, int]]:
-    """Byte regions of `block_ids` of one layer (K runs, then V runs) in a pool of `num_blocks`
-    blocks with this module's layout; also used for a peer's pool, from its KVLayout."""
-    regions: list[tuple[int, int]] = []
-    for kind in (0, 1):
-        base = (layer * 2 + kind) * num_blocks
-        for start, count in block_runs(block_ids):
-            regions.append(((base + start) * block_nbytes, count * block_nbytes))
-    return regions
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of whole blocks, [n, num_layers, 2, block_size, num_kv_heads, head_dim] (the stored-value layout)."""
+        return self.kv.index_select(0, torch.tensor(block_ids, dtype=torch.long, device=self.kv.device))
 
 
 def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
-    """Split block ids (in order) into runs of consecutive ids: [(first_id, count), ...]."""
+    """Split block ids (in order) into runs of consecutive ascending ids: [(first_id, count), ...]."""
     runs: list[tuple[int, int]] = []
     for b in block_ids:
         if runs and runs[-1][0] + runs[-1][1] == b:

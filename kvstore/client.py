@@ -1,9 +1,9 @@
 """KVStoreClient: what prefill and decode workers use to find, load and publish KV blocks in the store.
 
 A stored value is one block's KV for all layers, `[num_layers, 2 (K, V), block_size, num_kv_heads,
-head_dim]` in the pool's dtype, C order: for block b it is the concatenation of the pool regions
-`kv[layer, kind, b]` in (layer, kind) order, so values move between a worker's pool and a node slot
-without any reshaping copy. Loads pull straight into the worker's pool; publishes copy into a
+head_dim]` in the pool's dtype, C order: exactly block b of the block-major pool (`kv[b]`, one
+contiguous region, `KVCacheLayout.block_nbytes`), so values move between a worker's pool and a node
+slot without any reshaping copy, and adjacent blocks move as one region. Loads pull straight into the worker's pool; publishes copy into a
 registered staging buffer first (so the caller may reuse its blocks at once) and push from there.
 
 Store faults never reach the caller: a miss, a dead node, a timeout or a node whose claims do not
@@ -60,12 +60,13 @@ class KVStoreClient:
         self.buffer_name = buffer_name
         self.timeout_s = timeout_s
         self.stats = KVStoreClientStats()
-        c = kv_cache
-        shape = (c.num_layers, 2, c.block_size, c.num_kv_heads, c.head_dim)
-        self.value_nbytes = c.num_layers * 2 * c.block_nbytes
-        self.meta = ValueMeta(self.value_nbytes, str(c.kv.dtype).removeprefix("torch."), shape, fingerprint)
+        layout = kv_cache.layout()
+        # a stored value is one whole block of the block-major pool: [num_layers, 2, block_size, nkv, head_dim]
+        shape = layout.shape[1:]
+        self.value_nbytes = layout.block_nbytes
+        self.meta = ValueMeta(self.value_nbytes, layout.dtype, shape, fingerprint)
         # staging: [staging_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] on the host
-        self._staging = torch.empty((staging_blocks, *shape), dtype=c.kv.dtype)
+        self._staging = torch.empty((staging_blocks, *shape), dtype=kv_cache.kv.dtype)
         self._staging_name = f"{buffer_name}-kvstore-staging"
         self._free_staging = list(reversed(range(staging_blocks)))
         self._tasks: set[asyncio.Task] = set()
@@ -102,9 +103,6 @@ class KVStoreClient:
     def _remaining(self, deadline: float) -> float:
         return max(0.01, deadline - asyncio.get_running_loop().time())
 
-    def _block_regions(self, block_id: int) -> list[tuple[int, int]]:
-        """The pool regions of one block in stored-value order: (layer, K/V)."""
-        return self.kv_cache.regions([block_id])
 
     # ---- lookup / load ---------------------------------------------------------------------------
     async def lookup(self, hashes: list[BlockHash]) -> int:
@@ -198,7 +196,7 @@ class KVStoreClient:
         if not good:
             return []
         src = [(v.offset, v.meta.nbytes) for _, v in good]
-        dst = [region for i, _ in good for region in self._block_regions(block_ids[i])]
+        dst = self.kv_cache.regions([block_ids[i] for i, _ in good])  # one region per run of adjacent blocks
         await self.transport.pull(node.transfer_address, bytes(resp.token), self.buffer_name, dst, src,
                               timeout_s=self._remaining(deadline))
         return [i for i, _ in good]
@@ -222,8 +220,8 @@ class KVStoreClient:
                 return
             loop = asyncio.get_running_loop()
             slots = [self._free_staging.pop() for _ in range(n)]
-            src = self.kv_cache.kv[:, :, torch.tensor(block_ids[:n])]  # [L, 2, n, bs, H, D]
-            self._staging.index_copy_(0, torch.tensor(slots), src.permute(2, 0, 1, 3, 4, 5).to("cpu"))
+            src = self.kv_cache.read_blocks(block_ids[:n])  # [n, L, 2, bs, H, D]: already the stored layout
+            self._staging.index_copy_(0, torch.tensor(slots), src.to("cpu"))
             task = loop.create_task(self._put(list(hashes[:n]), slots))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -4,7 +4,11 @@ The engine thread calls `on_layer(layer, batch)` after each layer of each step; 
 request with a destination it queues a push of the newly completed blocks onto the asyncio loop:
 each layer's as soon as it is written (`layer`), or all layers of a chunk once the chunk's last
 layer is written, overlapping the next chunk's compute (`chunk`, the default: on a small CPU host
-a round trip per layer costs more than it overlaps; docs/benchmarks.md). Pushes of one request run in order; `wait` returns when all have landed.
+a round trip per layer costs more than it overlaps; docs/benchmarks.md). Pushes of one request run
+in order; `wait` returns when all have landed. Regions come from the pools' block-major layouts
+(`KVCacheLayout.regions`): a chunk or request push is one region per run of consecutive blocks on
+each side, whatever the layer count; a layer push is that layer's K and V of each block (one region
+per block: many small sends, worth it only where a round trip is much cheaper than a layer's compute).
 Decides which blocks go where; the transfer layer only moves the bytes.
 """
 
@@ -15,7 +19,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pdserve.engine.kv_cache import PagedKVCache, layer_regions
+from pdserve.convert import layout_from_proto
+from pdserve.engine.kv_cache import KVCacheLayout, PagedKVCache
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout
 from pdserve.proto import pdserve_pb2 as pb
@@ -30,6 +35,7 @@ KV_BUFFER = "kv"
 class PushPlan:
     req_id: str
     dest: pb.TransferDescriptor
+    dest_layout: KVCacheLayout
     num_prompt_tokens: int
     num_pushed_blocks: int = 0  # prompt blocks whose every layer has been queued
     step_range: tuple[int, int] = (0, 0)
@@ -54,18 +60,19 @@ class KVSender:
         self.plans: dict[str, PushPlan] = {}  # req_id -> plan, for requests being prefilled
         self.bytes_sent = 0
 
-    def check_layout(self, dest: pb.TransferDescriptor, num_prompt_tokens: int) -> None:
-        lay, kv = dest.layout, self.kv
-        mine = (kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.block_size, str(kv.kv.dtype)[6:])
-        theirs = (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype)
-        if mine != theirs:
+    def check_layout(self, dest: pb.TransferDescriptor, num_prompt_tokens: int) -> KVCacheLayout:
+        theirs, mine = layout_from_proto(dest.layout), self.kv.layout()
+        if not mine.compatible(theirs):
             raise InvalidRequest(f"destination KV layout {theirs} does not match this worker's {mine}")
-        if len(dest.block_ids) < -(-num_prompt_tokens // kv.block_size):
+        if len(dest.block_ids) < -(-num_prompt_tokens // mine.block_size):
             raise InvalidRequest(f"destination has {len(dest.block_ids)} blocks, too few for the prompt")
+        if any(b >= theirs.num_blocks for b in dest.block_ids):
+            raise InvalidRequest(f"destination block ids must be below its pool size {theirs.num_blocks}")
+        return theirs
 
     def add(self, req_id: str, dest: pb.TransferDescriptor, num_prompt_tokens: int) -> PushPlan:
-        self.check_layout(dest, num_prompt_tokens)
-        plan = PushPlan(req_id, dest, num_prompt_tokens)
+        dest_layout = self.check_layout(dest, num_prompt_tokens)
+        plan = PushPlan(req_id, dest, dest_layout, num_prompt_tokens)
         plan.chain = self.loop.create_future()
         plan.chain.set_result(None)
         self.plans[req_id] = plan
@@ -95,9 +102,9 @@ class KVSender:
                 plan.step_range = (plan.num_pushed_blocks, end_block)
             start, end = plan.step_range
             if end > start and self.granularity == "layer":
-                src = self.kv.layer_regions(layer, seq.block_table[start:end])
-                dst = layer_regions(plan.dest.layout.num_blocks, self.kv.block_nbytes, layer,
-                                    list(plan.dest.block_ids[start:end]))
+                layers = range(layer, layer + 1)
+                src = self.kv.regions(seq.block_table[start:end], layers)
+                dst = plan.dest_layout.regions(list(plan.dest.block_ids[start:end]), layers)
                 self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst)
             elif end > start and last_layer:  # chunk: every layer of this step's blocks at once
                 src, dst = self._all_layer_regions(plan, seq.block_table, start, end)
@@ -108,11 +115,7 @@ class KVSender:
     def _all_layer_regions(self, plan: PushPlan, block_table: list[int], start: int, end: int
                            ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Source and destination regions of prompt blocks [start, end), all layers, in matching order."""
-        src = self.kv.regions(block_table[start:end])
-        dst_ids = list(plan.dest.block_ids[start:end])
-        dst = [r for layer in range(self.kv.num_layers)
-               for r in layer_regions(plan.dest.layout.num_blocks, self.kv.block_nbytes, layer, dst_ids)]
-        return src, dst
+        return self.kv.regions(block_table[start:end]), plan.dest_layout.regions(list(plan.dest.block_ids[start:end]))
 
     # ---- event loop -------------------------------------------------------------------------
     def push_all(self, plan: PushPlan, block_table: list[int]) -> None:

@@ -223,20 +223,22 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVLayout(_message.Message):
-    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "block_size", "num_blocks", "dtype")
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "block_size", "num_blocks", "dtype", "order")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_kv_heads: int
     head_dim: int
     block_size: int
     num_blocks: int
     dtype: str
-    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    order: str
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., order: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "num_prompt_tokens", "max_tokens", "model_fingerprint", "timeout_s")
@@ -253,7 +255,7 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., model_fingerprint: _Optional[bytes] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class TransferDescriptor(_message.Message):
-    __slots__ = ("request_id", "transfer_address", "block_ids", "token", "tag", "layout", "model_fingerprint", "expires_in_s")
+    __slots__ = ("request_id", "transfer_address", "block_ids", "token", "tag", "layout", "model_fingerprint", "expires_in_s", "lease_address")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +264,7 @@ class TransferDescriptor(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_address: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -270,7 +273,24 @@ class TransferDescriptor(_message.Message):
     layout: KVLayout
     model_fingerprint: bytes
     expires_in_s: float
-    def __init__(self, request_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., token: _Optional[bytes] = ..., tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., model_fingerprint: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+    lease_address: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., token: _Optional[bytes] = ..., tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., model_fingerprint: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ..., lease_address: _Optional[str] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("request_id", "token")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("found", "expires_in_s")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    expires_in_s: float
+    def __init__(self, found: _Optional[bool] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -287,7 +307,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., num_blocks_freed: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefilled", "first_token_id", "first_logprob", "num_cached_tokens")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefilled", "first_token_id", "first_logprob", "num_cached_tokens", "block_hashes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +315,7 @@ class DecodeRequest(_message.Message):
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingOptions
@@ -302,7 +323,8 @@ class DecodeRequest(_message.Message):
     first_token_id: int
     first_logprob: float
     num_cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., prefilled: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., prefilled: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "num_cached_tokens")

@@ -301,6 +301,11 @@ class DecodeWorkerStub:
                 request_serializer=pdserve__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=pdserve__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/pdserve.v1.DecodeWorker/Renew',
+                request_serializer=pdserve__pb2.RenewRequest.SerializeToString,
+                response_deserializer=pdserve__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pdserve.v1.DecodeWorker/Decode',
                 request_serializer=pdserve__pb2.DecodeRequest.SerializeToString,
@@ -332,6 +337,13 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Extend a reservation's lease: the prefill worker computing its KV calls it while it works.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Decode(self, request, context):
         """Run the request: admit it once its KV has landed (or prefill it here) and stream tokens.
         """
@@ -357,6 +369,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=pdserve__pb2.ReleaseRequest.FromString,
                     response_serializer=pdserve__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=pdserve__pb2.RenewRequest.FromString,
+                    response_serializer=pdserve__pb2.RenewResponse.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
@@ -425,6 +442,33 @@ class DecodeWorker:
             '/pdserve.v1.DecodeWorker/Release',
             pdserve__pb2.ReleaseRequest.SerializeToString,
             pdserve__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeWorker/Renew',
+            pdserve__pb2.RenewRequest.SerializeToString,
+            pdserve__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ import pytest_asyncio
 from integration_helpers import all_blocks_free, wait_until
 from pdserve import rpc
 from pdserve.client import Client
-from pdserve.engine.kv_cache import layer_regions
+from pdserve.convert import layout_from_proto
 from pdserve.errors import KVTransferError
 from pdserve.transfer.ucx import UCXTransport
 from pdserve.proto import pdserve_pb2 as pb
@@ -48,18 +48,11 @@ class Decode:
         return await self.stub.Stats(pb.StatsRequest(), timeout=5)
 
 
-def _block_nbytes(layout: pb.KVLayout) -> int:
-    return layout.block_size * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
-
-
 def _regions(desc: pb.TransferDescriptor, layers: range | None = None, block_ids: list[int] | None = None):
-    lay = desc.layout
+    lay = layout_from_proto(desc.layout)
     num_prompt_blocks = -(-NUM_PROMPT_TOKENS // lay.block_size)
     blocks = block_ids if block_ids is not None else list(desc.block_ids[:num_prompt_blocks])
-    out = []
-    for layer in layers if layers is not None else range(lay.num_layers):
-        out.extend(layer_regions(lay.num_blocks, _block_nbytes(lay), layer, blocks))
-    return out
+    return lay.regions(blocks, layers)
 
 
 async def _push(agent: UCXTransport, desc: pb.TransferDescriptor, token: bytes, dst) -> int:

@@ -48,7 +48,7 @@ def test_prefix_hit_shares_block_and_counts_references():
     assert bm.num_free_blocks == 8
 
 
-def test_freed_cached_blocks_stay_findable_until_reused_lru():
+def test_freed_cached_blocks_stay_findable_until_reused():
     bm = BlockManager(4, 16)
     h = [BlockHash(bytes([i]) * 16) for i in range(4)]
     ids = bm.allocate(4)
@@ -58,9 +58,65 @@ def test_freed_cached_blocks_stay_findable_until_reused_lru():
     assert bm.match_prefix(h) == ids  # still cached while free
     bm.take(bm.match_prefix(h[:1]))  # revive the first block: it leaves the free list
     assert bm.num_free_blocks == 3
-    fresh = bm.allocate(1)  # evicts one freed block (the tail block was freed first)
-    assert fresh == [ids[3]]
-    assert bm.match_prefix(h) == ids[:3]
+    fresh = bm.allocate(1)  # evicts the lowest id of the free run [1, 4)
+    assert fresh == [ids[1]]
+    assert bm.match_prefix(h) == ids[:1]  # the chain now breaks at block 1
+
+
+def test_allocation_is_ascending_and_contiguous_on_a_fresh_pool():
+    bm = BlockManager(64, 16)
+    assert bm.allocate(5) == [0, 1, 2, 3, 4]
+    assert bm.allocate(3) == [5, 6, 7]
+    assert bm.num_free_runs == 1
+
+
+def test_best_fit_run_and_runs_merge_in_both_directions():
+    bm = BlockManager(32, 16)
+    a, b, c, d = bm.allocate(4), bm.allocate(8), bm.allocate(3), bm.allocate(17)
+    bm.free(b)  # hole of 8 at 4..11
+    bm.free(d)  # tail run of 17 at 15..31
+    assert bm.num_free_runs == 2
+    assert bm.allocate(6) == list(range(4, 10))  # the smallest run that fits, from its low end
+    bm.free(list(range(4, 10)))
+    bm.free(c)  # 12..14 joins the hole on its left and the tail on its right: one run 4..31
+    assert bm.num_free_runs == 1
+    assert bm.allocate(28) == list(range(4, 32))
+    bm.free(list(range(4, 32)))
+    bm.free(list(reversed(a)))  # freeing order does not matter
+    assert bm.num_free_runs == 1 and bm.num_free_blocks == 32
+
+
+def test_no_fitting_run_takes_the_longest_runs_first():
+    bm = BlockManager(16, 16)
+    blocks = [bm.allocate(1)[0] for _ in range(16)]
+    for b in (1, 2, 5, 6, 7, 10):  # free runs: [1, 2], [5, 6, 7], [10]
+        bm.free([blocks[b]])
+    assert bm.allocate(5) == [5, 6, 7, 1, 2]
+
+
+def test_growth_extends_the_last_run_in_place():
+    bm = BlockManager(16, 16)
+    seq = bm.allocate(2)
+    other = bm.allocate(2)
+    bm.free(other)  # 2..15 free again
+    assert bm.allocate(1, after=seq[-1]) == [2]
+    blocker = bm.allocate(1)  # takes 3
+    assert blocker == [3]
+    assert bm.allocate(1, after=2) == [4]  # 3 is taken: no in-place growth, best fit elsewhere
+
+
+def test_churn_keeps_runs_consistent_with_reference_counts():
+    rng = random.Random(1)
+    bm = BlockManager(256, 16)
+    held: list[list[int]] = []
+    for _ in range(2000):
+        if held and (rng.random() < 0.5 or bm.num_free_blocks < 40):
+            bm.free(held.pop(rng.randrange(len(held))))
+        else:
+            held.append(bm.allocate(rng.randint(1, 32)))
+        free = [b for b in range(256) if bm.ref_counts[b] == 0]
+        runs = sum(1 for i, b in enumerate(free) if i == 0 or free[i - 1] != b - 1)
+        assert bm.num_free_blocks == len(free) and bm.num_free_runs == runs
 
 
 def test_random_operations_never_leak():
