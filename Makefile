@@ -7,7 +7,7 @@ PDSERVE := $(VENV)/bin/pdserve
 export UCX_WARN_UNUSED_ENV_VARS := n
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo proto bench clean config-docs demo-multihost
+.PHONY: install test test-fast demo proto bench clean config-docs dashboards demo-multihost
 
 install: $(VENV)/.installed  ## create .venv and install pdserve with the test extra (quick when nothing changed)
 
@@ -34,6 +34,9 @@ bench: install  ## engine throughput benchmark
 
 config-docs: install  ## regenerate docs/configuration.md (and README.md's marked table) from the config dataclasses
 	$(PY) -m pdserve.config_docs
+
+dashboards: install  ## regenerate the Grafana dashboard JSON, its k8s ConfigMap and docs/dashboards.md (pdserve/dashboards.py)
+	$(PY) -m pdserve.dashboards
 
 demo-multihost: install  ## router and workers in their own network namespaces (needs root and iproute2)
 	$(PY) deploy/netns/netns_demo.py

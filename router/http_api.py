@@ -26,7 +26,7 @@ from pdserve.router.auth import OPEN_HTTP_PATHS, ApiKeyAuth, Unauthenticated
 from pdserve.router.config import RouterConfig
 from pdserve.router.dispatch import Dispatcher, Event
 from pdserve.router.limits import FrontDoorLimits
-from pdserve.router.metrics import RouterMetrics
+from pdserve.router.metrics import HTTP_STATUSES, RouterMetrics
 from pdserve.router.openai_protocol import (DEFAULT_COMPLETION_MAX_TOKENS, ModelNotFound, OpenAIRequest,
                                             ResponseBuilder, error_body, parse_chat, parse_completion)
 from pdserve.router.registry import WorkerRegistry
@@ -73,6 +73,9 @@ class HttpApi:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            for status in HTTP_STATUSES:
+                self.metrics.http_requests.labels(path, status)
         return app
 
     async def start(self, host: str, port: int) -> None:

@@ -24,6 +24,8 @@ TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                   40.0, 80.0)
 E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                  480.0, 960.0, 1920.0, 7680.0)
+FINISH_REASONS = ("stop", "length", "abort")
+HTTP_STATUSES = ("200", "400", "429", "503")  # the ones an operator's panels show from the start
 
 
 class _WorkerViewCollector:
@@ -80,6 +82,9 @@ class RouterMetrics:
         self.http_requests = Counter("pdserve:http_requests", "HTTP requests by route and status.",
                                      ["path", "status"], registry=r)
         self.model_name = model_name
+        # Children made now, at 0: a series born at its first increment loses that increment to rate().
+        for reason in FINISH_REASONS:
+            self._success.labels(model_name, reason)
 
     def watch_workers(self, registry: WorkerRegistry, dispatcher: Dispatcher) -> None:
         self.registry.register(_WorkerViewCollector(registry, dispatcher))
