@@ -9,12 +9,12 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install test test-fast demo proto bench clean config-docs dashboards demo-multihost
 
-install: $(VENV)/.installed  ## create .venv and install pdserve with the test extra (quick when nothing changed)
+install: $(VENV)/.installed  ## create .venv and install pdserve with the test and mooncake extras (quick when nothing changed)
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,mooncake]'
 	@touch $@
 
 test: install  ## the whole suite

@@ -1,2 +1,2 @@
-"""pdserve.transfer: moves KV bytes between processes behind one interface (`base.KVTransport`); backends are
-built once from `TransferConfig` by `factory.create_transport` (today: UCX, ucx.py)."""
+"""pdserve.transfer: moves KV bytes between processes behind one interface (`base.KVTransport`); backends `ucx`
+(ucx.py, the default) and `mooncake` (mooncake.py), chosen once from `TransferConfig` by `factory.create_transport`."""

@@ -1,4 +1,5 @@
-"""UCXTransport between OS processes on loopback: the test process is one side, a `python -c` child the other."""
+"""Each KVTransport backend between OS processes on loopback: the test process is one side, a `python -c` child the
+other (UCX over shared memory, Mooncake's Transfer Engine over TCP)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest_asyncio
 
 from pdserve.errors import KVTransferError, PeerUnavailable
 from pdserve.transfer.base import TransferRejected
-from pdserve.transfer.ucx import UCXTransport
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.factory import create_transport
 
 # ucxx's context (and its notifier thread) is bound to the first event loop that uses it: one loop for the session.
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(90)]
@@ -27,16 +29,17 @@ MiB = 1 << 20
 CHILD = r"""
 import asyncio, sys
 import numpy as np
-from pdserve.transfer.ucx import UCXTransport
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.factory import create_transport
 
 def pattern(nbytes, seed):
     return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
 
-async def main(role, token_hex, spec, timeout_s, peer=None):
+async def main(backend, role, token_hex, spec, timeout_s, peer=None):
     token = bytes.fromhex(token_hex)
     regions = [tuple(int(x) for x in r.split(":")) for r in spec.split(",")]
     buf_bytes = max(o + n for o, n in regions)
-    agent = UCXTransport(timeout_s=timeout_s)
+    agent = create_transport(TransferConfig(kv_transport=backend), "127.0.0.1", 0, num_lanes=4, timeout_s=timeout_s)
     await agent.start()
     try:
         if role == "receive":
@@ -75,7 +78,7 @@ async def main(role, token_hex, spec, timeout_s, peer=None):
     finally:
         await agent.close()
 
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), *sys.argv[5:]))
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]), *sys.argv[6:]))
 """
 
 
@@ -130,9 +133,20 @@ def pattern(nbytes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def agent():
-    agent = UCXTransport(timeout_s=3.0, lane_min_bytes=8 * MiB, max_piece_bytes=8 * MiB)
+@pytest_asyncio.fixture(loop_scope="session", params=["ucx", "mooncake"])
+async def agent(request):
+    if request.param == "ucx":
+        from pdserve.transfer.ucx import UCXTransport
+
+        agent = UCXTransport(timeout_s=3.0, lane_min_bytes=8 * MiB, max_piece_bytes=8 * MiB)
+    else:
+        from pdserve.transfer.mooncake import MooncakeTransport, import_engine
+
+        try:
+            import_engine()
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+        agent = MooncakeTransport(timeout_s=3.0, max_piece_bytes=8 * MiB)
     await agent.start()
     try:
         yield agent
@@ -144,7 +158,7 @@ async def test_multi_region_push_to_other_process(agent) -> None:
     token = secrets.token_bytes(16)
     dst_regions = [(i * 3 * MiB + 4096 * i, MiB + 17 * i) for i in range(12)]  # ~12 MiB in 12 uneven blocks
     total = sum(n for _, n in dst_regions)
-    child = await Child.start("receive", token.hex(), spec(dst_regions), "10")
+    child = await Child.start(agent.name, "receive", token.hex(), spec(dst_regions), "10")
     try:
         address = (await child.expect_line("ADDRESS"))[1]
         src = pattern(total, 1)
@@ -169,7 +183,7 @@ async def test_multi_region_push_to_other_process(agent) -> None:
 
 async def test_pull_from_other_process(agent) -> None:
     token = secrets.token_bytes(16)
-    child = await Child.start("expose", token.hex(), spec([(0, 32 * MiB)]), "20")
+    child = await Child.start(agent.name, "expose", token.hex(), spec([(0, 32 * MiB)]), "20")
     try:
         address = (await child.expect_line("ADDRESS"))[1]
         dst = np.zeros(16 * MiB, dtype=np.uint8)
@@ -187,7 +201,7 @@ async def test_sender_killed_mid_transfer_fails_receiver_within_timeout(agent) -
     dst = np.zeros(64 * 8 * MiB, dtype=np.uint8)
     agent.register_buffer("big", dst)
     exp = agent.expect(token, "big", layers, timeout_s=4.0)
-    child = await Child.start("send", token.hex(), spec(layers), "3", agent.address)
+    child = await Child.start(agent.name, "send", token.hex(), spec(layers), "3", agent.address)
     try:
         await child.expect_line("PUSHED")
         child.kill()
@@ -203,7 +217,7 @@ async def test_sender_killed_mid_transfer_fails_receiver_within_timeout(agent) -
 async def test_receiver_killed_mid_transfer_fails_sender_within_timeout(agent) -> None:
     token = secrets.token_bytes(16)
     layers = [(i * 8 * MiB, 8 * MiB) for i in range(32)]
-    child = await Child.start("receive", token.hex(), spec(layers), "30")
+    child = await Child.start(agent.name, "receive", token.hex(), spec(layers), "30")
     src = pattern(8 * MiB, 1)
     agent.register_buffer("layer", src)
     try:

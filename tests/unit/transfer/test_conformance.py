@@ -1,4 +1,5 @@
-"""Two UCXTransports in one process and one event loop, over real ucxx on loopback."""
+"""The rules every KVTransport backend keeps (transfer/base.py), run against each real backend: two transports in one
+process and one event loop on loopback, over real ucxx and over Mooncake's Transfer Engine (TCP)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import pytest_asyncio
 import torch
 
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout, PeerUnavailable
-from pdserve.transfer.base import TransferRejected
-from pdserve.transfer.ucx import UCXTransport
+from pdserve.transfer.base import KVTransport, TransferRejected
 
 # ucxx's context (and its notifier thread) is bound to the first event loop that uses it: one loop for the session.
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)]
@@ -20,12 +20,29 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)
 BUF_BYTES = 8 << 20
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def agents():
-    sender = UCXTransport(num_lanes=3, timeout_s=5.0, max_piece_bytes=1 << 20, lane_min_bytes=1 << 20)
-    receiver = UCXTransport(num_lanes=3, timeout_s=5.0)
+def make_transport(backend: str, *, timeout_s: float = 5.0, small_pieces: bool = False) -> KVTransport:
+    """A real transport of `backend`; small_pieces cuts pushes into 1 MiB pieces (and UCX spreads them over lanes)."""
+    if backend == "ucx":
+        from pdserve.transfer.ucx import UCXTransport
+
+        pieces = dict(max_piece_bytes=1 << 20, lane_min_bytes=1 << 20) if small_pieces else {}
+        return UCXTransport(num_lanes=3, timeout_s=timeout_s, **pieces)
+    try:
+        from pdserve.transfer.mooncake import MooncakeTransport, import_engine
+
+        import_engine()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    return MooncakeTransport(timeout_s=timeout_s, **({"max_piece_bytes": 1 << 20} if small_pieces else {}))
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module", params=["ucx", "mooncake"])
+async def agents(request):
+    sender = make_transport(request.param, small_pieces=True)
+    receiver = make_transport(request.param)
     await sender.start()
     await receiver.start()
+    assert isinstance(sender, KVTransport) and sender.name == request.param
     src = np.random.default_rng(0).integers(0, 256, BUF_BYTES, dtype=np.uint8)
     dst = np.zeros(BUF_BYTES, dtype=np.uint8)
     sender.register_buffer("src", src)
@@ -50,7 +67,7 @@ def gather_bytes(buf: np.ndarray, regions: list[tuple[int, int]]) -> np.ndarray:
     ([(100, 4096), (10000, 4096)], [(8192, 8192)]),  # two runs into one
     ([(0, 1 << 20)], [(i * 65536 + 7, 65536) for i in range(16)]),  # one run into 16 blocks
     ([(i * 4096, 4096) for i in range(64)], [((1 << 20) + (i % 8) * 4096 + (i // 8) * 65536, 4096) for i in range(64)]),
-    ([(0, 6 << 20)], [(1 << 20, 6 << 20)]),  # several lanes, 1 MiB pieces
+    ([(0, 6 << 20)], [(1 << 20, 6 << 20)]),  # 1 MiB pieces (several lanes on UCX)
 ])
 async def test_push_lands_exact_bytes(agents, src_regions, dst_regions) -> None:
     sender, receiver, src, dst = agents
@@ -204,7 +221,7 @@ async def test_caller_errors_are_invalid_request(agents) -> None:
 
 async def test_unreachable_peer_raises_within_timeout(agents) -> None:
     sender, _, _, _ = agents
-    closed = UCXTransport(timeout_s=1.0)
+    closed = make_transport(sender.name, timeout_s=1.0)
     await closed.start()
     address = closed.address
     await closed.close()
@@ -224,3 +241,35 @@ async def test_stats_count_bytes(agents) -> None:
     assert sender.stats.bytes_sent - before_sent == 12345
     assert receiver.stats.bytes_received - before_received == 12345
     assert sender.stats.num_pushes >= 1 and sender.stats.seconds_sending > 0
+
+
+async def test_push_after_expiry_rejected_and_destination_untouched(agents) -> None:
+    sender, receiver, _, dst = agents
+    dst[:4096] = 9
+    tok = token()
+    exp = receiver.expect(tok, "dst", [(0, 4096)], timeout_s=0.2)
+    with pytest.raises(KVTransferTimeout):
+        await asyncio.wait_for(exp.wait(), 5)
+    with pytest.raises(TransferRejected):
+        await sender.push(receiver.address, tok, "src", [(0, 4096)], [(0, 4096)])
+    assert (dst[:4096] == 9).all()
+
+
+class CudaArray:
+    """Device memory as cupy or numba present it: only the CUDA array interface (never dereferenced here)."""
+
+    __cuda_array_interface__ = {"shape": (4096,), "typestr": "|u1", "data": (0x7F00_0000_0000, False), "version": 3,
+                                "strides": None}
+
+
+async def test_device_memory_it_cannot_move_is_refused_naming_device_and_backend(agents) -> None:
+    sender, _, _, _ = agents
+    if sender.name == "ucx":
+        from pdserve.transfer.ucx_env import available_transports
+
+        if any(t.startswith("cuda") for t in available_transports()):
+            pytest.skip("this UCX has CUDA transports: it accepts device memory")
+    with pytest.raises(InvalidRequest, match=rf"(?s){sender.name}.*cuda:0"):
+        sender.register_buffer("device", CudaArray())
+    with pytest.raises(InvalidRequest, match="no registered buffer"):
+        await sender.push(sender.address, token(), "device", [(0, 10)], [(0, 10)])
