@@ -7,7 +7,7 @@ PDSERVE := $(VENV)/bin/pdserve
 export UCX_WARN_UNUSED_ENV_VARS := n
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo proto bench clean config-docs dashboards demo-multihost
+.PHONY: install test test-fast demo proto bench clean config-docs dashboards demo-multihost gpu-check
 
 install: $(VENV)/.installed  ## create .venv and install pdserve with the test and mooncake extras (quick when nothing changed)
 
@@ -22,6 +22,10 @@ test: install  ## the whole suite
 
 test-fast: install  ## unit tests only
 	$(PY) -m pytest -q tests/unit
+
+gpu-check: install  ## on a machine with a GPU: install the gpu extra (cupy) and run tests/gpu, showing the GB/s it measures
+	$(PY) -m pip install -q -e '.[test,mooncake,gpu]'
+	$(PY) -m pytest -q -rs -s tests/gpu
 
 proto: install  ## regenerate the protobuf/gRPC code in proto/
 	$(PY) -m pdserve.proto.generate

@@ -25,6 +25,7 @@ from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.transfer.base import KVTransport
+from pdserve.transfer.memory import record_ready_event, wait_ready_event
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,10 @@ class KVSender:
                 layers = range(layer, layer + 1)
                 src = self.kv.regions(seq.block_table[start:end], layers)
                 dst = plan.dest_layout.regions(list(plan.dest.block_ids[start:end]), layers)
-                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst)
+                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst, record_ready_event(self.kv.kv))
             elif end > start and last_layer:  # chunk: every layer of this step's blocks at once
                 src, dst = self._all_layer_regions(plan, seq.block_table, start, end)
-                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst)
+                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst, record_ready_event(self.kv.kv))
             if last_layer:
                 plan.num_pushed_blocks = end
 
@@ -125,9 +126,11 @@ class KVSender:
             return
         src, dst = self._all_layer_regions(plan, block_table, start, end)
         plan.num_pushed_blocks = end
-        self._queue_push(plan, src, dst)
+        self._queue_push(plan, src, dst, record_ready_event(self.kv.kv))
 
-    def _queue_push(self, plan: PushPlan, src: list[tuple[int, int]], dst: list[tuple[int, int]]) -> None:
+    def _queue_push(self, plan: PushPlan, src: list[tuple[int, int]], dst: list[tuple[int, int]],
+                    ready: object | None) -> None:
+        """`ready`: on a GPU, the CUDA event recorded right after the pushed KV was written (None on the CPU)."""
         previous = plan.chain
 
         async def push() -> None:
@@ -135,6 +138,7 @@ class KVSender:
             if plan.error is not None:
                 return
             try:
+                await wait_ready_event(ready, self.timeout_s)  # the bytes must be on the device before they move
                 sent = await self.transport.push(plan.dest.transfer_address, plan.dest.token, KV_BUFFER, src, dst,
                                              timeout_s=self.timeout_s)
             except Exception as exc:  # noqa: BLE001 - recorded, raised by wait()

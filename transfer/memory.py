@@ -102,3 +102,32 @@ def memory_of(buf: object) -> Memory:
         return _from_cuda_array_interface(buf, cai)
     raise InvalidRequest(f"unsupported buffer type {type(buf).__name__}; use a numpy array, a torch tensor or an "
                          f"object with the CUDA array interface")
+
+
+def record_ready_event(tensor: object) -> object | None:
+    """For a CUDA torch tensor: a CUDA event recorded now on its device's current stream, complete once every kernel
+    queued so far (the KV writes of the layer or chunk just computed) has run; None for host memory (already written).
+    Called by whoever queues a push right after the compute that wrote the pushed bytes."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(tensor.device))
+    return event
+
+
+async def wait_ready_event(event: object | None, timeout_s: float) -> None:
+    """Returns once `event` (from record_ready_event) completed; KVTransferTimeout past timeout_s. No-op for None."""
+    if event is None:
+        return
+    import asyncio
+
+    from pdserve.errors import KVTransferTimeout
+
+    if event.query():  # type: ignore[attr-defined]
+        return
+    try:  # synchronize() blocks its thread (not the loop) until the GPU passed the event
+        await asyncio.wait_for(asyncio.to_thread(event.synchronize), timeout_s)  # type: ignore[attr-defined]
+    except asyncio.TimeoutError:
+        raise KVTransferTimeout(f"KV written on the GPU was not ready within {timeout_s} s") from None

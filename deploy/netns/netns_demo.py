@@ -8,8 +8,8 @@ namespace of its own, so nothing touches the root namespace's network.
 Hosts (private 10.77.0.0/24, used only inside these namespaces): .1 router (and the clients),
 .2 prefill, .3 decode, .4 KV store (master + node); colocated: .1 router, .2 worker. It runs
 greedy generations and a short `pdserve bench` across the hosts, checks the tokens equal a
-single-host offline run, and that bytes crossed the links (KV bytes on the prefill worker when
-disaggregated). Everything it creates (processes, namespaces, veths, bridge) is removed on exit,
+single-host offline run, and that bytes crossed the links: when disaggregated, one long prompt's KV
+must appear in the decode host's veth byte counters (not moved by shared memory between namespaces). Everything it creates (processes, namespaces, veths, bridge) is removed on exit,
 failure, Ctrl-C or SIGTERM. Exit 0: proven; 1: failed; 77: cannot run here (not root, no `ip`).
 """
 
@@ -40,6 +40,7 @@ PROMPTS = [
     "Disaggregated serving splits prefill and decode so that " * 3,
 ]
 MAX_TOKENS = 24
+KV_PROBE_TOKENS = 1500  # one prompt whose KV (about 6 MiB for the tiny model) dwarfs the control traffic meanwhile
 
 
 def _pdserve(*args: str) -> list[str]:
@@ -137,7 +138,11 @@ def run_in_router_host(lab: Lab, argv: list[str], timeout_s: float, name: str) -
 
 # --- the client half: runs inside the router's namespace -------------------------------------------------
 
-async def _client_main(router: str, num_workers: int, timeout_s: float, generate: bool) -> dict:
+async def _decode_kv_received(client) -> int:
+    return sum(w.stats.kv_bytes_received for w in await client.workers() if w.role == 2)  # DECODE
+
+
+async def _client_main(router: str, num_workers: int, timeout_s: float, generate: bool, kv_probe: bool) -> dict:
     import asyncio
 
     from pdserve.client import Client
@@ -163,17 +168,30 @@ async def _client_main(router: str, num_workers: int, timeout_s: float, generate
                 c = await client.complete(prompt, max_tokens=MAX_TOKENS, temperature=0.0, timeout_s=120)
                 completions.append({"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
                                     "prefill_worker": c.prefill_worker, "decode_worker": c.decode_worker})
+        kv_probe_bytes = 0
+        if kv_probe:  # KV bytes the decode worker took in for one long fresh prompt
+            before = await _decode_kv_received(client)
+            await client.complete(list(range(10, 10 + KV_PROBE_TOKENS)), max_tokens=1, temperature=0.0, timeout_s=120)
+            last, settle_deadline = before, time.monotonic() + 20
+            while time.monotonic() < settle_deadline:  # the router polls worker stats: wait until the count holds
+                await asyncio.sleep(0.5)
+                now = await _decode_kv_received(client)
+                if now > before and now == last:
+                    break
+                last = now
+            kv_probe_bytes = last - before
         workers = [{"worker_id": w.worker_id, "role": w.role, "address": w.address,
                     "transfer_address": w.transfer_address, "kv_bytes_sent": w.stats.kv_bytes_sent,
                     "kv_bytes_received": w.stats.kv_bytes_received,
                     "num_generation_tokens": w.stats.num_generation_tokens} for w in await client.workers()]
-    return {"completions": completions, "workers": workers}
+    return {"completions": completions, "workers": workers, "kv_probe_bytes": kv_probe_bytes}
 
 
 def client_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    print(json.dumps(asyncio.run(_client_main(args.router, args.num_workers, args.timeout_s, args.generate))))
+    print(json.dumps(asyncio.run(_client_main(args.router, args.num_workers, args.timeout_s, args.generate,
+                                              args.kv_probe))))
     return 0
 
 
@@ -203,6 +221,14 @@ def find_problems(summary: dict, topology: str) -> list[str]:
                             "the KV did not cross it")
         print(f"KV moved across hosts: {sent / 2**20:.2f} MiB sent by prefill, "
               f"{summary['kv_bytes_received'] / 2**20:.2f} MiB received")
+        # One long prompt's KV must show up in the decode host's veth counters: were it moved through shared memory
+        # (the hosts mistaken for one), the link would carry only the few KiB of control traffic meanwhile.
+        probe = summary.get("kv_probe", {})
+        if probe.get("kv_bytes", 0) < 2**20:
+            problems.append(f"the KV probe moved too little to tell the path apart: {probe}")
+        elif probe["decode_link_bytes_in"] < probe["kv_bytes"]:
+            problems.append(f"the decode host's link carried {probe['decode_link_bytes_in']} bytes while "
+                            f"{probe['kv_bytes']} KV bytes landed there: the KV payload did not cross the veth")
     return problems
 
 
@@ -276,6 +302,15 @@ def demo(args: argparse.Namespace) -> int:
         summary["link_bytes"] = lab.link_bytes()
         summary["kv_bytes_sent"] = sum(w["kv_bytes_sent"] for w in workers)
         summary["kv_bytes_received"] = sum(w["kv_bytes_received"] for w in workers)
+        if topology == "disaggregated":
+            before = lab.link_bytes()["decode"]["to_host"]
+            probe = run_in_router_host(lab, [*client_argv, "--kv-probe"], 150, "client-kv-probe")
+            if probe.returncode != 0:
+                raise RuntimeError(f"KV probe failed:\n{probe.stderr[-3000:]}")
+            summary["kv_probe"] = {"kv_bytes": json.loads(probe.stdout)["kv_probe_bytes"],
+                                   "decode_link_bytes_in": lab.link_bytes()["decode"]["to_host"] - before}
+            print(f"KV probe ({KV_PROBE_TOKENS} tokens): {summary['kv_probe']['kv_bytes'] / 2**20:.2f} MiB landed on "
+                  f"decode; its link took in {summary['kv_probe']['decode_link_bytes_in'] / 2**20:.2f} MiB meanwhile")
         problems = find_problems(summary, topology)
         for name, counts in summary["link_bytes"].items():
             print(f"  link {name:<8} {counts['from_host'] / 1024:9.1f} KiB out, {counts['to_host'] / 1024:9.1f} KiB in")
@@ -312,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--num-workers", type=int, required=True)
     client.add_argument("--timeout-s", type=float, default=180.0)
     client.add_argument("--generate", action="store_true")
+    client.add_argument("--kv-probe", action="store_true", help="one long prompt; report the KV bytes decode took in")
     parser.add_argument("--topology", choices=["auto", "disaggregated", "colocated"], default="auto",
                         help="auto: disaggregated when the KV transfer layer exists (default)")
     parser.add_argument("--no-store", dest="store", action="store_false",

@@ -20,12 +20,16 @@ SUBNET = "10.77.0"  # a private /24 that exists only inside these namespaces
 
 
 def child_env() -> dict[str, str]:
-    """Environment of every process on a host: UCX over TCP only, because its shared-memory transports
-    (which ignore network namespaces) would move the KV between "hosts" without touching a link.
-    PDS_NETNS_UCX_TLS overrides the transport list (e.g. to compare with shared memory)."""
-    return {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONUNBUFFERED": "1",
-            "UCX_TLS": os.environ.get("PDS_NETNS_UCX_TLS", "tcp"),
-            "NO_PROXY": f"{SUBNET}.0/24,127.0.0.1", "no_proxy": f"{SUBNET}.0/24,127.0.0.1"}
+    """Environment of every process on a host. UCX keeps all its transports: the host identity
+    (pdserve.transfer.host: kernel boot + network and pid namespace) tells these namespaces apart, so no
+    shared-memory endpoint is opened between them and the KV crosses the veth (the demo's KV probe checks).
+    PDS_NETNS_UCX_TLS sets UCX_TLS (e.g. `tcp`); PDSERVE_TRANSFER_SHARED_MEMORY=on forces shared memory
+    between the namespaces, which the KV probe must then report as not crossing the link."""
+    env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONUNBUFFERED": "1",
+           "NO_PROXY": f"{SUBNET}.0/24,127.0.0.1", "no_proxy": f"{SUBNET}.0/24,127.0.0.1"}
+    if "PDS_NETNS_UCX_TLS" in os.environ:
+        env["UCX_TLS"] = os.environ["PDS_NETNS_UCX_TLS"]
+    return env
 
 
 class Skip(Exception):

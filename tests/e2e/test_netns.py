@@ -48,6 +48,9 @@ def test_components_on_separate_hosts_match_a_single_host(tmp_path):
         sent = sum(w["kv_bytes_sent"] for w in workers.values() if w["role"] == 1)
         assert sent > 0
         assert summary["link_bytes"]["prefill"]["from_host"] >= sent  # the KV crossed the prefill host's link
+        # one long prompt's KV payload, counted on decode, crossed decode's veth (not shared memory/CMA)
+        probe = summary["kv_probe"]
+        assert probe["kv_bytes"] >= 2**20 and probe["decode_link_bytes_in"] >= probe["kv_bytes"], probe
         for c in summary["completions"]:
             assert c["prefill_worker"] and c["prefill_worker"] != c["decode_worker"]
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()

@@ -45,3 +45,36 @@ def test_cuda_array_interface_sliced_without_touching_memory() -> None:
     assert cai["data"] == (0x7000_0000 + 64, False) and cai["shape"] == (32,) and cai["typestr"] == "|u1"
     with pytest.raises(InvalidRequest, match="C-contiguous"):
         memory_of(FakeDeviceArray(0x7000_0000, (16, 8), "<f2", strides=(2, 32)))
+
+
+class FakeEvent:
+    """A CUDA event's two methods; synchronize() blocks its thread for `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.synced = False
+
+    def query(self) -> bool:
+        return self.synced
+
+    def synchronize(self) -> None:
+        import time
+
+        time.sleep(self.delay_s)
+        self.synced = True
+
+
+async def test_push_waits_for_the_kv_written_event() -> None:
+    import asyncio
+
+    from pdserve.errors import KVTransferTimeout
+    from pdserve.transfer.memory import record_ready_event, wait_ready_event
+
+    assert record_ready_event(torch.zeros(4)) is None  # host memory is written when the step returns
+    await wait_ready_event(None, 1.0)
+    event = FakeEvent(0.05)
+    await wait_ready_event(event, 5.0)
+    assert event.synced
+    with pytest.raises(KVTransferTimeout):
+        await wait_ready_event(FakeEvent(1.0), 0.05)
+    await asyncio.sleep(0)
