@@ -21,7 +21,6 @@ Host memory only (the non-CUDA build): device memory is refused when registered.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -30,10 +29,11 @@ from typing import Any, TypeVar
 
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout, PeerUnavailable
 
-from .base import TransferRejected, TransferStats
+from .base import TransferRejected
+from .buffers import TransportCore
 from .memory import Memory, memory_of
 from .regions import Region, check_regions, pair_regions, total_bytes
-from .tokens import Expectation, Exposure, TokenRegistry
+from .tokens import Expectation, Exposure
 from .wire import HEADER, MAGIC, MAX_BODY_BYTES, BodyReader, BodyWriter, Kind
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class _Control:
         self.writer.close()
 
 
-class MooncakeTransport:
+class MooncakeTransport(TransportCore):
     """One per process: a Mooncake TransferEngine (TCP), its control listener and idle control connections."""
 
     name = "mooncake"
@@ -118,9 +118,7 @@ class MooncakeTransport:
         self.port = port
         self.timeout_s = timeout_s
         self.max_piece_bytes = max_piece_bytes  # one engine request per this many bytes at most
-        self._stats = TransferStats()
-        self._registry = TokenRegistry(self._stats)
-        self._buffers: dict[str, Memory] = {}
+        super().__init__()
         self._engine: Any = None
         self._session = ""  # "host:rpc_port" peers name this engine by
         self._server: asyncio.base_events.Server | None = None
@@ -167,10 +165,6 @@ class MooncakeTransport:
             raise RuntimeError("MooncakeTransport.start() was not called")
         return f"{self.host}:{self.port}"
 
-    @property
-    def stats(self) -> TransferStats:
-        return dataclasses.replace(self._stats)
-
     # ---- buffers and tokens ----------------------------------------------------------------------
     def register_buffer(self, name: str, buf: object) -> None:
         memory = memory_of(buf)
@@ -188,18 +182,6 @@ class MooncakeTransport:
         memory = self._buffers.pop(name, None)
         if memory is not None and self._engine is not None:
             self._engine.unregister_memory(memory.ptr)
-
-    def _view(self, name: str) -> Memory:
-        try:
-            return self._buffers[name]
-        except KeyError:
-            raise InvalidRequest(f"no registered buffer named {name!r}") from None
-
-    def expect(self, token: bytes, buffer: str, regions: Sequence[Region], timeout_s: float) -> Expectation:
-        return self._registry.expect(token, buffer, self._view(buffer), regions, timeout_s)
-
-    def expose(self, token: bytes, buffer: str, regions: Sequence[Region], timeout_s: float) -> Exposure:
-        return self._registry.expose(token, buffer, self._view(buffer), regions, timeout_s)
 
     async def cancel(self, token: bytes) -> None:
         """Drops the token's expectation or exposure, then waits for engine calls still moving bytes under it."""
@@ -253,12 +235,6 @@ class MooncakeTransport:
                 self._idle.setdefault(peer, []).append(conn)
             else:
                 conn.close()
-
-    def _count_error(self, exc: BaseException) -> None:
-        if isinstance(exc, TransferRejected):
-            self._stats.num_rejected += 1
-        elif isinstance(exc, KVTransferError):
-            self._stats.num_failures += 1
 
     async def push(self, peer: str, token: bytes, src_buffer: str, src_regions: Sequence[Region],
                    dst_regions: Sequence[Region], *, timeout_s: float | None = None) -> int:

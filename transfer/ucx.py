@@ -46,7 +46,6 @@ InvalidRequest (the caller's own regions, buffer names or token are wrong).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -54,10 +53,11 @@ from collections.abc import Sequence
 from pdserve.errors import InvalidRequest, KVTransferError, PeerUnavailable
 
 from .base import TransferRejected, TransferStats
+from .buffers import TransportCore
 from .host import host_identity, shares_memory_with
 from .memory import Memory, memory_of
 from .regions import Piece, Region, check_regions, pair_regions, split_among_lanes, total_bytes
-from .tokens import Expectation, Exposure, TokenRegistry
+from .tokens import Expectation, Exposure
 from .ucx_env import available_transports, import_ucxx
 from .ucx_lane import Lane, LanePool, bounded, gather_or_fail
 from .ucx_server import TransferServer
@@ -66,7 +66,7 @@ from .wire import MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, new_pay
 logger = logging.getLogger(__name__)
 
 
-class UCXTransport:
+class UCXTransport(TransportCore):
     """One per process: a ucxx listener plus a pool of outgoing lanes (endpoints) per peer."""
 
     name = "ucx"
@@ -83,10 +83,8 @@ class UCXTransport:
         self.lane_min_bytes = lane_min_bytes  # a push uses one more lane per this many bytes
         shares_memory_with(shared_memory, "", "")  # checks the setting
         self.shared_memory = shared_memory  # auto | on | off (host.py)
+        super().__init__()
         self.host_id = host_identity()
-        self._stats = TransferStats()
-        self._registry = TokenRegistry(self._stats)
-        self._buffers: dict[str, Memory] = {}  # name -> registered memory
         self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
         self._server: TransferServer | None = None
         self._ucxx = import_ucxx()
@@ -118,10 +116,6 @@ class UCXTransport:
             raise RuntimeError("UCXTransport.start() was not called")
         return f"{self.host}:{self.port}"
 
-    @property
-    def stats(self) -> TransferStats:
-        return dataclasses.replace(self._stats)
-
     # ---- buffers and tokens ----------------------------------------------------------------------
     def register_buffer(self, name: str, buf: object) -> None:
         """Makes a contiguous numpy array, torch tensor (CPU or CUDA) or CUDA array addressable by name (no copy)."""
@@ -132,23 +126,6 @@ class UCXTransport:
                 raise InvalidRequest(f"the ucx transport cannot move {memory.device} memory: this process's UCX "
                                      f"offers only {', '.join(transports)} (no cuda_copy/cuda_ipc)")
         self._buffers[name] = memory
-
-    def unregister_buffer(self, name: str) -> None:
-        self._buffers.pop(name, None)
-
-    def _view(self, name: str) -> Memory:
-        try:
-            return self._buffers[name]
-        except KeyError:
-            raise InvalidRequest(f"no registered buffer named {name!r}") from None
-
-    def expect(self, token: bytes, buffer: str, regions: Sequence[Region], timeout_s: float) -> Expectation:
-        """Allows whoever presents `token` to write exactly these regions of `buffer` once, within timeout_s."""
-        return self._registry.expect(token, buffer, self._view(buffer), regions, timeout_s)
-
-    def expose(self, token: bytes, buffer: str, regions: Sequence[Region], timeout_s: float) -> Exposure:
-        """Allows whoever presents `token` to read these regions of `buffer` (any number of times) within timeout_s."""
-        return self._registry.expose(token, buffer, self._view(buffer), regions, timeout_s)
 
     async def cancel(self, token: bytes) -> None:
         """Drops the expectation or exposure of `token`; data in flight under it is cut off (its lanes are aborted,
@@ -252,12 +229,6 @@ class UCXTransport:
             for lane in lanes:
                 lane.abort()  # cancels whatever is still posted through it
         await pool.release(lanes)
-
-    def _count_error(self, exc: BaseException) -> None:
-        if isinstance(exc, TransferRejected):
-            self._stats.num_rejected += 1
-        elif isinstance(exc, KVTransferError):
-            self._stats.num_failures += 1
 
     async def _push_data(self, lane: Lane, push_id: int, view: Memory, pieces: list[Piece],
                          deadline: float) -> None:

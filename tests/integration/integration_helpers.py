@@ -14,6 +14,23 @@ def start_cluster(spec: ClusterSpec, timeout_s: float = 180.0) -> Cluster:
     return _start_cluster(spec, timeout_s=timeout_s)
 
 
+def replace_prefill_worker(cluster: Cluster) -> str:
+    """Kill the prefill worker and start a fresh one (empty local prefix cache); returns its address."""
+    import signal
+
+    from pdserve.client import Client
+
+    old = next(p for p in cluster.procs if p.name.startswith("prefill") and p.alive())
+    cluster.kill(old.name, signal.SIGKILL)
+    new = cluster.start_worker("prefill", len([p for p in cluster.procs if p.name.startswith("prefill")]))
+
+    async def ready():
+        async with Client(cluster.router_address) as client:
+            return [w for w in await client.workers() if w.role == 1 and w.healthy and w.address != old.address]
+    asyncio.run(wait_until(ready, timeout_s=60, what="replacement prefill worker healthy"))
+    return new.address
+
+
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """Samples of a /metrics page: (sample name, sorted labels) -> value."""
     import urllib.request

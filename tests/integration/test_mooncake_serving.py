@@ -8,15 +8,14 @@ recomputed; every block is released afterwards.
 from __future__ import annotations
 
 import asyncio
-import signal
 
 import pytest
 import torch
 
-from integration_helpers import all_blocks_free, start_cluster, wait_until
+from integration_helpers import all_blocks_free, replace_prefill_worker, start_cluster, wait_until
 from pdserve import rpc
 from pdserve.client import Client
-from pdserve.cluster import Cluster, ClusterSpec
+from pdserve.cluster import ClusterSpec
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
@@ -57,17 +56,6 @@ async def _complete(address: str, prompt: list[int]):
         return await client.complete(prompt, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, timeout_s=60)
 
 
-def _replace_prefill_worker(cluster: Cluster) -> str:
-    old = next(p for p in cluster.procs if p.name.startswith("prefill") and p.alive())
-    cluster.kill(old.name, signal.SIGKILL)
-    new = cluster.start_worker("prefill", len([p for p in cluster.procs if p.name.startswith("prefill")]))
-
-    async def ready():
-        async with Client(cluster.router_address) as client:
-            return [w for w in await client.workers() if w.role == 1 and w.healthy and w.address != old.address]
-    asyncio.run(wait_until(ready, timeout_s=60, what="replacement prefill worker healthy"))
-    return new.address
-
 
 def test_tokens_match_the_offline_engine_and_kv_crossed_over_mooncake(mooncake_cluster, tiny_model_dir):
     results = [asyncio.run(_complete(mooncake_cluster.router_address, p)) for p in _prompts()]
@@ -99,7 +87,7 @@ def test_stored_prefix_is_loaded_over_mooncake(mooncake_cluster):
         return stats.num_keys >= len(prompt) // BLOCK
     asyncio.run(wait_until(published, timeout_s=30, what="prompt blocks published to the store"))
 
-    _replace_prefill_worker(mooncake_cluster)  # empty local cache: the prefix must come from the store node
+    replace_prefill_worker(mooncake_cluster)  # empty local cache: the prefix must come from the store node
     second = asyncio.run(_complete(mooncake_cluster.router_address, prompt))
     assert second.token_ids == first.token_ids
     assert second.usage.cached_tokens == ((len(prompt) - 1) // BLOCK) * BLOCK

@@ -15,7 +15,7 @@ import signal
 import pytest
 import torch
 
-from integration_helpers import scrape, total, wait_until
+from integration_helpers import replace_prefill_worker, scrape, total, wait_until
 from pdserve import rpc
 from pdserve.client import Client
 from pdserve.cluster import Cluster, ClusterSpec
@@ -58,18 +58,6 @@ async def _complete(address: str, prompt: list[int]):
         return await client.complete(prompt, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, timeout_s=60)
 
 
-def _replace_prefill_worker(cluster: Cluster) -> str:
-    """Kill the prefill worker and start a fresh one (empty local prefix cache); returns its address."""
-    old = next(p for p in cluster.procs if p.name.startswith("prefill") and p.alive())
-    cluster.kill(old.name, signal.SIGKILL)
-    new = cluster.start_worker("prefill", len([p for p in cluster.procs if p.name.startswith("prefill")]))
-
-    async def ready():
-        async with Client(cluster.router_address) as client:
-            return [w for w in await client.workers() if w.role == 1 and w.healthy and w.address != old.address]
-    asyncio.run(wait_until(ready, timeout_s=60, what="replacement prefill worker healthy"))
-    return new.address
-
 
 def test_prefix_computed_once_is_loaded_not_recomputed(store_cluster):
     prompt = _prompt(300, seed=11)
@@ -80,7 +68,7 @@ def test_prefix_computed_once_is_loaded_not_recomputed(store_cluster):
         return (await _master_stats(store_cluster.store_address)).num_keys >= full_blocks
     asyncio.run(wait_until(published, timeout_s=30, what="prompt blocks published to the store"))
 
-    new_address = _replace_prefill_worker(store_cluster)
+    new_address = replace_prefill_worker(store_cluster)
     second = asyncio.run(_complete(store_cluster.router_address, prompt))
     assert second.token_ids == first.token_ids  # parity with and without store hits
     expected_hits = ((len(prompt) - 1) // 16) * 16
@@ -120,7 +108,7 @@ def test_store_node_killed_during_load_changes_nothing(store_cluster):
             store_cluster.kill("kvstore-node-0", signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
-    _replace_prefill_worker(store_cluster)  # fresh local cache: these prompts must come from the store
+    replace_prefill_worker(store_cluster)  # fresh local cache: these prompts must come from the store
     results = asyncio.run(load_with_kill())
     assert [r.token_ids for r in results] == reference
     assert all(r.finish_reason == "length" for r in results)
@@ -151,6 +139,6 @@ def test_second_turn_reuses_the_whole_first_turn(store_cluster):
     async def published():
         return (await _master_stats(store_cluster.store_address)).num_keys >= num_blocks
     asyncio.run(wait_until(published, timeout_s=30, what="first turn published"))
-    _replace_prefill_worker(store_cluster)
+    replace_prefill_worker(store_cluster)
     turn2 = asyncio.run(_complete(store_cluster.router_address, history + _prompt(40, seed=22)))
     assert turn2.usage.cached_tokens == num_blocks * 16
