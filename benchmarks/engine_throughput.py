@@ -61,7 +61,7 @@ def bench_size(size: str, args: argparse.Namespace) -> dict:
     ref_tps, ref_tpot = REFERENCE.get(size, (float("nan"), float("nan")))
     tpot_ms = 1e3 * statistics.median(tpots)
     return {
-        "size": size, "dtype": args.dtype, "embed_params_m": engine.model.w.embed.numel() / 1e6,
+        "size": size, "dtype": args.dtype, "embed_params_m": engine.model.embed.numel() / 1e6,
         "offline_output_tok_s": n_out / elapsed, "offline_total_tok_s": (n_in + n_out) / elapsed,
         "offline_prompt_tok_s_equiv": n_in / elapsed, "offline_seconds": elapsed,
         "single_ttft_ms": 1e3 * statistics.median(ttfts), "single_tpot_ms": tpot_ms,

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from pdserve.engine.attention import make_attention
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import PagedKVCache
+from pdserve.engine.linear import make_linear_factory
 from pdserve.engine.loader import load_weights, model_fingerprint
 from pdserve.engine.model import Transformer
 from pdserve.engine.model_config import ModelConfig
@@ -26,6 +28,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
+from pdserve.engine.threads import available_cpus
 from pdserve.engine.sequence import Sequence
 from pdserve.errors import InvalidRequest, NotFound
 
@@ -66,7 +69,8 @@ class Completion:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        torch.set_num_threads(config.num_threads)
+        self.num_threads = config.num_threads or available_cpus()
+        torch.set_num_threads(self.num_threads)
         model_dir = Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
         mc = self.model_config
@@ -74,7 +78,10 @@ class LLMEngine:
         self.fingerprint = model_fingerprint(model_dir)
         dtype = _DTYPES[config.dtype]
         weights = load_weights(model_dir, mc, dtype=dtype, device=config.device)
-        self.model = Transformer(mc, weights, self.max_model_len)
+        attention = make_attention(config.attention_backend, config.device, mc.num_heads, mc.num_kv_heads, mc.head_dim)
+        linear = make_linear_factory(config.linear_backend, config.device, dtype)
+        self.model = Transformer(mc, weights, self.max_model_len, attention=attention, linear=linear)
+        del weights  # the model holds what it needs (packed linears keep no plain copy)
         bytes_per_block = mc.kv_bytes_per_token * config.block_size * torch.finfo(dtype).bits // 32
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_block)
         self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
@@ -92,9 +99,10 @@ class LLMEngine:
         # (prefill workers push KV from here while later layers still compute).
         self.layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
         self._logits: dict[str, list[torch.Tensor]] = {}
-        logger.info("engine ready: %s, %d layers, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d",
-                    mc.architecture, mc.num_layers, num_blocks, config.block_size,
-                    self.kv_cache.nbytes / 2**20, self.max_model_len)
+        logger.info("engine ready: %s, %d layers, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d, "
+                    "%d thread(s), attention %s, linear %s", mc.architecture, mc.num_layers, num_blocks,
+                    config.block_size, self.kv_cache.nbytes / 2**20, self.max_model_len, self.num_threads,
+                    attention.name, getattr(linear, "kind", "torch"))
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.kv_cache import PagedKVCache
-from pdserve.engine.model import AttentionMetadata, LayerCallback, PrefillSegment, Transformer
+from pdserve.engine.model import LayerCallback, Transformer
 from pdserve.engine.scheduler import ScheduledSeq
 
 
@@ -16,54 +17,48 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
 
-    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
-
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Returns (input_ids [T], positions [T], metadata, sample_rows) where sample_rows[i] is the
-        batch row whose logits give batch[i]'s next token, or -1 if batch[i] is mid-prefill."""
+        batch row whose logits give batch[i]'s next token, or -1 if batch[i] is mid-prefill.
+
+        Python touches each sequence once (its new token ids and the block ids its context needs);
+        positions, slots and the padded block table are computed by a handful of tensor ops.
+        """
+        bs = self.block_size
         input_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        prefills: list[PrefillSegment] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+        block_ids: list[int] = []  # the context blocks of every sequence, concatenated
+        starts: list[int] = []  # first new position of each sequence
+        q_lens: list[int] = []
+        num_blocks: list[int] = []
         sample_rows: list[int] = []
         row = 0
         for item in batch:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start:start + n])
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            pos = torch.arange(start, start + n)
-            positions.append(pos)
-            slots.append(self._slots(table, pos))
-            if n == 1:
-                decode_rows.append(row)
-                decode_tables.append(seq.block_table)
-                decode_lens.append(start + 1)
-            else:
-                ctx = start + n
-                mask = None if start == 0 else torch.arange(ctx)[None, :] <= (start + torch.arange(n))[:, None]
-                prefills.append(PrefillSegment(row, n, table[:-(-ctx // self.block_size)], ctx, mask))
+            nb = -(-(start + n) // bs)
+            block_ids.extend(seq.block_table[:nb])
+            starts.append(start)
+            q_lens.append(n)
+            num_blocks.append(nb)
             row += n
             sample_rows.append(row - 1 if start + n == seq.num_tokens else -1)
 
-        meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=prefills)
-        if decode_rows:
-            max_len = max(decode_lens)
-            max_blocks = -(-max_len // self.block_size)
-            tables = torch.zeros(len(decode_rows), max_blocks, dtype=torch.long)
-            for i, t in enumerate(decode_tables):
-                t = t[:max_blocks]
-                tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-            pos = torch.arange(max_blocks * self.block_size)
-            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
-            meta.decode_block_tables = tables
-            lens = torch.tensor(decode_lens)
-            meta.decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
-        return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), meta, sample_rows
+        S, T = len(batch), row
+        q_len_t = torch.tensor(q_lens, dtype=torch.int32)
+        start_t = torch.tensor(starts, dtype=torch.long)
+        nb_t = torch.tensor(num_blocks, dtype=torch.long)
+        cu_q = torch.zeros(S + 1, dtype=torch.int32)
+        torch.cumsum(q_len_t, 0, out=cu_q[1:])
+        width = max(num_blocks)
+        tables = torch.zeros(S, width, dtype=torch.int32)
+        tables[torch.arange(width)[None, :] < nb_t[:, None]] = torch.tensor(block_ids, dtype=torch.int32)
+        seq_of_row = torch.repeat_interleave(torch.arange(S), q_len_t, output_size=T)  # [T]
+        positions = start_t[seq_of_row] + (torch.arange(T) - cu_q[:-1].long()[seq_of_row])
+        slots = tables[seq_of_row, positions // bs].long() * bs + positions % bs
+        meta = AttentionMetadata(slot_mapping=slots, cu_q=cu_q, ctx_lens=(start_t + q_len_t).to(torch.int32),
+                                 block_tables=tables, block_size=bs)
+        return torch.tensor(input_ids, dtype=torch.long), positions, meta, sample_rows
 
     def execute(self, batch: list[ScheduledSeq], on_layer_done: LayerCallback | None = None
                 ) -> tuple[torch.Tensor | None, list[int]]:

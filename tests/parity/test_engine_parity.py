@@ -62,7 +62,13 @@ def test_reference_outputs_vary(references):
     {"max_num_batched_tokens": 16},  # prompts span several chunks, mixed with decodes
     {"enable_chunked_prefill": False},
     {"max_num_seqs": 2},
-], ids=["chunked", "small-chunks", "no-chunking", "small-batch"])
+    # the plain-torch reference kernels (F.linear + gather/SDPA), also what non-CPU devices run
+    {"attention_backend": "reference", "linear_backend": "torch"},
+    {"attention_backend": "reference", "linear_backend": "torch", "max_num_batched_tokens": 16},
+    # the fast kernels named explicitly, so a silent fallback to the reference cannot pass for them
+    {"attention_backend": "paged-cpu", "linear_backend": "onednn", "max_num_batched_tokens": 16},
+], ids=["chunked", "small-chunks", "no-chunking", "small-batch", "reference", "reference-small-chunks",
+        "kernels-small-chunks"])
 def test_batch_parity(hf_model_dirs, references, kind, config):
     _, out = run_engine(hf_model_dirs[kind], _prompts(512), **config)
     assert_matches(out, references[kind])

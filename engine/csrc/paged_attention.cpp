@@ -1,0 +1,191 @@
+// Paged attention on the CPU: every sequence of a step (decodes and prefill chunks alike) in one
+// call, reading K/V in place from the paged cache through block tables. No gathered copy of a
+// context, no per-sequence Python. engine/attention.py builds it (torch cpp_extension) and keeps
+// the plain-torch SDPA path as the reference every test compares this kernel against.
+//
+// Shapes: q, out [T, num_heads, head_dim] (rows of one sequence are consecutive);
+// k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], inner three dims contiguous,
+// any stride between blocks (so a block-major cache that interleaves layers works too);
+// block_tables [S, max_blocks] int32; cu_q [S + 1] int32 (sequence s owns rows cu_q[s]..cu_q[s+1]);
+// ctx_lens [S] int32 (context length including the new rows). Row i of a sequence with n rows and
+// context c attends to keys 0 .. c - n + i (causal, the new rows last).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQueryTile = 16;  // query rows per work item in prefill chunks
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+struct WorkItem {
+  int32_t seq;
+  int32_t row_begin;  // absolute row index
+  int32_t row_end;
+};
+
+// Scores never reach +-inf (masked keys are skipped, not set to -inf), so the fast-math build
+// (vectorised exp) is safe; kNegBig stands for "no key seen yet".
+constexpr float kNegBig = -1e30f;
+
+template <typename scalar_t>
+void attend_tile(const WorkItem& w, int64_t kv_head, const scalar_t* q, scalar_t* out, const scalar_t* k_cache,
+                 const scalar_t* v_cache, int64_t block_stride_k, int64_t block_stride_v, const int32_t* table,
+                 int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t ctx_len,
+                 int64_t num_rows, int64_t row0, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t tile_rows = w.row_end - w.row_begin;
+  const int64_t R = tile_rows * group;  // query vectors in this item
+  const int64_t hd = head_dim, bs = block_size;
+  const int64_t token_stride = num_kv_heads * hd;  // between tokens inside a block
+
+  // qf [R, hd] (pre-scaled), acc [R, hd], kt [hd, bs] (K transposed), vf [bs, hd], s [R, bs]
+  std::vector<float> qf(R * hd), acc(R * hd, 0.f), m(R, kNegBig), l(R, 0.f), kt(hd * bs), vf(bs * hd), s(R * bs);
+  std::vector<int64_t> limit(R);  // keys [0, limit) are visible to vector i
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    const int64_t row = w.row_begin + r;
+    const int64_t visible = ctx_len - num_rows + (row - row0) + 1;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t i = r * group + g;
+      const scalar_t* src = q + (row * num_heads + kv_head * group + g) * hd;
+      for (int64_t d = 0; d < hd; ++d) qf[i * hd + d] = to_f(src[d]) * scale;
+      limit[i] = visible;
+    }
+  }
+  const int64_t max_keys = limit[R - 1];  // the tile's last row sees the most
+  const int64_t num_blocks = (max_keys + bs - 1) / bs;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t block = table[b];
+    const scalar_t* kb = k_cache + block * block_stride_k + kv_head * hd;
+    const scalar_t* vb = v_cache + block * block_stride_v + kv_head * hd;
+    const int64_t key0 = b * bs;
+    const int64_t nk = std::min(bs, max_keys - key0);
+    for (int64_t j = 0; j < nk; ++j) {
+      const scalar_t* kr = kb + j * token_stride;
+      const scalar_t* vr = vb + j * token_stride;
+      for (int64_t d = 0; d < hd; ++d) kt[d * bs + j] = to_f(kr[d]);
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) vf[j * hd + d] = to_f(vr[d]);
+    }
+    for (int64_t j = nk; j < bs; ++j) {  // a partial last block: zero keys (their scores are skipped)
+      for (int64_t d = 0; d < hd; ++d) kt[d * bs + j] = 0.f;
+    }
+    // S = Q K^T over the whole block: broadcast q[i][d] against a row of K^T (one vector of bs keys)
+    for (int64_t i = 0; i < R; ++i) {
+      float* si = s.data() + i * bs;
+      const float* qi = qf.data() + i * hd;
+#pragma omp simd
+      for (int64_t j = 0; j < bs; ++j) si[j] = 0.f;
+      for (int64_t d = 0; d < hd; ++d) {
+        const float qd = qi[d];
+        const float* ktd = kt.data() + d * bs;
+#pragma omp simd
+        for (int64_t j = 0; j < bs; ++j) si[j] += qd * ktd[j];
+      }
+    }
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t nv = std::min(nk, limit[i] - key0);  // keys of this block vector i may see
+      if (nv <= 0) continue;
+      float* si = s.data() + i * bs;
+      float block_max = kNegBig;
+      for (int64_t j = 0; j < nv; ++j) block_max = std::max(block_max, si[j]);
+      const float m_new = std::max(m[i], block_max);
+      const float correction = std::exp(m[i] - m_new);  // 0 on the first block
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nv; ++j) {
+        si[j] = std::exp(si[j] - m_new);
+        sum += si[j];
+      }
+      float* ai = acc.data() + i * hd;
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) ai[d] *= correction;
+      for (int64_t j = 0; j < nv; ++j) {
+        const float p = si[j];
+        const float* vj = vf.data() + j * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) ai[d] += p * vj[d];
+      }
+      l[i] = l[i] * correction + sum;
+      m[i] = m_new;
+    }
+  }
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    const int64_t row = w.row_begin + r;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t i = r * group + g;
+      scalar_t* dst = out + (row * num_heads + kv_head * group + g) * hd;
+      const float inv = 1.f / l[i];
+      for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(acc[i * hd + d] * inv);
+    }
+  }
+}
+
+}  // namespace
+
+void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                     torch::Tensor block_tables, torch::Tensor cu_q, torch::Tensor ctx_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [T, num_heads, head_dim]");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "caches must be [blocks, bs, nkv, hd]");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
+                  k_cache.stride(1) == k_cache.size(2) * k_cache.size(3),
+              "k_cache: the inner three dims must be contiguous");
+  TORCH_CHECK(v_cache.stride(3) == 1 && v_cache.stride(2) == v_cache.size(3) &&
+                  v_cache.stride(1) == v_cache.size(2) * v_cache.size(3),
+              "v_cache: the inner three dims must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && cu_q.scalar_type() == at::kInt &&
+                  ctx_lens.scalar_type() == at::kInt, "block_tables, cu_q and ctx_lens must be int32");
+  TORCH_CHECK(block_tables.is_contiguous() && cu_q.is_contiguous() && ctx_lens.is_contiguous(),
+              "metadata tensors must be contiguous");
+  const int64_t num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head shapes do not match");
+  const int64_t S = ctx_lens.size(0);
+  TORCH_CHECK(cu_q.size(0) == S + 1 && block_tables.size(0) == S, "metadata sizes do not match");
+  const int32_t* cu = cu_q.data_ptr<int32_t>();
+  const int32_t* ctx = ctx_lens.data_ptr<int32_t>();
+  const int64_t max_blocks = block_tables.size(1);
+
+  std::vector<WorkItem> items;
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t n = cu[s + 1] - cu[s];
+    TORCH_CHECK(n >= 1 && ctx[s] >= n && (ctx[s] + block_size - 1) / block_size <= max_blocks,
+                "sequence ", s, ": bad query rows or context length");
+    for (int32_t r = cu[s]; r < cu[s + 1]; r += kQueryTile)
+      items.push_back({static_cast<int32_t>(s), r, std::min<int32_t>(r + kQueryTile, cu[s + 1])});
+  }
+  // Longest tiles first, so the threads finish together.
+  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
+    return ctx[a.seq] - (cu[a.seq + 1] - a.row_end) > ctx[b.seq] - (cu[b.seq + 1] - b.row_end);
+  });
+  const int64_t num_items = static_cast<int64_t>(items.size()) * num_kv_heads;
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t it = begin; it < end; ++it) {
+        const WorkItem& w = items[it / num_kv_heads];
+        const int64_t h = it % num_kv_heads;
+        attend_tile<scalar_t>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0),
+                              tables + w.seq * max_blocks, block_size, num_heads, num_kv_heads, head_dim,
+                              ctx[w.seq], cu[w.seq + 1] - cu[w.seq], cu[w.seq], static_cast<float>(scale));
+      }
+    });
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "attention of every sequence of a step over the paged KV cache");
+}
