@@ -127,6 +127,140 @@ void attend_tile(const WorkItem& w, int64_t kv_head, const scalar_t* q, scalar_t
   }
 }
 
+// ---- the vectorised path: head_dim a multiple of 16, keys in chunks of 16 (one vector) ----------
+// GCC/Clang vector extensions: one v16 is a zmm register with AVX-512, two ymm with AVX2.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+constexpr int kChunk = 16;
+
+inline v16 splat(float x) { return v16{} + x; }
+
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int j = 1; j < kChunk; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+inline float hsum(v16 x) {
+  float s = 0.f;
+  for (int j = 0; j < kChunk; ++j) s += x[j];
+  return s;
+}
+
+// exp(x) for x <= 0: 2^n * e^r with |r| < ln 2, degree-8 Taylor (relative error < 2e-7).
+inline v16 vexp(v16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const v16i n = __builtin_convertvector(x * 1.44269504088896341f, v16i);  // truncates toward zero
+  const v16 nf = __builtin_convertvector(n, v16);
+  const v16 r = x - nf * 0.693145751953125f - nf * 1.42860682030941723212e-6f;
+  v16 p = splat(1.f / 40320) * r + 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const v16i bits = (n + 127) << 23;
+  v16 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename scalar_t, int HD>
+void attend_tile_vec(const WorkItem& w, int64_t kv_head, const scalar_t* q, scalar_t* out, const scalar_t* k_cache,
+                     const scalar_t* v_cache, int64_t block_stride_k, int64_t block_stride_v, const int32_t* table,
+                     int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t ctx_len, int64_t num_rows,
+                     int64_t row0, float scale) {
+  constexpr int NV = HD / kChunk;  // vectors per head_dim row
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t tile_rows = w.row_end - w.row_begin;
+  const int64_t R = tile_rows * group;
+  const int64_t token_stride = num_kv_heads * HD;
+  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+  // qf [R][HD] pre-scaled; acc [R][NV] vectors; kt [HD] vectors = K chunk transposed; vf [16][NV] vectors
+  std::vector<float> qf(R * HD);
+  std::vector<v16> acc(R * NV, v16{}), kt(HD), vf(kChunk * NV);
+  std::vector<float> m(R, kNegBig), l(R, 0.f);
+  std::vector<int64_t> limit(R);
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    const int64_t row = w.row_begin + r;
+    const int64_t visible = ctx_len - num_rows + (row - row0) + 1;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t i = r * group + g;
+      const scalar_t* src = q + (row * num_heads + kv_head * group + g) * HD;
+      for (int d = 0; d < HD; ++d) qf[i * HD + d] = to_f(src[d]) * scale;
+      limit[i] = visible;
+    }
+  }
+  const int64_t max_keys = limit[R - 1];
+  for (int64_t key0 = 0; key0 < max_keys; key0 += kChunk) {
+    const int64_t nk = std::min<int64_t>(kChunk, max_keys - key0);
+    for (int64_t j = 0; j < kChunk; ++j) {
+      if (j >= nk) {  // past the context: zero keys and values (their lanes are masked below)
+        for (int d = 0; d < HD; ++d) kt[d][j] = 0.f;
+        for (int c = 0; c < NV; ++c) vf[j * NV + c] = v16{};
+        continue;
+      }
+      const int64_t t = key0 + j;
+      const int64_t block = table[t / block_size];
+      const scalar_t* kr = k_cache + block * block_stride_k + (t % block_size) * token_stride + kv_head * HD;
+      const scalar_t* vr = v_cache + block * block_stride_v + (t % block_size) * token_stride + kv_head * HD;
+      for (int d = 0; d < HD; ++d) kt[d][j] = to_f(kr[d]);
+      for (int c = 0; c < NV; ++c)
+        for (int e = 0; e < kChunk; ++e) vf[j * NV + c][e] = to_f(vr[c * kChunk + e]);
+    }
+    int64_t i = 0;
+    for (; i < R; i += 4) {
+      const int64_t nb = std::min<int64_t>(4, R - i);
+      v16 s[4] = {v16{}, v16{}, v16{}, v16{}};
+      const float* q0 = qf.data() + i * HD;
+      if (nb == 4) {
+        for (int d = 0; d < HD; ++d) {
+          const v16 kd = kt[d];
+          s[0] += q0[d] * kd;
+          s[1] += q0[HD + d] * kd;
+          s[2] += q0[2 * HD + d] * kd;
+          s[3] += q0[3 * HD + d] * kd;
+        }
+      } else {
+        for (int64_t b = 0; b < nb; ++b)
+          for (int d = 0; d < HD; ++d) s[b] += q0[b * HD + d] * kt[d];
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t ii = i + b;
+        const int64_t visible = limit[ii] - key0;  // lanes [0, visible) are real keys this vector may see
+        if (visible <= 0) continue;
+        const auto ok = lane < static_cast<int32_t>(std::min<int64_t>(visible, kChunk));
+        const v16 sv = ok ? s[b] : splat(kNegBig);
+        const float m_new = std::max(m[ii], hmax(sv));
+        const float correction = std::exp(m[ii] - m_new);
+        const v16 p = ok ? vexp(sv - m_new) : v16{};
+        l[ii] = l[ii] * correction + hsum(p);
+        m[ii] = m_new;
+        v16 a[NV];
+        for (int c = 0; c < NV; ++c) a[c] = acc[ii * NV + c] * correction;
+        for (int j = 0; j < kChunk; ++j) {
+          const float pj = p[j];
+          for (int c = 0; c < NV; ++c) a[c] += pj * vf[j * NV + c];
+        }
+        for (int c = 0; c < NV; ++c) acc[ii * NV + c] = a[c];
+      }
+    }
+  }
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    const int64_t row = w.row_begin + r;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t ii = r * group + g;
+      scalar_t* dst = out + (row * num_heads + kv_head * group + g) * HD;
+      const float inv = 1.f / l[ii];
+      for (int c = 0; c < NV; ++c)
+        for (int e = 0; e < kChunk; ++e) dst[c * kChunk + e] = static_cast<scalar_t>(acc[ii * NV + c][e] * inv);
+    }
+  }
+}
+
 }  // namespace
 
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -178,9 +312,22 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
       for (int64_t it = begin; it < end; ++it) {
         const WorkItem& w = items[it / num_kv_heads];
         const int64_t h = it % num_kv_heads;
-        attend_tile<scalar_t>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0),
-                              tables + w.seq * max_blocks, block_size, num_heads, num_kv_heads, head_dim,
-                              ctx[w.seq], cu[w.seq + 1] - cu[w.seq], cu[w.seq], static_cast<float>(scale));
+        const int32_t* table = tables + w.seq * max_blocks;
+        const int64_t n = cu[w.seq + 1] - cu[w.seq];
+        const float sc = static_cast<float>(scale);
+        switch (head_dim) {
+          case 64:
+            attend_tile_vec<scalar_t, 64>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0), table,
+                                          block_size, num_heads, num_kv_heads, ctx[w.seq], n, cu[w.seq], sc);
+            break;
+          case 128:
+            attend_tile_vec<scalar_t, 128>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0), table,
+                                           block_size, num_heads, num_kv_heads, ctx[w.seq], n, cu[w.seq], sc);
+            break;
+          default:  // any other head size: the plain loops
+            attend_tile<scalar_t>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0), table, block_size,
+                                  num_heads, num_kv_heads, head_dim, ctx[w.seq], n, cu[w.seq], sc);
+        }
       }
     });
   });
