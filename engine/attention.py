@@ -214,3 +214,23 @@ def make_attention(kind: str, device: str, num_heads: int, num_kv_heads: int, he
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return reference
     return PagedAttention(module, head_dim)
+
+
+def ensure_kernel_built() -> bool:
+    """Build the kernel now if it is not cached yet (so that workers starting together do not each
+    wait on one build). False, with one log line, when it cannot be built: workers then fall back."""
+    import sys
+
+    if not (kernel_build_dir() / "pdserve_paged_attention.so").exists():
+        print("building the paged attention kernel (first start only, about a minute) ...", file=sys.stderr)
+    try:
+        load_kernel()
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("paged attention kernel unavailable (%s); workers use the reference attention",
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return False
+    return True
+
+
+if __name__ == "__main__":  # `python -m pdserve.engine.attention`: build the kernel (make install does)
+    raise SystemExit(0 if ensure_kernel_built() else 1)

@@ -1,13 +1,14 @@
 """Loads Hugging Face safetensors weights into pdserve's fused layout, and fingerprints the model.
 
 The fingerprint (config + weight bytes) goes into every block hash, so KV from another model
-can never be mistaken for ours.
+can never be mistaken for ours. It is computed once per model version and cached.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,23 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def model_fingerprint(model_dir: str | Path) -> bytes:
-    """16 bytes identifying this exact model: config.json plus every weight byte."""
+FINGERPRINT_FILE = ".pdserve-fingerprint.json"
+
+
+def _fingerprint_key(model_dir: Path) -> dict:
+    """What the cached fingerprint is valid for: config.json's bytes and each weight file's size and mtime."""
+    return {"config_sha256": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _safetensors_files(model_dir)}}
+
+
+def _fingerprint_cache_paths(model_dir: Path) -> list[Path]:
+    """Beside the model, else (a read-only model directory) under ~/.cache/pdserve/fingerprints."""
+    digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]
+    return [model_dir / FINGERPRINT_FILE, Path.home() / ".cache" / "pdserve" / "fingerprints" / f"{digest}.json"]
+
+
+def compute_model_fingerprint(model_dir: str | Path) -> bytes:
+    """16 bytes identifying this exact model: config.json plus every weight byte (reads them all)."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     h.update((model_dir / "config.json").read_bytes())
@@ -59,6 +75,34 @@ def model_fingerprint(model_dir: str | Path) -> bytes:
         h.update(path.name.encode())
         h.update(digest.digest())
     return h.digest()[:16]
+
+
+def model_fingerprint(model_dir: str | Path) -> bytes:
+    """`compute_model_fingerprint`, hashed once per model version: the result is cached (beside the
+    model, or under ~/.cache) keyed by config.json's bytes and each weight file's size and mtime, so
+    later starts of any process skip reading every weight byte."""
+    model_dir = Path(model_dir)
+    key = _fingerprint_key(model_dir)
+    paths = _fingerprint_cache_paths(model_dir)
+    for path in paths:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return bytes.fromhex(cached["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    fingerprint = compute_model_fingerprint(model_dir)
+    record = json.dumps({"key": key, "fingerprint": fingerprint.hex()})
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(record)
+            os.replace(tmp, path)
+            break
+        except OSError:
+            continue
+    return fingerprint
 
 
 def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype = torch.float32,

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve.engine.threads import available_cpus
+
 logger = logging.getLogger(__name__)
 
 
@@ -166,14 +168,21 @@ class Cluster:
     def _store_flags(self) -> list[str]:
         return ["--kvstore-master", self.store_address] if self.store_address else []
 
+    def worker_threads(self) -> int:
+        """Each engine process's share of the cores this process may use (at least one): 1 prefill +
+        1 decode on 2 cores get one thread each, one colocated worker gets both."""
+        s = self.spec
+        return max(1, available_cpus() // max(1, s.num_prefill + s.num_decode + s.num_colocated))
+
     def start_worker(self, role: str, index: int) -> Proc:
         s = self.spec
         port = free_port(s.host)
         extra = {"prefill": s.prefill_args, "decode": s.decode_args, "worker": s.decode_args}[role]
         model = ["--model", s.model] if s.model else []
         metrics_flags, metrics_url = self._metrics_endpoint()
+        threads = [] if "--num-threads" in (*s.worker_args, *extra) else ["--num-threads", str(self.worker_threads())]
         argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address,
-                         *metrics_flags, *model, *self._store_flags(), *s.worker_args, *extra)
+                         *metrics_flags, *model, *self._store_flags(), *threads, *s.worker_args, *extra)
         name = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}[role]
         proc = self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
         proc.metrics_url = metrics_url
@@ -185,6 +194,10 @@ class Cluster:
             from pdserve.engine.builtin_model import ensure_builtin_model
 
             self.spec.model = str(ensure_builtin_model("tiny"))  # once, before any process races to make it
+        if self.spec.num_prefill + self.spec.num_decode + self.spec.num_colocated:
+            from pdserve.engine.attention import ensure_kernel_built
+
+            ensure_kernel_built()  # likewise: one build (about 40 s, first start only), not one per worker
         if self.spec.num_store_nodes > 0:
             self.start_store()
         self.start_router()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import sysconfig
 from pathlib import Path
@@ -168,3 +169,21 @@ def test_small_model(tmp_path):
     assert sum(p.numel() for p in hf_model.parameters()) == count_params("small")
     generated, _ = _greedy(hf_model, Tokenizer(path).encode("Hello, my name is"), num_tokens=32)
     assert len(set(generated)) / len(generated) >= 0.4
+
+
+def test_fingerprint_is_cached_and_follows_the_weights(tmp_path):
+    from pdserve.engine.builtin_model import make_model
+    from pdserve.engine.loader import FINGERPRINT_FILE, compute_model_fingerprint, model_fingerprint
+
+    model = tmp_path / "m"
+    make_model(model, size="tiny", seed=3)
+    first = model_fingerprint(model)
+    assert first == compute_model_fingerprint(model)
+    assert (model / FINGERPRINT_FILE).is_file()
+    assert model_fingerprint(model) == first  # served from the cache
+    weights = next(model.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # other weights, same size: the mtime changes, so the cache no longer applies
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert model_fingerprint(model) == compute_model_fingerprint(model) != first
