@@ -26,24 +26,64 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+def apply_top_k_top_p_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`apply_top_k_top_p` for a whole batch at once. logits [B, V]; top_k [B] long (0: off); top_p [B]
+    float (1.0: off). One topk over the batch's largest k; a sort only for the rows that use top-p
+    (and then only over their top-k candidates when every one of them also sets top-k)."""
+    B, V = logits.shape
+    k_on = (top_k > 0) & (top_k < V)
+    if bool(k_on.any()):
+        k_max = int(top_k[k_on].max())
+        top_vals = torch.topk(logits, k_max, dim=-1).values  # [B, k_max], descending
+        kth = top_vals.gather(1, (top_k.clamp(1, k_max) - 1)[:, None])  # [B, 1]
+        kth = torch.where(k_on[:, None], kth, torch.full_like(kth, float("-inf")))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    p_on = top_p < 1.0
+    if bool(p_on.any()):
+        rows = p_on.nonzero().flatten()
+        sub = logits[rows]
+        sorted_logits, order = torch.sort(sub, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p[rows][:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.clone()
+        logits[rows] = sub.masked_fill(drop, float("-inf"))
+    return logits
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> tuple[list[int], list[float] | None]:
-        """logits: [B, V] float32. Returns chosen token ids and, if any request wants them, their logprobs."""
+        """logits: [B, V] float32. Returns chosen token ids and, if any request wants them, their logprobs.
+
+        Greedy rows take the argmax; the others are filtered and normalised together, then drawn:
+        seeded rows each from their own generator, the rest in one draw from the engine's."""
         logits = logits.float()
-        token_ids = logits.argmax(-1).tolist()
-        for row, p in enumerate(params):
-            if p.greedy:
-                continue
-            scaled = apply_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-            probs = scaled.softmax(-1)
-            gen = generators[row] or self.generator
-            token_ids[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+        token_ids = logits.argmax(-1)
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            idx = torch.tensor(rows)
+            temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32)
+            top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long)
+            top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
+            probs = apply_top_k_top_p_batch(logits[idx] / temps[:, None], top_k, top_p).softmax(-1)
+            drawn = torch.empty(len(rows), dtype=torch.long)
+            shared = [j for j, i in enumerate(rows) if generators[i] is None]
+            for j, i in enumerate(rows):
+                gen = generators[i]
+                if gen is not None:
+                    drawn[j] = torch.multinomial(probs[j], 1, generator=gen)[0]
+            if shared:
+                sel = torch.tensor(shared)
+                drawn[sel] = torch.multinomial(probs[sel], 1, generator=self.generator)[:, 0]
+            token_ids[idx] = drawn
+        chosen = token_ids.tolist()
         logprobs = None
         if any(p.logprobs for p in params):
             lp = torch.log_softmax(logits, -1)
-            logprobs = [float(lp[row, t]) for row, t in enumerate(token_ids)]
-        return token_ids, logprobs
+            logprobs = lp.gather(1, token_ids[:, None])[:, 0].tolist()
+        return chosen, logprobs

@@ -84,3 +84,17 @@ def test_logprobs_are_log_softmax_of_chosen():
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequest, match=field):
         SamplingParams(**kwargs)
+
+
+def test_batched_filter_matches_the_per_row_reference():
+    from pdserve.engine.sampler import apply_top_k_top_p_batch
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 50, generator=g)
+    top_k = torch.tensor([0, 3, 50, 0, 7, 1])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.3, 0.2])
+    got = apply_top_k_top_p_batch(logits, top_k, top_p)
+    for row in range(6):
+        want = apply_top_k_top_p(logits[row], int(top_k[row]), float(top_p[row]))
+        assert torch.equal(torch.isfinite(got[row]), torch.isfinite(want)), row
+        assert torch.equal(got[row][torch.isfinite(got[row])], want[torch.isfinite(want)])
