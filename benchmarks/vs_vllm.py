@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""pdserve against vLLM-CPU on the same model, the same cores and the same `pdserve bench` runs.
+
+For each model: vLLM-CPU (`../shared/peers/vllm-cpu.sh serve`, float32), then `pdserve up`
+(defaults: 1 prefill + 1 decode + store) and `pdserve up --colocated`, one after another, each
+loaded by the same runs (random 256/64 tokens, 60 prompts, at 4 req/s and all at once; each run
+with its own prompts, the same for every server, so no warm prefix cache flatters one). Prints a
+table of ratios and writes it into docs/benchmarks.md.
+
+Installs nothing: it needs the vLLM-CPU venv from `bash ../shared/peers/vllm-cpu.sh install`.
+
+    python benchmarks/vs_vllm.py                      # built-in tiny and small
+    python benchmarks/vs_vllm.py --models small --servers pdserve-colocated vllm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_docs import replace_section  # noqa: E402
+
+PEERS = ROOT.parent / "shared" / "peers"
+SERVERS = ("vllm", "pdserve-disagg", "pdserve-colocated")
+HEADING = "## pdserve vs vLLM-CPU"
+
+
+def wait_up(port: int, proc: subprocess.Popen, timeout_s: float) -> bool:
+    """True once /health and /v1/models both answer 200 (vLLM and pdserve alike)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            for path in ("/health", "/v1/models"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                    if r.status != 200:
+                        raise OSError(r.status)
+            return True
+        except OSError:
+            time.sleep(1.0)
+    return False
+
+
+def start_server(kind: str, model: Path, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
+    pdserve = [sys.executable, "-m", "pdserve", "--log-level", "warning"]
+    if kind == "vllm":
+        argv = ["bash", str(args.vllm_script), "serve", str(model)]
+    elif kind == "pdserve-disagg":
+        argv = [*pdserve, "up", "--model", str(model), "--http-port", str(port), "--port", str(port + 100)]
+    else:
+        argv = [*pdserve, "up", "--colocated", "--model", str(model), "--http-port", str(port),
+                "--port", str(port + 100)]
+    env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"}
+    return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGINT to the whole process group (pdserve up stops its children; vLLM shuts down), then SIGKILL."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    time.sleep(2)  # let the ports and the cores go quiet before the next server
+
+
+def bench(port: int, model: Path, rate: str, seed: int, out_json: Path, args: argparse.Namespace) -> dict:
+    argv = [sys.executable, "-m", "pdserve", "--log-level", "warning", "bench", "--base-url",
+            f"http://127.0.0.1:{port}", "--dataset", "random", "--num-prompts", str(args.num_prompts),
+            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+            "--request-rate", rate, "--tokenizer", str(model), "--seed", str(seed), "--no-progress",
+            "--max-duration-s", str(args.max_duration_s), "--result-json", str(out_json)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=args.max_duration_s + 120)
+    s = json.loads(out_json.read_text())["summary"]
+    lat = s["latency"]
+    return {"output_tok_s": s["output_throughput"], "completed": s["num_completed"], "sent": s["num_sent"],
+            "failed": s["num_failed"],
+            "ttft_mean_ms": lat["ttft"]["mean_ms"] if lat.get("ttft") else float("nan"),
+            "tpot_mean_ms": lat["tpot"]["mean_ms"] if lat.get("tpot") else float("nan"),
+            "ttft_p99_ms": lat["ttft"]["percentiles_ms"].get("p99", float("nan")) if lat.get("ttft") else float("nan")}
+
+
+def resolve_model(name: str) -> Path:
+    if name in ("tiny", "small"):
+        from pdserve.engine.builtin_model import ensure_builtin_model
+
+        return ensure_builtin_model(name)
+    return Path(name)
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny", "small"], help="built-in sizes or model directories")
+    ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    ap.add_argument("--vllm-script", type=Path, default=PEERS / "vllm-cpu.sh")
+    ap.add_argument("--vllm-venv", type=Path, default=Path("/tmp/venv-vllm"))
+    ap.add_argument("--num-prompts", type=int, default=60)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--rates", nargs="+", default=["4", "inf"])
+    ap.add_argument("--max-duration-s", type=float, default=240.0, help="per bench run")
+    ap.add_argument("--startup-timeout-s", type=float, default=300.0)
+    ap.add_argument("--out-dir", type=Path, default=Path("/tmp/pdserve-vs-vllm"))
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
+    args = ap.parse_args()
+
+    if "vllm" in args.servers and not (args.vllm_venv / "bin" / "vllm").exists():
+        print(f"vLLM-CPU is not installed at {args.vllm_venv}. Install it (about 3.4 GB, 2 minutes) with:\n"
+              f"    bash {args.vllm_script} install\n"
+              "or leave it out with --servers pdserve-disagg pdserve-colocated.", file=sys.stderr)
+        return 2
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    load_start = os.getloadavg()
+    results: dict[tuple[str, str, str], dict] = {}  # (model, server, rate) -> numbers
+    port = 8100
+    for name in args.models:
+        model = resolve_model(name)
+        for server in args.servers:
+            log = args.out_dir / f"{name}-{server}.log"
+            print(f"[{name}] starting {server} ...", flush=True)
+            t0 = time.monotonic()
+            proc = start_server(server, model, port, log, args)
+            try:
+                if not wait_up(port, proc, args.startup_timeout_s):
+                    print(f"[{name}] {server} did not start; see {log}", file=sys.stderr)
+                    continue
+                print(f"[{name}] {server} up in {time.monotonic() - t0:.0f} s", flush=True)
+                for i, rate in enumerate(args.rates):
+                    seed = 1 + i  # fresh prompts per run, the same for every server
+                    r = bench(port, model, rate, seed, args.out_dir / f"{name}-{server}-rate{rate}.json", args)
+                    results[(name, server, rate)] = r
+                    print(f"[{name}] {server} rate={rate}: {r['output_tok_s']:.0f} out tok/s, TTFT "
+                          f"{r['ttft_mean_ms']:.0f} ms, TPOT {r['tpot_mean_ms']:.1f} ms, "
+                          f"{r['completed']}/{r['sent']} done", flush=True)
+            finally:
+                stop_server(proc)
+            port += 1
+    body = render(results, args, started, load_start, os.getloadavg())
+    print("\n" + body)
+    if not args.no_doc:
+        replace_section(args.doc, HEADING, body, keep="### Where the time goes")
+        print(f"written to {args.doc}")
+    return 0
+
+
+def render(results: dict, args: argparse.Namespace, started: datetime, load_start, load_end) -> str:
+    cmd = "python benchmarks/vs_vllm.py " + " ".join(sys.argv[1:])
+    lines = [
+        "`benchmarks/vs_vllm.py` serves the same model with vLLM-CPU 0.32 (`../shared/peers/vllm-cpu.sh serve`, "
+        "float32, its defaults) and with pdserve (`pdserve up` defaults: 1 prefill + 1 decode + store; and "
+        "`pdserve up --colocated`: one worker), one after another on the same 2 cores, each loaded by the same "
+        f"`pdserve bench` runs: random {args.input_len}/{args.output_len} tokens, {args.num_prompts} prompts, at "
+        f"{' and '.join(r if r != 'inf' else 'all at once' for r in args.rates)} req/s, each rate with its own "
+        "prompts (the same for every server). Ratios are pdserve / vLLM.",
+        "",
+        f"- Command: `{cmd.strip()}`",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC; load average at start {load_start[0]:.2f}, at end "
+        f"{load_end[0]:.2f} (anything else on the 2 cores makes absolute numbers noisy)",
+        "",
+        "| model | server | out tok/s all at once | vs vLLM | mean TTFT @4/s ms | vs vLLM | mean TPOT @4/s ms "
+        "| vs vLLM | TTFT p99 @4/s ms | done |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in args.models:
+        base_inf = results.get((name, "vllm", "inf"))
+        base_4 = results.get((name, "vllm", "4"))
+        for server in args.servers:
+            inf, r4 = results.get((name, server, "inf")), results.get((name, server, "4"))
+            if inf is None and r4 is None:
+                lines.append(f"| {name} | {server} | did not start | | | | | | | |")
+                continue
+
+            def ratio(cur, base, key):
+                return fmt_ratio(cur[key] / base[key]) if cur and base and base[key] else "-"
+            done = " ".join(f"{r['completed']}/{r['sent']}" for r in (r4, inf) if r)
+            lines.append(
+                f"| {name} | {server} | {inf['output_tok_s']:.0f} | {ratio(inf, base_inf, 'output_tok_s')} | "
+                f"{r4['ttft_mean_ms']:.0f} | {ratio(r4, base_4, 'ttft_mean_ms')} | {r4['tpot_mean_ms']:.1f} | "
+                f"{ratio(r4, base_4, 'tpot_mean_ms')} | {r4['ttft_p99_ms']:.0f} | {done} |"
+                if inf and r4 else f"| {name} | {server} | partial | | | | | | | {done} |")
+    lines += ["", "Goals (issue 19): colocated >= 1.0x vLLM's output tok/s all at once and <= 1.0x its mean TTFT "
+              "and TPOT at 4 req/s; disaggregated >= 0.8x all at once, with a TTFT at 4 req/s that does not grow "
+              "without bound."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if shutil.which("bash") is None:
+        sys.exit("bash is needed to start vLLM through ../shared/peers/vllm-cpu.sh")
+    sys.exit(main())
