@@ -78,8 +78,8 @@ def test_kernel_reads_strided_blocks(kernel):
     fast = PagedAttention(kernel, hd)(q, None, None, 0, meta, cache)
     # reference on a contiguous copy of the same blocks
     contiguous = PagedKVCache(1, 64, bs, nkv, hd)
-    contiguous.kv[0, 0].copy_(k_blocks)
-    contiguous.kv[0, 1].copy_(v_blocks)
+    contiguous.layer_blocks(0)[0].copy_(k_blocks)
+    contiguous.layer_blocks(0)[1].copy_(v_blocks)
     meta2 = AttentionMetadata(meta.slot_mapping, meta.cu_q, meta.ctx_lens, meta.block_tables, bs)
     ref = ReferenceAttention(4, nkv, hd)(q, None, None, 0, meta2, contiguous)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
