@@ -7,6 +7,7 @@ requests that prefill locally.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -21,6 +22,20 @@ from pdserve.rpc import map_errors, map_stream_errors
 from pdserve.worker_runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
+
+
+
+def decode_timing(seq, prefilled: bool, arrived_at: float, landed_at: float, first_out_at: float) -> pb.RequestTiming:
+    """The parts of a request's time this worker saw (monotonic seconds of this process). A prefilled
+    sequence's first message here is its first decode step's token: until then it was joining the batch."""
+    done = time.monotonic()
+    if prefilled:
+        return pb.RequestTiming(kv_transfer_tail_s=landed_at - arrived_at, decode_admission_s=first_out_at - landed_at,
+                                decode_s=done - first_out_at)
+    scheduled = seq.first_scheduled_time or arrived_at
+    first_token = seq.first_token_time or first_out_at
+    return pb.RequestTiming(prefill_queue_s=max(0.0, scheduled - arrived_at),
+                            prefill_compute_s=max(0.0, first_token - scheduled), decode_s=max(0.0, done - first_token))
 
 
 class DecodeServicer(pb_grpc.DecodeWorkerServicer):
@@ -65,6 +80,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             raise InvalidRequest("request_id is required")
         params = sampling_from_proto(request.sampling)
         prompt = check_token_ids(request.prompt_token_ids, self.llm.model_config.vocab_size)
+        arrived_at = time.monotonic()
         if request.prefilled:
             res = await self.reservations.admit(req_id)
             self.num_remote_prefills += 1
@@ -94,6 +110,14 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 seq.keep_blocks = True
                 return seq
 
+        landed_at = time.monotonic()  # remote prefills: the last KV bytes are in
+        seqs = []  # the engine's Sequence, for its timestamps
+        add_untimed = add
+
+        def add(e: LLMEngine):  # noqa: F811
+            seqs.append(add_untimed(e))
+            return seqs[-1]
+
         first = True
         try:
             async for out in self.runtime.engine.generate(req_id, add):
@@ -102,6 +126,9 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 if first:
                     msg.num_cached_tokens = out.num_cached_tokens
                     first = False
+                    first_out_at = time.monotonic()
+                if out.finished and seqs:
+                    msg.timing.CopyFrom(decode_timing(seqs[0], request.prefilled, arrived_at, landed_at, first_out_at))
                 yield msg
                 if out.finished and publish:
                     await self._publish_generated(req_id)

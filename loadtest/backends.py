@@ -206,7 +206,8 @@ class PdserveGrpcBackend(Backend):
             raise ValueError(f"extra_body fields {sorted(unknown)} have no pdserve-grpc equivalent; "
                              f"known: {sorted(known)}")
         self._sampling = {"temperature": self.config.temperature, "ignore_eos": self.config.ignore_eos,
-                          "skip_detokenize": not self.config.save_output_text, **self.config.extra_body}
+                          "skip_detokenize": not self.config.save_output_text, "return_timing": True,
+                          **self.config.extra_body}
         self._client = Client(address)
 
     async def close(self) -> None:
@@ -239,6 +240,9 @@ class PdserveGrpcBackend(Backend):
                     result.usage_prompt_tokens = msg.usage.prompt_tokens
                     result.usage_completion_tokens = msg.usage.completion_tokens
                     result.usage_cached_tokens = msg.usage.cached_tokens
+                    if msg.HasField("timing"):
+                        result.phase_s = {f.name.removesuffix("_s"): getattr(msg.timing, f.name)
+                                          for f in msg.timing.DESCRIPTOR.fields}
             result.success = True
         except grpc.aio.AioRpcError as exc:
             result.error_kind = f"grpc_{exc.code().name.lower()}"

@@ -75,6 +75,34 @@ def prefix_hits(results: list[RequestResult]) -> PrefixHits:
 
 
 @dataclass(slots=True)
+class PhaseBreakdown:
+    """Where the server says requests' time went (its per-request timing), against the E2E latency
+    this client measured for the same requests."""
+
+    num_reporting: int  # successful requests that carried the server's timing
+    mean_ms: dict[str, float]  # phase -> mean over those requests
+    p90_ms: dict[str, float]
+    sum_of_means_ms: float
+    mean_e2e_ms: float  # client-measured, over the same requests
+
+    @property
+    def coverage(self) -> float:
+        """Sum of the phase means over the client's mean E2E: 1.0 when the phases explain it all."""
+        return self.sum_of_means_ms / self.mean_e2e_ms if self.mean_e2e_ms else 0.0
+
+
+def phase_breakdown(results: list[RequestResult]) -> PhaseBreakdown | None:
+    reporting = [r for r in results if r.success and r.phase_s and r.e2e_s is not None]
+    if not reporting:
+        return None
+    phases = list(dict.fromkeys(name for r in reporting for name in r.phase_s or {}))
+    ms = {name: np.asarray([1000 * (r.phase_s or {}).get(name, 0.0) for r in reporting]) for name in phases}
+    mean = {name: float(v.mean()) for name, v in ms.items()}
+    return PhaseBreakdown(len(reporting), mean, {name: float(np.percentile(v, 90)) for name, v in ms.items()},
+                          sum(mean.values()), float(np.mean([1000 * (r.e2e_s or 0.0) for r in reporting])))
+
+
+@dataclass(slots=True)
 class Summary:
     num_requests: int  # planned by the dataset
     num_sent: int
@@ -95,6 +123,7 @@ class Summary:
     latency: dict[str, LatencyStats | None]  # "ttft" | "tpot" | "itl" | "e2e"
     errors: dict[str, int] = field(default_factory=dict)  # error_kind -> count
     prefix_hits: PrefixHits | None = None
+    phases: PhaseBreakdown | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +183,7 @@ def summarize(results: list[RequestResult], num_requests: int, duration_s: float
         latency={name: latency_stats(values[name], percentiles) for name in LATENCY_METRICS},
         errors=dict(Counter(r.error_kind or "unknown" for r in results if not r.success)),
         prefix_hits=prefix_hits(results),
+        phases=phase_breakdown(results),
     )
 
 

@@ -78,6 +78,13 @@ def format_summary(result: BenchResult) -> str:
             lines.append(_row(f"Trace ideal, LRU {hits.ideal_lru_blocks} blocks:", f"{hits.ideal_lru:.3f}"))
         if hits.hit_ratio is not None and hits.ideal_unbounded:
             lines.append(_row("Measured / unbounded ideal:", f"{hits.hit_ratio / hits.ideal_unbounded:.2f}"))
+    if (phases := s.phases) is not None:
+        lines.append(f"{'Time per phase (server timing)':-^{WIDTH}}")
+        lines.append(_row("Requests reporting:", phases.num_reporting))
+        for name, mean in phases.mean_ms.items():
+            lines.append(_row(f"{name} mean / p90 (ms):", f"{mean:.2f} / {phases.p90_ms[name]:.2f}"))
+        lines.append(_row("Sum of means / client E2E (ms):", f"{phases.sum_of_means_ms:.2f} / {phases.mean_e2e_ms:.2f}"))
+        lines.append(_row("Phases explain (of E2E):", f"{100 * phases.coverage:.1f}%"))
     for name, (title, short) in _LATENCY_TITLES.items():
         lines.append(f"{title:-^{WIDTH}}")
         stats: LatencyStats | None = s.latency.get(name)

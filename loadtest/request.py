@@ -34,6 +34,7 @@ class RequestResult:
     usage_prompt_tokens: int | None = None  # from the server's `usage`, when it sends one
     usage_completion_tokens: int | None = None
     usage_cached_tokens: int | None = None  # prompt tokens the server took from a cache (usage details)
+    phase_s: dict[str, float] | None = None  # the server's timing of this request: phase -> seconds (pdserve)
 
     @property
     def ttft_s(self) -> float | None:

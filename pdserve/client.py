@@ -28,13 +28,14 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     prefill_worker: str = ""
     decode_worker: str = ""
+    timing: pb.RequestTiming | None = None  # with return_timing=True: where the request's time went
 
 
 def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature: float | None = None,
                   top_k: int = 0, top_p: float | None = None, seed: int | None = None,
                   stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
                   logprobs: bool = False, min_tokens: int = 0, request_id: str = "", model: str = "",
-                  skip_detokenize: bool = False) -> pb.GenerateRequest:
+                  skip_detokenize: bool = False, return_timing: bool = False) -> pb.GenerateRequest:
     sampling = pb.SamplingOptions(max_tokens=max_tokens, top_k=top_k, stop=stop or [],
                                   stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos, logprobs=logprobs,
                                   min_tokens=min_tokens)
@@ -44,7 +45,8 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature:
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
-    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, skip_detokenize=skip_detokenize)
+    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, skip_detokenize=skip_detokenize,
+                             return_timing=return_timing)
     if isinstance(prompt, str):
         req.text = prompt
     else:
@@ -94,6 +96,8 @@ class Client:
             if msg.finish_reason:
                 out.finish_reason = msg.finish_reason
                 out.usage = msg.usage
+                if msg.HasField("timing"):
+                    out.timing = msg.timing
         return out
 
     async def abort(self, request_id: str) -> bool:

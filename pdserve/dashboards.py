@@ -72,19 +72,6 @@ def _per_worker(expr: str) -> str:
     return f"max by (worker, role) ({expr})"
 
 
-PHASE_PANELS: tuple[Panel, ...] = (
-        Panel("Time per phase (mean)", "Where a request's time went, from the per-request timing each worker "
-              "reports: router admission, decode reserve, prefill queue, prefill compute, the KV transfer tail "
-              "(KV still landing after prefill answered), decode admission and the decode steps. Stacked, the "
-              "phases add up to the end-to-end latency.",
-              (Query(f"sum by (phase) (rate(pdserve:request_phase_seconds_sum[{RATE}])) / "
-                     f"sum by (phase) (rate(pdserve:request_phase_seconds_count[{RATE}]))", "{{phase}}"),),
-              unit="s", stack=True),
-        Panel("Time per phase (p90)", "The 90th percentile of each phase on its own (not additive): a phase "
-              "whose p90 is far above its mean is the one that makes the tail.",
-              _quantiles("pdserve:request_phase_seconds", by="phase")[1:2], unit="s"),
-)
-
 ROWS: tuple[Row, ...] = (
     Row("Requests (router view: every request, gRPC and HTTP)", (
         Panel("Time to first token", "TTFT percentiles over the rate window, as the router sees them: queueing, "
@@ -113,6 +100,16 @@ ROWS: tuple[Row, ...] = (
               (Query(f"sum(rate(pdserve:admission_rejections_total[{RATE}]))", "rejected (429)/s"),
                Query(f'sum by (status) (rate(pdserve:http_requests_total{{status=~"4..|5.."}}[{RATE}]))',
                      "HTTP {{status}}/s")), unit="reqps"),
+        Panel("Time per phase (mean)", "Where a request's time went, from the per-request timing each worker "
+              "reports: router admission, decode reserve, prefill queue, prefill compute, the KV transfer tail "
+              "(KV still landing after prefill answered), decode admission and the decode steps. Stacked, the "
+              "phases add up to the end-to-end latency.",
+              (Query(f"sum by (phase) (rate(pdserve:request_phase_seconds_sum[{RATE}])) / "
+                     f"sum by (phase) (rate(pdserve:request_phase_seconds_count[{RATE}]))", "{{phase}}"),),
+              unit="s", stack=True),
+        Panel("Time per phase (p90)", "The 90th percentile of each phase on its own (not additive): a phase "
+              "whose p90 is far above its mean is the one that makes the tail.",
+              _quantiles("pdserve:request_phase_seconds", by="phase")[1:2], unit="s"),
     )),
     Row("Routing and caches", (
         Panel("Local vs remote prefill", "Share of prompts prefilled on their decode worker (conditional "

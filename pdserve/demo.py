@@ -1,6 +1,7 @@
 """`make demo`: make the built-in model, start a whole cluster (router, 1 prefill, 1 decode),
-stream a few generations through the Python client, run a short load test, print a summary,
-and shut everything down."""
+stream a few generations through the Python client, run a short load test (with the server's
+time per phase), print what the workers did (KV bytes moved, local vs remote prefills, cache
+and store hits, asked of the workers at that moment), and shut everything down."""
 
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ async def stream_generations(address: str) -> list[dict]:
               f"{r['route'][0]} -> {r['route'][1]}")
     print_worker_stats(workers)
     return rows
+
+
+async def print_fresh_worker_stats(address: str) -> None:
+    from pdserve.client import Client
+
+    async with Client(address) as client:
+        print_worker_stats(await client.workers(refresh=True))
 
 
 def print_worker_stats(workers: list) -> None:
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(stream_generations(address))
         if not args.no_bench:
             rc = run_bench(address)
+            print("\n\033[1mworkers after the load test\033[0m")
+            asyncio.run(print_fresh_worker_stats(address))
     finally:
         print("\nshutting down ...", flush=True)
         cluster.stop()

@@ -69,9 +69,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             def finished_seq(e):
                 seq = e.requests[req_id]
                 compute_s = (seq.first_token_time or 0.0) - (seq.first_scheduled_time or 0.0)
-                return list(seq.block_table), max(0.0, compute_s)
+                queue_s = (seq.first_scheduled_time or t0) - t0  # the store prefix load included
+                return list(seq.block_table), max(0.0, compute_s), max(0.0, queue_s)
 
-            block_table, compute_s = await engine.call(finished_seq)
+            block_table, compute_s, queue_s = await engine.call(finished_seq)
             if self.sender.granularity == "request":
                 self.sender.push_all(plan, block_table)
             self.store_prefix.publish(prefix, block_table)
@@ -93,7 +94,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self.num_prefills += 1
         # compute time only (queueing excluded): the router's TTFT predictor learns seconds per token from it
         resp = pb.PrefillResponse(first_token_id=first.new_token_ids[0], num_cached_tokens=first.num_cached_tokens,
-                                  prefill_seconds=compute_s)
+                                  prefill_seconds=compute_s, queue_seconds=queue_s)
         if first.new_logprobs:
             resp.first_logprob = first.new_logprobs[0]
         return resp

@@ -50,6 +50,7 @@ class RequestState:
     calls: list = field(default_factory=list)  # downstream calls to cancel on abort
     releases: list = field(default_factory=list)  # Release calls in flight (awaited before a retry)
     peer_failed: str = ""  # set when the router cancelled its calls because a peer died (retriable)
+    timing: pb.RequestTiming = field(default_factory=pb.RequestTiming)  # summed over attempts
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Event:
     prefill_worker: str = ""
     decode_worker: str = ""
     cached_tokens: int | None = None  # set once, by whichever worker computed the prompt
+    timing: pb.RequestTiming | None = None  # on the final event: where the request's time went
 
 
 def prefill_locally(config: RouterConfig, num_prompt_tokens: int, decode_inflight: int,
@@ -82,6 +84,22 @@ def prefill_locally(config: RouterConfig, num_prompt_tokens: int, decode_infligh
         return True
     return (prefill_queued_tokens is not None and c.remote_prefill_max_queue_tokens > 0
             and prefill_queued_tokens > c.remote_prefill_max_queue_tokens)
+
+
+PHASES = [f.name for f in pb.RequestTiming.DESCRIPTOR.fields]  # "router_s", "reserve_s", ...
+
+
+def _added(total: pb.RequestTiming, part: pb.RequestTiming) -> pb.RequestTiming:
+    """`total + part`, phase by phase."""
+    return pb.RequestTiming(**{name: getattr(total, name) + getattr(part, name) for name in PHASES})
+
+
+def finish_timing(timing: pb.RequestTiming, e2e_s: float) -> pb.RequestTiming:
+    """The request's timing with router_s as the rest of its end-to-end time, so the parts add up to it."""
+    out = pb.RequestTiming()
+    out.CopyFrom(timing)
+    out.router_s = max(0.0, e2e_s - sum(getattr(timing, name) for name in PHASES if name != "router_s"))
+    return out
 
 
 class Dispatcher:
@@ -181,8 +199,11 @@ class Dispatcher:
         detok = IncrementalDetokenizer(self.tokenizer, stop_strings=params.stop, prompt_ids=prompt_ids) \
             if detokenize or params.stop else None
         usage = pb.Usage(prompt_tokens=len(prompt_ids))
+        started_at = time.monotonic()
         try:
             async for ev in self._route(state, prompt_ids, params, deadline, usage):
+                if ev.timing is not None:  # a worker's parts of the final attempt
+                    state.timing.CopyFrom(_added(state.timing, ev.timing))
                 if ev.cached_tokens is not None:
                     usage.cached_tokens = ev.cached_tokens
                 usage.completion_tokens += len(ev.token_ids)
@@ -194,6 +215,7 @@ class Dispatcher:
                     if detok is not None and not detok.stopped:
                         ev.text += detok.flush()
                     ev.usage = usage
+                    ev.timing = finish_timing(state.timing, time.monotonic() - started_at)
                     if not detokenize:
                         ev.text = ""
                     yield ev
@@ -344,7 +366,11 @@ class Dispatcher:
                 raise
             return
 
-        decode, desc = await self._reserve(state, prompt_ids, params, deadline, excluded)
+        reserve_started = time.monotonic()
+        try:
+            decode, desc = await self._reserve(state, prompt_ids, params, deadline, excluded)
+        finally:
+            state.timing.reserve_s += time.monotonic() - reserve_started
         self.num_remote_prefills += 1
         logger.debug("[%s] prefill on %s, decode on %s (%d prompt tokens)", state.req_id, prefill.worker_id,
                      decode.worker_id, len(prompt_ids))
@@ -368,6 +394,8 @@ class Dispatcher:
                 prefill.inflight -= 1
                 prefill.queued_prompt_tokens -= len(prompt_ids)
             self._observe_prefill(len(prompt_ids) - resp.num_cached_tokens, resp.prefill_seconds)
+            state.timing.prefill_queue_s += resp.queue_seconds
+            state.timing.prefill_compute_s += resp.prefill_seconds
             self.prefix_index.record(prefill.address, hashes, prefill.stats.num_kv_blocks)
             if usage.completion_tokens == 0:
                 usage.cached_tokens = resp.num_cached_tokens
@@ -457,7 +485,8 @@ class Dispatcher:
                     raise typed_error(exc, f"decode {decode.worker_id}") from exc
                 if msg is grpc.aio.EOF:
                     raise PeerUnavailable(f"decode {decode.worker_id} ended the stream without a finish reason")
-                ev = Event(token_ids=list(msg.token_ids), logprobs=list(msg.logprobs), finish_reason=msg.finish_reason)
+                ev = Event(token_ids=list(msg.token_ids), logprobs=list(msg.logprobs), finish_reason=msg.finish_reason,
+                           timing=msg.timing if msg.HasField("timing") else None)
                 if not req.prefilled and ev.cached_tokens is None:
                     ev.cached_tokens = msg.num_cached_tokens
                     req.prefilled = True  # only the first message carries it

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import Overloaded
 from pdserve.metrics_server import worker_stats_families
-from pdserve.router.dispatch import Dispatcher, Event
+from pdserve.router.dispatch import PHASES, Dispatcher, Event
 from pdserve.router.registry import WorkerRegistry
 
 # Buckets as vLLM's (seconds).
@@ -81,6 +81,12 @@ class RouterMetrics:
                              registry=r).labels(model_name)
         self.http_requests = Counter("pdserve:http_requests", "HTTP requests by route and status.",
                                      ["path", "status"], registry=r)
+        self.phase_s = Histogram("pdserve:request_phase_seconds",
+                                 "Time a finished request spent in each phase (router, reserve, prefill_queue, "
+                                 "prefill_compute, kv_transfer_tail, decode_admission, decode); the phases of a "
+                                 "request add up to its end-to-end latency.", [*m, "phase"], registry=r,
+                                 buckets=TTFT_BUCKETS_S)
+        self._phases = {name: self.phase_s.labels(model_name, name.removesuffix("_s")) for name in PHASES}
         self.model_name = model_name
         # Children made now, at 0: a series born at its first increment loses that increment to rate().
         for reason in FINISH_REASONS:
@@ -106,6 +112,9 @@ class RouterMetrics:
                     self.generation_tokens.inc(len(ev.token_ids))
                 if ev.finish_reason:
                     finish_reason = ev.finish_reason
+                    if ev.timing is not None:
+                        for name, histogram in self._phases.items():
+                            histogram.observe(getattr(ev.timing, name))
                     if ev.usage is not None:
                         self.prompt_tokens.inc(ev.usage.prompt_tokens)
                         self.cached_prompt_tokens.inc(ev.usage.cached_tokens)

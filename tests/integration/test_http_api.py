@@ -447,3 +447,30 @@ async def test_disaggregated_stream_matches_colocated(disaggregated, cluster, oa
 async def test_disaggregated_disconnect_frees_blocks(disaggregated):
     await stream_then_disconnect(disaggregated, PROMPT_IDS)
     await wait_all_blocks_free(disaggregated)
+
+
+async def test_disaggregated_request_timing_adds_up(disaggregated):
+    """With return_timing the final message says where the request's time went: each hop's part is
+    there (reserve, prefill queue and compute on the prefill worker, the KV tail, decode admission and
+    steps on the decode worker), the parts add up to at most what the client waited, and the router's
+    pdserve:request_phase_seconds histogram counted the request in every phase."""
+    from pdserve.router.dispatch import PHASES
+
+    before = scrape(f"{disaggregated.http_url}/metrics")
+    async with Client(disaggregated.router_address) as client:
+        t0 = time.monotonic()
+        r = await client.complete(PROMPT_IDS, max_tokens=8, temperature=0, ignore_eos=True, return_timing=True)
+        client_e2e_s = time.monotonic() - t0
+        plain = await client.complete(PROMPT_IDS, max_tokens=8, temperature=0, ignore_eos=True)
+    assert r.prefill_worker.startswith("prefill") and r.timing is not None and plain.timing is None
+    parts = {name: getattr(r.timing, name) for name in PHASES}
+    assert all(v >= 0 for v in parts.values()), parts
+    for name in ("reserve_s", "prefill_compute_s", "decode_admission_s", "decode_s"):
+        assert parts[name] > 0, (name, parts)
+    assert sum(parts.values()) <= client_e2e_s, (parts, client_e2e_s)
+    after = scrape(f"{disaggregated.http_url}/metrics")
+    for name in PHASES:
+        phase = name.removesuffix("_s")
+        n = total(after, "pdserve:request_phase_seconds_count", phase=phase) - \
+            total(before, "pdserve:request_phase_seconds_count", phase=phase)
+        assert n == 2, (phase, n)

@@ -79,3 +79,21 @@ def test_throughput_timeline_bins_tokens_and_completions(results: list[RequestRe
     assert sum(timeline["output_tokens_per_s"]) == pytest.approx(7)
     assert timeline["output_tokens_per_s"][0] == pytest.approx(4)
     assert timeline["completed_per_s"] == [1, 1, 1, 0]
+
+
+def test_phase_breakdown_against_client_e2e():
+    from pdserve.loadtest.metrics import phase_breakdown
+    from pdserve.loadtest.report import format_summary  # noqa: F401 - the section below is printed by it
+
+    def result(i: int, phases: dict | None, ok: bool = True) -> RequestResult:
+        return RequestResult(request_id=str(i), success=ok, start_time=0.0, end_time=1.0, phase_s=phases)
+
+    results = [result(0, {"prefill_compute": 0.2, "decode": 0.7}), result(1, {"prefill_compute": 0.4, "decode": 0.5}),
+               result(2, None), result(3, {"decode": 9.0}, ok=False)]
+    b = phase_breakdown(results)
+    assert b is not None and b.num_reporting == 2
+    assert b.mean_ms == pytest.approx({"prefill_compute": 300.0, "decode": 600.0})
+    assert b.sum_of_means_ms == pytest.approx(900.0) and b.mean_e2e_ms == pytest.approx(1000.0)
+    assert b.coverage == pytest.approx(0.9)
+    assert phase_breakdown([result(0, None)]) is None
+    assert summarize(results, 4, 1.0, SLO()).phases == b
