@@ -30,7 +30,9 @@ class RouterConfig:
         "to a prefill worker (0: never prefill on decode when a prefill worker is up)"))
     remote_prefill_max_queue_tokens: int = field(default=1024, metadata=_h(
         "... unless the best prefill worker already has more than this many prompt tokens queued: when "
-        "both sides are busy, a short prompt stays on decode rather than wait in the prefill queue (0: no limit)"))
+        "both sides are busy, a short prompt stays on decode rather than wait in the prefill queue; past it a "
+        "prompt of any length overflows to its decode worker while decode's own local-prefill queue is shorter, "
+        "so a saturated prefill pool shares prefill and TTFT stays bounded (0: no limit, no overflow)"))
     request_timeout_s: float = field(default=600.0, metadata=_h("deadline of a request without its own"))
     hop_timeout_s: float = field(default=60.0, metadata=_h("bound on each Reserve / Prefill call"))
     health_interval_s: float = field(default=0.5, metadata=_h("how often each worker's Stats are polled"))

@@ -69,21 +69,27 @@ class Event:
 
 
 def prefill_locally(config: RouterConfig, num_prompt_tokens: int, decode_inflight: int,
-                    prefill_queued_tokens: int | None = None) -> bool:
+                    prefill_queued_tokens: int | None = None, decode_queued_tokens: int | None = None) -> bool:
     """Conditional disaggregation: whether a prompt is prefilled on its decode worker.
 
-    Only short prompts (< local_prefill_threshold) ever are: it saves the extra hops. While the decode
-    worker is not busy (fewer than local_prefill_max_inflight requests) they always are; on a busy one
-    a local prefill would stall every running sequence, so they go to a prefill worker, unless that
-    worker's queue is already longer than remote_prefill_max_queue_tokens (`prefill_queued_tokens`,
-    None before a prefill worker is chosen). With no prefill worker up, everything is local anyway."""
+    Short prompts (< local_prefill_threshold) are, while the decode worker is not busy (fewer than
+    local_prefill_max_inflight requests): it saves the extra hops. On a busy one a local prefill would
+    stall every running sequence, so they go to a prefill worker, unless that worker's queue is already
+    longer than remote_prefill_max_queue_tokens (`prefill_queued_tokens`, None before a prefill worker
+    is chosen). Past that same limit a prompt of any length overflows to the decode worker when the
+    decode worker's own queue of local prefills (`decode_queued_tokens`) is shorter than the prefill
+    worker's: a saturated prefill pool then shares prefill with decode instead of letting TTFT grow
+    without bound. With no prefill worker up, everything is local anyway."""
     c = config
+    saturated = (prefill_queued_tokens is not None and c.remote_prefill_max_queue_tokens > 0
+                 and prefill_queued_tokens > c.remote_prefill_max_queue_tokens)
+    if saturated and decode_queued_tokens is not None and decode_queued_tokens < prefill_queued_tokens:
+        return True
     if num_prompt_tokens >= c.local_prefill_threshold:
         return False
     if decode_inflight < c.local_prefill_max_inflight:
         return True
-    return (prefill_queued_tokens is not None and c.remote_prefill_max_queue_tokens > 0
-            and prefill_queued_tokens > c.remote_prefill_max_queue_tokens)
+    return saturated
 
 
 PHASES = [f.name for f in pb.RequestTiming.DESCRIPTOR.fields]  # "router_s", "reserve_s", ...
@@ -341,9 +347,9 @@ class Dispatcher:
         if decode.role == pb.DECODE and not prefill_locally(self.config, len(prompt_ids), decode.inflight):
             prefill, choice = await self.pick_prefill(prompt_ids, hashes, excluded)
             if prefill is not None and prefill_locally(self.config, len(prompt_ids), decode.inflight,
-                                                       prefill.queued_prompt_tokens):
-                logger.debug("[%s] prefill queue of %d tokens: short prompt stays on decode", state.req_id,
-                             prefill.queued_prompt_tokens)
+                                                       prefill.queued_prompt_tokens, decode.queued_prompt_tokens):
+                logger.debug("[%s] prefill queue of %d tokens (decode's: %d): prompt stays on decode",
+                             state.req_id, prefill.queued_prompt_tokens, decode.queued_prompt_tokens)
                 prefill = choice = None
             if choice is not None:
                 logger.debug("[%s] prefill choice %s: est. TTFT %.1f ms, %d cached tokens (%d from the store)",
@@ -353,6 +359,7 @@ class Dispatcher:
             self.num_local_prefills += 1
             logger.debug("[%s] local prefill on %s (%d prompt tokens)", state.req_id, decode.worker_id, len(prompt_ids))
             first = True
+            decode.queued_prompt_tokens += len(prompt_ids)  # until its first token: a local prefill queue
             try:
                 async for ev in self._decode_stream(state, decode, pb.DecodeRequest(
                         request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)),
@@ -360,10 +367,14 @@ class Dispatcher:
                     if first:
                         ev.decode_worker = ev.prefill_worker = decode.worker_id
                         first = False
+                        decode.queued_prompt_tokens -= len(prompt_ids)
                     yield ev
             except (PeerUnavailable, KVTransferError):
                 excluded.add(decode.address)
                 raise
+            finally:
+                if first:
+                    decode.queued_prompt_tokens -= len(prompt_ids)
             return
 
         reserve_started = time.monotonic()

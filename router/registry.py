@@ -36,7 +36,7 @@ class Worker:
     last_seen: float = field(default_factory=time.monotonic)
     stats: pb.WorkerStats = field(default_factory=pb.WorkerStats)
     inflight: int = 0  # requests the router has sent here and not yet finished
-    queued_prompt_tokens: int = 0  # prompt tokens sent here for prefill and not yet answered
+    queued_prompt_tokens: int = 0  # prompt tokens sent here for prefill (remote, or local on decode) not yet answered
     channel: grpc.aio.Channel | None = None
     tls_ca_file: str = ""  # dial the worker over TLS, trusting this CA (RouterConfig.worker_tls_ca_file)
 

@@ -22,12 +22,24 @@ def test_decision(tokens, inflight, queued, local):
     assert prefill_locally(CONFIG, tokens, inflight, queued) is local
 
 
+@pytest.mark.parametrize("tokens, queued, decode_queued, local", [
+    (3000, 5000, 0, True),      # saturated prefill pool: a long prompt overflows to an idle decode queue
+    (3000, 5000, 4999, True),   # ... while decode's local queue is shorter
+    (3000, 5000, 5000, False),  # ... not once it is as long
+    (3000, 1024, 0, False),     # prefill queue within its limit: long prompts stay remote
+    (100, 1025, 2000, True),    # a short prompt on a busy decode stays local past the limit regardless
+])
+def test_overflow_when_the_prefill_pool_is_saturated(tokens, queued, decode_queued, local):
+    assert prefill_locally(CONFIG, tokens, 9, queued, decode_queued) is local
+
+
 def test_limits_off():
     never_local = RouterConfig(local_prefill_threshold=0)
     assert not prefill_locally(never_local, 1, 0)
     no_queue_limit = RouterConfig(local_prefill_threshold=256, local_prefill_max_inflight=0,
                                   remote_prefill_max_queue_tokens=0)
     assert not prefill_locally(no_queue_limit, 10, 0, 10**6)
+    assert not prefill_locally(no_queue_limit, 1000, 9, 10**6, 0)  # no limit: no overflow either
 
 
 def test_negative_limits_rejected():
