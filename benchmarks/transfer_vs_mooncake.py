@@ -1,7 +1,8 @@
 """KV transfer bandwidth like for like against Mooncake's Transfer Engine, measured side by side in one run.
 
 Each method runs in a receiver process and a sender process, one pair at a time, for every size (median GB/s of
---iters timed pushes after one warm-up; 1 GB = 1e9 B), in two placements:
+--iters timed pushes after one warm-up; 1 GB = 1e9 B); --runs repeats every method, alternating their order, and the
+table gives the median over runs and each run's ratio. Two placements:
 
 - one host: both processes on 127.0.0.1, each method with its best transport here: ours = UCXTransport.push()
   (shared memory: sysv + CMA), Mooncake TE = `transfer_sync_write` over its TCP transport (the non-CUDA wheel's only
@@ -9,7 +10,8 @@ Each method runs in a receiver process and a sender process, one pair at a time,
   backend (MooncakeTransport: token check + TE read).
 - two hosts: sender and receiver in two network namespaces joined by veth pairs (deploy/netns/netns_lab.py; needs
   root and iproute2), each method over TCP: ours = UCXTransport (host identity differs: TCP on the veth), Mooncake
-  TE = `transfer_sync_write`.
+  TE = `transfer_sync_write`. Extra row: ours with one lane up to 16 MiB (as over shared memory), to show what the
+  extra TCP lanes from 2 MiB up bring.
 
 "ours" is end to end: the push returns after the receiver checked the one-time token, the payload landed and it
 answered DONE. Mooncake TE's `transfer_sync_write` returns once the remote write completed (no authorisation).
@@ -36,28 +38,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy" / "netns")
 from transfer_bandwidth import gbps, token_for  # noqa: E402
 
 MiB = 1 << 20
-# method -> (receiver role, sender role, shared memory setting for UCX)
+# method -> (process kind, UCX shared memory setting, UCX network_lane_min_bytes in MiB or None: --ucx-network-lane-min-mib)
 METHODS = {
-    "ours (UCX)": ("ucx", "auto"),
-    "ours (UCX, TCP only)": ("ucx", "off"),
-    "Mooncake TE": ("mooncake-te", ""),
-    "ours (Mooncake backend)": ("mooncake-ours", ""),
+    "ours (UCX)": ("ucx", "auto", None),
+    "ours (UCX, TCP only)": ("ucx", "off", None),
+    "ours (UCX, one lane to 16 MiB)": ("ucx", "auto", 16),
+    "Mooncake TE": ("mooncake-te", "", None),
+    "ours (Mooncake backend)": ("mooncake-ours", "", None),
 }
 PLACEMENTS = {
     "one host": ["ours (UCX)", "Mooncake TE", "ours (UCX, TCP only)", "ours (Mooncake backend)"],
-    "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE"],
+    "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE", "ours (UCX, one lane to 16 MiB)"],
 }
 
 
 # ---- the two processes ------------------------------------------------------------------------------
-def _transport(kind: str, host: str, shared_memory: str, timeout_s: float):
+def _transport(kind: str, host: str, shared_memory: str, args: argparse.Namespace):
     if kind == "ucx":
         from pdserve.transfer.ucx import UCXTransport
 
-        return UCXTransport(host, 0, num_lanes=4, timeout_s=timeout_s, shared_memory=shared_memory)
+        return UCXTransport(host, 0, num_lanes=args.ucx_lanes, timeout_s=args.timeout_s, shared_memory=shared_memory,
+                            lane_min_bytes=args.ucx_lane_min_mib * MiB,
+                            network_lane_min_bytes=args.ucx_network_lane_min_mib * MiB)
     from pdserve.transfer.mooncake import MooncakeTransport
 
-    return MooncakeTransport(host, 0, timeout_s=timeout_s)
+    return MooncakeTransport(host, 0, timeout_s=args.timeout_s)
 
 
 def _raw_engine(host: str):
@@ -78,7 +83,7 @@ async def receiver(args: argparse.Namespace) -> None:
         print("READY " + json.dumps({"session": session, "ptr": dst.ctypes.data}), flush=True)
         await asyncio.sleep(args.timeout_s)
         return
-    transport = _transport(args.kind, args.host, args.shared_memory, args.timeout_s)
+    transport = _transport(args.kind, args.host, args.shared_memory, args)
     transport.register_buffer("dst", dst)
     await transport.start()
     for size in sizes:
@@ -106,7 +111,7 @@ async def sender(args: argparse.Namespace) -> None:
                     raise RuntimeError(f"transfer_sync_write returned {rc}")
             results[size] = gbps(size, times[1:])
     else:
-        transport = _transport(args.kind, args.host, args.shared_memory, args.timeout_s)
+        transport = _transport(args.kind, args.host, args.shared_memory, args)
         transport.register_buffer("src", src)
         await transport.start()
         for size in sizes:
@@ -121,11 +126,13 @@ async def sender(args: argparse.Namespace) -> None:
 
 
 # ---- driver -----------------------------------------------------------------------------------------
-def _run_pair(kind: str, shared_memory: str, args: argparse.Namespace, recv_prefix: list[str],
-              send_prefix: list[str], recv_host: str, send_host: str) -> dict[int, float]:
+def _run_pair(method: str, args: argparse.Namespace, recv_prefix: list[str], send_prefix: list[str], recv_host: str,
+              send_host: str) -> dict[int, float]:
+    kind, shared_memory, network_lane_min_mib = METHODS[method]
     common = ["--sizes-mib", *map(str, args.sizes_mib), "--iters", str(args.iters), "--timeout-s",
               str(args.timeout_s), "--seed", str(time.time_ns()), "--kind", kind, "--shared-memory",
-              shared_memory or "auto"]
+              shared_memory or "auto", "--ucx-lanes", str(args.ucx_lanes), "--ucx-lane-min-mib", str(args.ucx_lane_min_mib),
+              "--ucx-network-lane-min-mib", str(network_lane_min_mib or args.ucx_network_lane_min_mib)]
     env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", MC_LOG_LEVEL="ERROR")
     recv = subprocess.Popen([*recv_prefix, sys.executable, __file__, "--role", "receiver", "--host", recv_host,
                              *common], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -148,13 +155,17 @@ def _run_pair(kind: str, shared_memory: str, args: argparse.Namespace, recv_pref
         recv.wait(10)
 
 
-def _table(title: str, methods: list[str], results: dict[str, dict[int, float]], sizes_mib: list[int]) -> str:
+def _table(title: str, methods: list[str], runs: dict[str, list[dict[int, float]]], sizes_mib: list[int]) -> str:
+    """Median GB/s over the runs per method, and the first method's ratio to the second: median and each run's."""
     base, rival = methods[0], methods[1]
-    head = f"| size | {' | '.join(f'{m} GB/s' for m in methods)} | {base} / {rival} |"
+    head = f"| size | {' | '.join(f'{m} GB/s' for m in methods)} | {base} / {rival} (median; each run) |"
     rows = [f"\n### {title}\n", head, "|---:|" + "---:|" * (len(methods) + 1)]
     for size_mib in sizes_mib:
-        values = [results[m][size_mib * MiB] for m in methods]
-        rows.append(f"| {size_mib} MiB | {' | '.join(f'{v:.2f}' for v in values)} | {values[0] / values[1]:.2f}x |")
+        size = size_mib * MiB
+        medians = [float(np.median([run[size] for run in runs[m]])) for m in methods]
+        ratios = [a[size] / b[size] for a, b in zip(runs[base], runs[rival])]
+        rows.append(f"| {size_mib} MiB | {' | '.join(f'{v:.2f}' for v in medians)} | "
+                    f"**{float(np.median(ratios)):.2f}x**; {' / '.join(f'{r:.2f}' for r in ratios)} |")
     return "\n".join(rows)
 
 
@@ -162,15 +173,17 @@ def drive(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     out = [f"# transfer vs Mooncake TE, {started}, {os.cpu_count()} cpus, load average before "
-           f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}, iters={args.iters} "
-           f"(median after one warm-up)"]
+           f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}, {args.runs} runs x {args.iters} pushes "
+           f"(median after one warm-up), UCX lanes {args.ucx_lanes}, one more lane per {args.ucx_lane_min_mib} MiB (shared memory) / {args.ucx_network_lane_min_mib} MiB (network)"]
     for placement in args.placements:
         methods = PLACEMENTS[placement]
-        results: dict[str, dict[int, float]] = {}
+        runs: dict[str, list[dict[int, float]]] = {m: [] for m in methods}
+        # Each run measures every method once, alternating the order, so load changes hit both sides alike.
+        orders = [methods if r % 2 == 0 else methods[::-1] for r in range(args.runs)]
         if placement == "one host":
-            for method in methods:
-                kind, shm = METHODS[method]
-                results[method] = _run_pair(kind, shm, args, [], [], "127.0.0.1", "127.0.0.1")
+            for order in orders:
+                for method in order:
+                    runs[method].append(_run_pair(method, args, [], [], "127.0.0.1", "127.0.0.1"))
         else:
             from netns_lab import Lab, remove_leftovers
 
@@ -182,13 +195,13 @@ def drive(args: argparse.Namespace) -> int:
             try:
                 lab.build(["sender", "receiver"])
                 s, r = lab.hosts["sender"], lab.hosts["receiver"]
-                for method in methods:
-                    kind, shm = METHODS[method]
-                    results[method] = _run_pair(kind, shm, args, ["ip", "netns", "exec", r.ns],
-                                                ["ip", "netns", "exec", s.ns], r.address, s.address)
+                for order in orders:
+                    for method in order:
+                        runs[method].append(_run_pair(method, args, ["ip", "netns", "exec", r.ns],
+                                                      ["ip", "netns", "exec", s.ns], r.address, s.address))
             finally:
                 lab.close()
-        out.append(_table(placement, methods, results, args.sizes_mib))
+        out.append(_table(placement, methods, runs, args.sizes_mib))
         print(out[-1], flush=True)
     load_after = os.getloadavg()
     out.append(f"\nload average after: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}; UCX env "
@@ -206,8 +219,13 @@ def main() -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[4, 16, 64, 256], help="push sizes in MiB")
     parser.add_argument("--iters", type=int, default=5, help="timed pushes per size (after one warm-up)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per placement, each measuring every method once")
     parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=list(PLACEMENTS))
     parser.add_argument("--timeout-s", type=float, default=300.0, help="bound on each process")
+    parser.add_argument("--ucx-lanes", type=int, default=4, help="UCXTransport num_lanes (the workers' default)")
+    parser.add_argument("--ucx-lane-min-mib", type=int, default=16, help="UCXTransport lane_min_bytes in MiB")
+    parser.add_argument("--ucx-network-lane-min-mib", type=int, default=2,
+                        help="UCXTransport network_lane_min_bytes in MiB (peers without shared memory)")
     parser.add_argument("--log-dir", default="", help="netns lab logs (default /tmp/pds-bench-netns)")
     parser.add_argument("--markdown-out", default="", help="also write the tables here")
     parser.add_argument("--role", choices=["driver", "receiver", "sender"], default="driver", help=argparse.SUPPRESS)

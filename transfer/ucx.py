@@ -2,7 +2,8 @@
 ucxx; never chooses blocks.
 
     transport = UCXTransport(host="127.0.0.1", port=0, *, num_lanes=4, timeout_s=30.0,
-                             max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, shared_memory="auto")
+                             max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, network_lane_min_bytes=2 << 20,
+                             shared_memory="auto")
     await transport.start(); transport.address -> "host:port"; await transport.close()
     transport.register_buffer(name, numpy_array_or_torch_tensor_or_cuda_array); transport.unregister_buffer(name)
     # receiver of a push (e.g. decode worker): one-time token from the reservation
@@ -72,15 +73,19 @@ class UCXTransport(TransportCore):
     name = "ucx"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
-                 max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, shared_memory: str = "auto") -> None:
-        if num_lanes < 1 or timeout_s <= 0 or max_piece_bytes < 1 or lane_min_bytes < 1:
-            raise ValueError("num_lanes, timeout_s, max_piece_bytes and lane_min_bytes must be positive")
+                 max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, network_lane_min_bytes: int = 2 << 20,
+                 shared_memory: str = "auto") -> None:
+        if min(num_lanes, timeout_s, max_piece_bytes, lane_min_bytes, network_lane_min_bytes) <= 0:
+            raise ValueError("num_lanes, timeout_s, max_piece_bytes and the lane_min_bytes must be positive")
         self.host = host
         self.port = port
         self.num_lanes = num_lanes
         self.timeout_s = timeout_s
         self.max_piece_bytes = max_piece_bytes  # large regions are cut into pieces of at most this
-        self.lane_min_bytes = lane_min_bytes  # a push uses one more lane per this many bytes
+        # A push uses one more lane per this many bytes: over shared memory lanes share one copying progress thread,
+        # so only large pushes split; over TCP parallel connections pay already at a few MiB (docs/transfer_bandwidth.md).
+        self.lane_min_bytes = lane_min_bytes
+        self.network_lane_min_bytes = network_lane_min_bytes
         shares_memory_with(shared_memory, "", "")  # checks the setting
         self.shared_memory = shared_memory  # auto | on | off (host.py)
         super().__init__()
@@ -186,9 +191,8 @@ class UCXTransport(TransportCore):
         dst = check_regions(dst_regions, 1 << 62, "push dst")
         pieces = pair_regions(src, dst, self.max_piece_bytes)
         nbytes = total_bytes(src)
-        num_lanes = min(self.num_lanes, max(1, nbytes // self.lane_min_bytes))
         pool = self._pool(peer)
-        lanes = await self._acquire(pool, num_lanes, deadline)
+        lanes = await self._acquire(pool, self._num_lanes(pool, nbytes), deadline)
         groups = split_among_lanes(pieces, len(lanes))
         clean = False  # lanes stay usable only after success or a rejected OPEN (nothing else was sent)
         try:
@@ -216,6 +220,10 @@ class UCXTransport(TransportCore):
         self._stats.bytes_sent += nbytes
         self._stats.num_pushes += 1
         return nbytes
+
+    def _num_lanes(self, pool: LanePool, nbytes: int) -> int:
+        min_bytes = self.network_lane_min_bytes if pool.shares_memory is False else self.lane_min_bytes
+        return min(self.num_lanes, max(1, nbytes // min_bytes))
 
     async def _acquire(self, pool: LanePool, num_lanes: int, deadline: float) -> list[Lane]:
         try:
@@ -275,7 +283,7 @@ class UCXTransport(TransportCore):
         pieces = pair_regions(src, dst, self.max_piece_bytes)
         nbytes = total_bytes(dst)
         pool = self._pool(peer)
-        lanes = await self._acquire(pool, min(self.num_lanes, max(1, nbytes // self.lane_min_bytes)), deadline)
+        lanes = await self._acquire(pool, self._num_lanes(pool, nbytes), deadline)
         clean = False  # a rejection leaves the lane usable only if it was the only one
         try:
             groups = split_among_lanes(pieces, len(lanes))

@@ -139,6 +139,13 @@ class LanePool:
         self._num_open = 0  # lanes open or being opened
         self._changed = asyncio.Condition()
 
+    @property
+    def shares_memory(self) -> bool | None:
+        """Whether payload to this peer goes over shared memory (None until a lane is open)."""
+        for lane in self._lanes:
+            return lane.data_out is not lane.ctrl
+        return None
+
     async def acquire(self, num_lanes: int, deadline: float) -> list[Lane]:
         """Between 1 and num_lanes lanes, opening new ones while under max_lanes; PeerUnavailable if none."""
         while True:
