@@ -1,7 +1,7 @@
 """Continuous batching with chunked prefill: decides, each step, which tokens of which sequences run.
 
-Running sequences go first (decodes one token each, unfinished prefills a chunk), then waiting
-ones in arrival order (FCFS) while the token budget, the batch-size cap and free KV blocks allow.
+Running sequences go first (every decode one token, then unfinished prefills a chunk of what is
+left of the token budget), then waiting ones in arrival order (FCFS) while the token budget, the batch-size cap and free KV blocks allow.
 When a decode needs a block and none is free, the most recently admitted running sequence is
 preempted: its blocks are freed and it is recomputed later (its full blocks usually come back as
 prefix-cache hits).
@@ -52,7 +52,12 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         scheduled_ids: set[str] = set()
 
-        for seq in list(self.running):
+        # Decodes first, then unfinished prefills with what is left of the budget: a long prompt's
+        # chunk never pushes a running sequence's next token out of the step.
+        running = list(self.running)
+        decodes_first = ([s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+                         + [s for s in running if s.num_tokens - s.num_computed_tokens != 1])
+        for seq in decodes_first:
             if seq.status is not SequenceStatus.RUNNING or budget <= 0:
                 continue
             remaining = seq.num_tokens - seq.num_computed_tokens
