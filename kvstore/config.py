@@ -26,10 +26,15 @@ class MasterConfig:
                                                            "map and nothing more is placed on it"))
     heartbeat_interval_s: float = field(default=0.5, metadata=_h("how often nodes are told to heartbeat"))
     metrics_port: int = field(default=-1, metadata=_h("serve Prometheus /metrics on this port (-1: off, 0: any free)"))
+    advertise_host: str = field(default="", metadata=_h("host clients use to reach this master (default: --host)"))
+    election_ttl_s: float = field(default=3.0, metadata=_h(
+        "with --etcd: TTL of the leader's lease; a standby takes over at most this long after the leader dies"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
+        if self.election_ttl_s < 2:
+            raise ValueError("election_ttl_s must be >= 2")
         if self.replication < 1:
             raise ValueError("replication must be >= 1")
         if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
@@ -44,7 +49,7 @@ class MasterConfig:
 
 @dataclass(slots=True)
 class NodeConfig:
-    master: str = field(default="127.0.0.1:50070", metadata=_h("master address host:port"))
+    master: str = field(default="127.0.0.1:50070", metadata=_h("master address host:port, or a comma-separated list of masters (the leading one answers)"))
     host: str = field(default="127.0.0.1", metadata=_h("address the gRPC and UCX listeners bind to"))
     port: int = field(default=0, metadata=_h("gRPC port (0: pick a free one)"))
     transfer_port: int = field(default=0, metadata=_h("UCX transfer listener port (0: pick a free one)"))

@@ -2,7 +2,8 @@
 
 Holds only metadata (which node slot holds which block value); the bytes live on the nodes and
 move over UCX between nodes and clients. Its state is rebuilt from the nodes' inventories after
-a restart: a node whose heartbeat gets NOT_FOUND re-registers with everything it holds.
+a restart: a node whose heartbeat gets NOT_FOUND re-registers with everything it holds. With
+--etcd, several masters run and the one holding the etcd leader key serves (`MasterProcess`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 
 from pdserve import rpc
 from pdserve.errors import NotFound
+from pdserve.membership import EtcdConfig
 from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.settings import add_config_arguments, config_from_args
@@ -29,6 +31,7 @@ SERVICE_NAME = "pdserve.kvstore.v1.KVStoreMaster"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, MasterConfig, title="kvstore master")
+    add_config_arguments(parser, EtcdConfig, title="etcd")
 
 
 class MasterServicer(kpb_grpc.KVStoreMasterServicer):
@@ -99,37 +102,90 @@ async def _expire_loop(state: MasterState) -> None:
         state.expire()
 
 
-async def serve(config: MasterConfig) -> None:
-    state = MasterState(config)
-    server, health = rpc.create_server([SERVICE_NAME])
-    kpb_grpc.add_KVStoreMasterServicer_to_server(MasterServicer(state), server)
-    port = rpc.bind(server, config.host, config.port)
+class MasterProcess:
+    """The master's gRPC server, metrics and expiry loop. Alone it serves at once; with etcd it is a
+    candidate: it binds its port only while it leads (so clients' failover channels and readiness
+    probes find only the leader), starts from an empty map that the nodes refill with their
+    inventories (a node whose heartbeat gets NOT_FOUND registers again with everything it holds),
+    and closes the port as soon as it loses the lease (fencing)."""
+
+    def __init__(self, config: MasterConfig) -> None:
+        self.config = config
+        self.state: MasterState | None = None
+        self.server = None
+        self.metrics = None
+        self.expirer: asyncio.Task | None = None
+        self.term = 0  # times this process has started leading
+
+    async def lead(self) -> None:
+        c = self.config
+        self.term += 1
+        self.state = MasterState(c)
+        self.server, health = rpc.create_server([SERVICE_NAME])
+        kpb_grpc.add_KVStoreMasterServicer_to_server(MasterServicer(self.state), self.server)
+        port = rpc.bind(self.server, c.host, c.port)
+        await self.server.start()
+        if c.metrics_port >= 0:
+            from pdserve.metrics_server import MetricsServer
+
+            from .metrics import MasterCollector
+
+            self.metrics = MetricsServer(c.host, c.metrics_port, MasterCollector(self.state), what="kvstore master")
+            await self.metrics.start()
+        self.expirer = asyncio.create_task(_expire_loop(self.state))
+        await rpc.set_serving(health, [SERVICE_NAME], True)
+        logger.info("kvstore master serving on %s:%d (replication %d, watermarks %.2f/%.2f)", c.host, port,
+                    c.replication, c.low_watermark, c.high_watermark)
+
+    async def step_down(self) -> None:
+        if self.expirer is not None:
+            self.expirer.cancel()
+            self.expirer = None
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
+            self.server = None
+        self.state = None
+
+
+async def serve(config: MasterConfig, etcd_config: EtcdConfig | None = None) -> None:
+    master = MasterProcess(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    metrics = None
-    if config.metrics_port >= 0:
-        from pdserve.metrics_server import MetricsServer
+    etcd = election = None
+    if etcd_config is not None and etcd_config.etcd:
+        from pdserve.membership import Election, Etcd
+        from pdserve.metrics_server import MetricsServer  # noqa: F401 - imported before leading, not during
 
-        from .metrics import MasterCollector
+        from .metrics import MasterCollector  # noqa: F401
 
-        metrics = MetricsServer(config.host, config.metrics_port, MasterCollector(state), what="kvstore master")
-        await metrics.start()
-    expirer = asyncio.create_task(_expire_loop(state))
-    await rpc.set_serving(health, [SERVICE_NAME], True)
-    logger.info("kvstore master serving on %s:%d (replication %d, watermarks %.2f/%.2f)", config.host, port,
-                config.replication, config.low_watermark, config.high_watermark)
+        if config.port == 0:
+            raise ValueError("a master elected through etcd needs a fixed --port (clients list every master's address)")
+        etcd = Etcd(etcd_config)
+        await etcd.connect()
+        address = f"{config.advertise_host or config.host}:{config.port}"
+        etcd.register(etcd_config.key("kvstore", "masters", address), address.encode)
+        election = Election(etcd, etcd_config.key("kvstore", "leader"), address.encode(), master.lead,
+                            master.step_down, ttl_s=config.election_ttl_s)
+        election.start()
+        logger.info("kvstore master %s: standby until it wins %s in etcd %s", address,
+                    etcd_config.key("kvstore", "leader"), etcd_config.etcd)
+    else:
+        await master.lead()
     try:
         await stop.wait()
     finally:
-        expirer.cancel()
-        if metrics is not None:
-            await metrics.stop()
-        await server.stop(grace=1.0)
+        if election is not None:
+            await election.resign()
+        await master.step_down()
+        if etcd is not None:
+            await etcd.close()
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(MasterConfig, args)))
+    asyncio.run(serve(config_from_args(MasterConfig, args), config_from_args(EtcdConfig, args)))
     return 0

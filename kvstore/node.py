@@ -26,6 +26,7 @@ from pdserve import rpc
 from pdserve.errors import InvalidRequest, KVTransferError
 from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
+from pdserve.membership import EtcdConfig
 from pdserve.settings import add_config_arguments, config_from_args
 from pdserve.transfer.base import KVTransport
 from pdserve.transfer.config import TransferConfig
@@ -44,6 +45,7 @@ MIN_TOKEN_TIMEOUT_S = 0.1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, NodeConfig, title="kvstore node")
     add_config_arguments(parser, TransferConfig, title="transfer")
+    add_config_arguments(parser, EtcdConfig, title="etcd")
 
 
 class NodeServicer(kpb_grpc.KVStoreNodeServicer):
@@ -213,19 +215,31 @@ class StoreNode:
         return token, claims
 
 
-async def serve(config: NodeConfig, transfer_config: TransferConfig | None = None) -> None:
+async def serve(config: NodeConfig, transfer_config: TransferConfig | None = None,
+                etcd_config: EtcdConfig | None = None) -> None:
     node = StoreNode(config, transfer_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    etcd = None
+    if etcd_config is not None and etcd_config.etcd:
+        from pdserve.membership import Etcd
+
+        etcd = Etcd(etcd_config)
+        await etcd.connect()
     await node.start()
+    if etcd is not None:  # membership only: the node finds the leading master through --master's address list
+        etcd.register(etcd_config.key("kvstore", "nodes", node.node_id), node.address.encode)
     try:
         await stop.wait()
     finally:
+        if etcd is not None:
+            await etcd.close()
         await node.stop()
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(NodeConfig, args), config_from_args(TransferConfig, args)))
+    asyncio.run(serve(config_from_args(NodeConfig, args), config_from_args(TransferConfig, args),
+                      config_from_args(EtcdConfig, args)))
     return 0

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -55,11 +56,16 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 16, temperature:
 
 
 class Client:
-    """`api_key`: sent as `authorization: Bearer KEY` on every call; `tls_ca_file`: connect over TLS,
+    """`address`: one router's host:port, or a comma-separated list of router replicas to fail over
+    between. `api_key`: sent as `authorization: Bearer KEY` on every call; `tls_ca_file`: connect over TLS,
     trusting this PEM CA certificate."""
 
-    def __init__(self, address: str, api_key: str = "", tls_ca_file: str = "") -> None:
-        self.address = address
+    def __init__(self, address: str, api_key: str = "", tls_ca_file: str = "", retries: int | None = None,
+                 retry_backoff_s: float = 0.2) -> None:
+        self.address = address  # host:port, or a comma-separated list of router replicas
+        # Generate calls sent again after UNAVAILABLE before any token; default: 3 with a list, else 0.
+        self.retries = (3 if "," in address else 0) if retries is None else retries
+        self.retry_backoff_s = retry_backoff_s
         self._channel = rpc.channel(address, tls_ca_file)
         self._stub = pb_grpc.RouterStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
@@ -75,13 +81,25 @@ class Client:
 
     async def generate(self, prompt: str | list[int], *, timeout_s: float | None = None, **kwargs
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        """Stream a generation; raises grpc.aio.AioRpcError with the server's status on failure."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s, metadata=self._metadata)
-        try:
-            async for msg in call:
-                yield msg
-        finally:
-            call.cancel()
+        """Stream a generation; raises grpc.aio.AioRpcError with the server's status on failure.
+        A call that fails UNAVAILABLE before its first message (a router that died or is restarting;
+        with several router addresses the channel moves to the next) is sent again, up to `retries`
+        times; once tokens have streamed, a failure is the caller's."""
+        request = build_request(prompt, **kwargs)
+        for attempt in range(self.retries + 1):
+            call = self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+            received = False
+            try:
+                async for msg in call:
+                    received = True
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as exc:
+                if received or exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(self.retry_backoff_s * 2 ** attempt)
 
     async def complete(self, prompt: str | list[int], *, timeout_s: float | None = None, **kwargs) -> Completion:
         """Run a generation to the end and return it whole."""

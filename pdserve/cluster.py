@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,6 +100,19 @@ class ClusterSpec:
     log_dir: str = ""
     log_level: str = "info"
     env: dict[str, str] = field(default_factory=dict)
+    num_routers: int = 1  # router replicas, each on its own port; clients get the list (see Cluster.router_address)
+    num_store_masters: int = 1  # > 1 needs etcd: one leads, the others stand by
+    etcd: str = ""  # etcd URL every process registers in; "start": this cluster starts its own etcd server
+    etcd_args: list[str] = field(default_factory=list)  # extra --etcd-* flags for every process
+
+    def __post_init__(self) -> None:
+        if self.num_routers < 1 or self.num_store_masters < 1:
+            raise ValueError("need at least one router and one store master")
+        if self.num_store_masters > 1 and not self.etcd:
+            raise ValueError("several store masters elect their leader through etcd: give etcd too")
+
+
+ETCD_INSTALL_HINT = "install Debian's etcd-server (apt-get install etcd-server) or pass an etcd URL"
 
 
 class Cluster:
@@ -107,9 +121,11 @@ class Cluster:
         self.procs: list[Proc] = []
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.router_address = ""
-        self.store_address = ""  # KV store master, when the spec asks for a store
-        self.http_url = ""  # http://host:port of the router's HTTP API ("" when disabled)
+        self.router_address = ""  # host:port, or a comma-separated list of the router replicas
+        self.store_address = ""  # KV store master(s), when the spec asks for a store
+        self.http_url = ""  # http://host:port of the (first) router's HTTP API ("" when disabled)
+        self.http_urls: list[str] = []  # every router replica's HTTP API
+        self.etcd_url = ""  # etcd every process registers in ("" without etcd)
 
     def _cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "pdserve", "--log-level", self.spec.log_level, *args]
@@ -121,29 +137,56 @@ class Cluster:
         self.write_state()
         return proc
 
-    def start_router(self) -> Proc:
+    def start_etcd(self) -> Proc:
+        """A real etcd server (Debian's etcd-server) with its data in the log dir, so a restart keeps
+        every key and lease; on loopback, on free client and peer ports."""
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise RuntimeError(f"etcd not found: {ETCD_INSTALL_HINT}")
         s = self.spec
-        port = s.router_port or free_port(s.host)
-        self.router_address = f"{s.host}:{port}"
-        http_port = s.http_port if s.http_port != 0 else free_port(s.host)
-        self.http_url = f"http://{s.host}:{http_port}" if http_port > 0 else ""
+        client, peer = free_port(s.host), free_port(s.host)
+        self.etcd_url = f"http://{s.host}:{client}"
+        argv = [binary, "--name", "pdserve", "--data-dir", str(self.log_dir / "etcd-data"),
+                "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
+                "--listen-peer-urls", f"http://{s.host}:{peer}", "--initial-advertise-peer-urls",
+                f"http://{s.host}:{peer}", "--initial-cluster", f"pdserve=http://{s.host}:{peer}",
+                "--log-level", "warn"]
+        return self._spawn("etcd", argv, self.etcd_url)
+
+    def _etcd_flags(self) -> list[str]:
+        return ["--etcd", self.etcd_url, *self.spec.etcd_args] if self.etcd_url else []
+
+    def start_routers(self) -> None:
+        s = self.spec
+        ports = [s.router_port or free_port(s.host)] + [free_port(s.host) for _ in range(s.num_routers - 1)]
+        self.router_address = ",".join(f"{s.host}:{p}" for p in ports)
+        for i, port in enumerate(ports):
+            http_port = s.http_port if s.http_port != 0 and i == 0 else (-1 if s.http_port < 0 else free_port(s.host))
+            self.http_urls.append(f"http://{s.host}:{http_port}" if http_port > 0 else "")
+            self.start_router(i, port, http_port)
+        self.http_url = self.http_urls[0]
+
+    def start_router(self, index: int, port: int, http_port: int) -> Proc:
+        s = self.spec
         model = ["--model", s.model] if s.model else []
-        proc = self._spawn("router", self._cmd("router", "--host", s.host, "--port", str(port),
-                                               "--http-port", str(http_port), *model, *self._store_flags(),
-                                               *s.router_args),
-                           self.router_address)
-        proc.metrics_url = f"{self.http_url}/metrics" if self.http_url else ""
+        name = "router" if s.num_routers == 1 else f"router-{index}"
+        proc = self._spawn(name, self._cmd("router", "--host", s.host, "--port", str(port),
+                                           "--http-port", str(http_port), *model, *self._store_flags(),
+                                           *self._etcd_flags(), *s.router_args), f"{s.host}:{port}")
+        proc.metrics_url = f"{self.http_urls[index]}/metrics" if self.http_urls[index] else ""
         return proc
 
     def start_store(self) -> None:
-        """The KV store master and its nodes (nodes register with the master by themselves)."""
+        """The KV store master(s) and the nodes (nodes register with the leading master by themselves)."""
         s = self.spec
-        port = free_port(s.host)
-        self.store_address = f"{s.host}:{port}"
-        metrics_flags, metrics_url = self._metrics_endpoint()
-        proc = self._spawn("kvstore-master", self._cmd("kvstore-master", "--host", s.host, "--port", str(port),
-                                                       *metrics_flags), self.store_address)
-        proc.metrics_url = metrics_url
+        ports = [free_port(s.host) for _ in range(s.num_store_masters)]
+        self.store_address = ",".join(f"{s.host}:{p}" for p in ports)
+        for i, port in enumerate(ports):
+            metrics_flags, metrics_url = self._metrics_endpoint()
+            name = "kvstore-master" if s.num_store_masters == 1 else f"kvstore-master-{i}"
+            proc = self._spawn(name, self._cmd("kvstore-master", "--host", s.host, "--port", str(port),
+                                               *metrics_flags, *self._etcd_flags()), f"{s.host}:{port}")
+            proc.metrics_url = metrics_url
         for i in range(s.num_store_nodes):
             self.start_store_node(i)
 
@@ -153,7 +196,7 @@ class Cluster:
         metrics_flags, metrics_url = self._metrics_endpoint()
         proc = self._spawn(f"kvstore-node-{index}", self._cmd(
             "kvstore-node", "--host", s.host, "--port", str(port), "--master", self.store_address,
-            "--node-id", f"node-{index}", *metrics_flags, *s.store_args), f"{s.host}:{port}")
+            "--node-id", f"node-{index}", *metrics_flags, *self._etcd_flags(), *s.store_args), f"{s.host}:{port}")
         proc.metrics_url = metrics_url
         return proc
 
@@ -181,7 +224,9 @@ class Cluster:
         model = ["--model", s.model] if s.model else []
         metrics_flags, metrics_url = self._metrics_endpoint()
         threads = [] if "--num-threads" in (*s.worker_args, *extra) else ["--num-threads", str(self.worker_threads())]
-        argv = self._cmd(role, "--host", s.host, "--port", str(port), "--router", self.router_address,
+        # With etcd the routers find the worker there; without, it registers with every router replica.
+        registration = self._etcd_flags() or ["--router", self.router_address]
+        argv = self._cmd(role, "--host", s.host, "--port", str(port), *registration,
                          *metrics_flags, *model, *self._store_flags(), *threads, *s.worker_args, *extra)
         name = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}[role]
         proc = self._spawn(f"{name}-{index}", argv, f"{s.host}:{port}")
@@ -198,9 +243,19 @@ class Cluster:
             from pdserve.engine.attention import ensure_kernel_built
 
             ensure_kernel_built()  # likewise: one build (about 40 s, first start only), not one per worker
+        if self.spec.etcd == "start":
+            self.start_etcd()
+        elif self.spec.etcd:
+            self.etcd_url = self.spec.etcd
+        if self.etcd_url:
+            try:
+                asyncio.run(self.wait_etcd(30.0))
+            except BaseException:
+                self.stop()
+                raise
         if self.spec.num_store_nodes > 0:
             self.start_store()
-        self.start_router()
+        self.start_routers()
         for i in range(self.spec.num_prefill):
             self.start_worker("prefill", i)
         for i in range(self.spec.num_decode):
@@ -215,33 +270,50 @@ class Cluster:
             raise
         return self.router_address
 
+    async def wait_etcd(self, timeout_s: float) -> None:
+        from pdserve.membership import Etcd, EtcdConfig
+
+        etcd = Etcd(EtcdConfig(etcd=self.etcd_url, etcd_wait_s=timeout_s))
+        try:
+            await etcd.connect()
+        except Exception as exc:  # noqa: BLE001 - reported with the log tail
+            tail = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.procs if p.name == "etcd")
+            raise RuntimeError(f"{exc}\n{tail}") from exc
+        finally:
+            await etcd.close()
+
     @property
     def num_workers(self) -> int:
         s = self.spec
         return s.num_prefill + s.num_decode + s.num_colocated
 
     async def wait_ready(self, timeout_s: float, num_workers: int | None = None) -> None:
+        """Until every router replica serves and sees `num_workers` (default: all) healthy workers."""
+        want = self.num_workers if num_workers is None else num_workers
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = [p for p in self.procs if not p.alive()]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited with {dead[0].popen.returncode}:\n{dead[0].log_tail()}")
+            if all([await self._router_ready(a, want) for a in self.router_address.split(",")]):
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.procs)
+                raise TimeoutError(f"cluster not ready after {timeout_s} s\n{tails}")
+            await asyncio.sleep(0.2)
+
+    async def _router_ready(self, address: str, want: int) -> bool:
+        """The router replica at `address` serves and sees `want` healthy workers."""
         from pdserve.client import Client
         from pdserve.rpc import is_serving
 
-        want = self.num_workers if num_workers is None else num_workers
-        deadline = time.monotonic() + timeout_s
-        async with Client(self.router_address) as client:
-            while True:
-                dead = [p for p in self.procs if not p.alive()]
-                if dead:
-                    raise RuntimeError(f"{dead[0].name} exited with {dead[0].popen.returncode}:\n{dead[0].log_tail()}")
-                if await is_serving(self.router_address):
-                    try:
-                        healthy = [w for w in await client.workers() if w.healthy]
-                    except Exception:  # noqa: BLE001 - not up yet
-                        healthy = []
-                    if len(healthy) >= want:
-                        return
-                if time.monotonic() > deadline:
-                    tails = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.procs)
-                    raise TimeoutError(f"cluster not ready after {timeout_s} s\n{tails}")
-                await asyncio.sleep(0.2)
+        if not await is_serving(address):
+            return False
+        async with Client(address) as client:
+            try:
+                return sum(w.healthy for w in await client.workers()) >= want
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> Proc:
         proc = next(p for p in self.procs if p.name == name)

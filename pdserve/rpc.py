@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,32 @@ def bind(server: grpc.aio.Server, host: str, port: int, tls_cert_file: str = "",
     return bound
 
 
+def target(address: str) -> str:
+    """The gRPC target of `address`: one `host:port`, or a comma-separated list of them (router
+    replicas, store masters) that the channel fails over between (gRPC's pick_first: the first
+    address that accepts; when it goes away, the next). Names in a list are resolved here (IPv4)."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    if len(addresses) <= 1:
+        return address.strip()
+    resolved = []
+    for a in addresses:
+        host, sep, port = a.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"bad address {a!r} in {address!r}: expected host:port")
+        try:
+            resolved.append(f"{socket.gethostbyname(host)}:{port}")
+        except OSError as exc:
+            raise ValueError(f"cannot resolve {host!r} in {address!r}: {exc}") from exc
+    return "ipv4:" + ",".join(resolved)
+
+
 def channel(address: str, tls_ca_file: str = "") -> grpc.aio.Channel:
-    """A channel to `address`; TLS, trusting the PEM CA certificate `tls_ca_file`, when one is given."""
+    """A channel to `address` (one host:port or a failover list, see `target`); TLS, trusting the PEM
+    CA certificate `tls_ca_file`, when one is given."""
     if tls_ca_file:
         creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca_file).read_bytes())
-        return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(target(address), creds, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target(address), options=CHANNEL_OPTIONS)
 
 
 async def is_serving(address: str, timeout_s: float = 1.0, tls_ca_file: str = "") -> bool:

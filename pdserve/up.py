@@ -46,8 +46,22 @@ class UpConfig:
     max_restarts: int = field(default=5, metadata=_h(
         "exits of one process within --restart-window-s beyond this are a crash loop: the cluster stops"))
     restart_window_s: float = field(default=60.0, metadata=_h("window of the crash-loop count, in seconds"))
+    etcd: bool = field(default=False, metadata=_h(
+        "start an etcd server (Debian's etcd-server) and run membership through it: every process registers "
+        "under a lease, routers discover workers by watching, store masters elect a leader"))
+    etcd_url: str = field(default="", metadata=_h("use this running etcd (http://host:port) instead of starting one",
+                                                  metavar="URL"))
+    routers: int = field(default=1, metadata=_h(
+        "router replicas, each on its own port from --port on; clients take the comma-separated list and "
+        "fail over between them"))
+    store_masters: int = field(default=1, metadata=_h(
+        "KV store masters (> 1 needs --etcd: one leads, the others stand by and take over when it dies)"))
 
     def __post_init__(self) -> None:
+        if self.routers < 1 or self.store_masters < 1:
+            raise ValueError("routers and store_masters must be >= 1")
+        if self.store_masters > 1 and not (self.etcd or self.etcd_url):
+            raise ValueError("--store-masters > 1 needs --etcd (or --etcd-url): masters elect their leader there")
         if min(self.prefill, self.decode, self.workers, self.store_nodes) < 0:
             raise ValueError("worker and store node counts must be >= 0")
         RestartPolicy(self.restart_backoff_s, max(8.0, self.restart_backoff_s), self.max_restarts,
@@ -85,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                        num_store_nodes=0 if c.colocated else c.store_nodes,
                        store_args=["--capacity-mb", str(c.store_memory_mb)], host=c.host, router_port=c.port,
                        http_port=c.http_port, log_dir=c.log_dir, worker_args=shlex.split(c.worker_args),
-                       router_args=shlex.split(c.router_args), log_level=args.log_level)
+                       router_args=shlex.split(c.router_args), log_level=args.log_level, num_routers=c.routers,
+                       num_store_masters=c.store_masters, etcd=c.etcd_url or ("start" if c.etcd else ""))
     cluster = Cluster(spec)
     print(f"starting pdserve ({'colocated' if c.colocated else 'disaggregated'}), logs in {cluster.log_dir} ...",
           file=sys.stderr)
@@ -101,10 +116,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"pdserve is up in {time.monotonic() - t0:.1f} s")
     for p in cluster.procs:
         metrics = f"  metrics {p.metrics_url}" if p.metrics_url else ""
-        print(f"  {p.name:<12} pid {p.pid:<8} {p.address}{metrics}")
+        print(f"  {p.name:<16} pid {p.pid:<8} {p.address}{metrics}")
+    if cluster.etcd_url:
+        print(f"  membership in etcd {cluster.etcd_url} (keys under /pdserve)")
     if cluster.store_address:
         print(store_capacity_line(c, cluster.spec.model))
-    print(f"\nconnect: gRPC {address}")
+    print(f"\nconnect: gRPC {address}" + ("  (router replicas: clients fail over between them)"
+                                           if "," in address else ""))
     print(f"  try:   pdserve generate --url {address} \"def fibonacci(n):\"")
     if cluster.http_url:
         print(f"         HTTP {cluster.http_url}/v1 (OpenAI-compatible)")

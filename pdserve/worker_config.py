@@ -18,14 +18,17 @@ class WorkerConfig:
     port: int = field(default=0, metadata=_h("gRPC port (0: pick a free one)"))
     transfer_port: int = field(default=0, metadata=_h("UCX transfer listener port (0: pick a free one)"))
     advertise_host: str = field(default="", metadata=_h("host peers use to reach this worker (default: --host)"))
-    router: str = field(default="", metadata=_h("router address host:port to register with (empty: none)"))
+    router: str = field(default="", metadata=_h(
+        "router address host:port to register with, or a comma-separated list of router replicas (each gets "
+        "the registration); empty: none (with --etcd, routers find the worker there)"))
     worker_id: str = field(default="", metadata=_h("name in logs and stats (default: role@host:port)"))
     reservation_timeout_s: float = field(default=30.0, metadata=_h(
         "a reservation whose KV has not landed by then is freed (decode)"))
     transfer_timeout_s: float = field(default=30.0, metadata=_h("bound on every KV transfer"))
     transfer_lanes: int = field(default=4, metadata=_h("parallel UCX endpoints per peer"))
     kvstore_master: str = field(default="", metadata=_h(
-        "KV cache store master host:port (empty: no store; prompt blocks are then only cached locally)"))
+        "KV cache store master host:port, or a comma-separated list of masters (the leading one answers); "
+        "empty: no store, prompt blocks are then only cached locally"))
     store_publish: bool = field(default=True, metadata=_h(
         "with a store: publish newly computed full prompt blocks (prefill) so other workers reuse them"))
     store_publish_generated: bool = field(default=False, metadata=_h(

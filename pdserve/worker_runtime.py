@@ -19,6 +19,7 @@ from pdserve import rpc
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.membership import Etcd, EtcdConfig
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.transfer.base import KVTransport
@@ -41,8 +42,10 @@ def resolve_model(engine_config: EngineConfig) -> EngineConfig:
 
 class WorkerRuntime:
     def __init__(self, role: int, worker_config: WorkerConfig, engine_config: EngineConfig,
-                 transfer_config: TransferConfig | None = None) -> None:
+                 transfer_config: TransferConfig | None = None, etcd_config: EtcdConfig | None = None) -> None:
         self.role = role
+        self.etcd_config = etcd_config if etcd_config is not None and etcd_config.etcd else None
+        self.etcd: Etcd | None = None
         self.config = worker_config
         self.engine_config = resolve_model(engine_config)
         self.transfer_config = transfer_config or TransferConfig()
@@ -97,8 +100,12 @@ class WorkerRuntime:
             await self.metrics_server.start()
         await rpc.set_serving(self.health, self.service_names, True)
         logger.info("%s serving gRPC on %s, KV transfers on %s", self.worker_id, self.address, self.transfer_address)
-        if c.router:
-            self._tasks.append(asyncio.create_task(self._register_loop()))
+        for router in [a.strip() for a in c.router.split(",") if a.strip()]:
+            self._tasks.append(asyncio.create_task(self._register_loop(router)))
+        if self.etcd_config is not None:
+            self.etcd = Etcd(self.etcd_config)
+            await self.etcd.connect()  # unreachable: a clear error naming the address, after --etcd-wait-s
+            self.etcd.register(self.etcd_config.key("workers", self.worker_id), lambda: self.info().SerializeToString())
 
     @property
     def transfer_address(self) -> str:
@@ -130,10 +137,10 @@ class WorkerRuntime:
             num_transfers_failed=int(getattr(agent_stats, "num_failures", 0) or 0),
         )
 
-    async def _register_loop(self) -> None:
+    async def _register_loop(self, router: str) -> None:
         """Register with the router, then heartbeat at the interval it asks for."""
         interval = 1.0
-        async with rpc.channel(self.config.router, self.config.router_tls_ca_file) as ch:
+        async with rpc.channel(router, self.config.router_tls_ca_file) as ch:
             stub = pb_grpc.RouterStub(ch)
             while not self._stop.is_set():
                 try:
@@ -141,7 +148,7 @@ class WorkerRuntime:
                     interval = resp.heartbeat_interval_s or interval
                     wait_s = interval
                 except grpc.aio.AioRpcError as exc:
-                    logger.debug("registration with %s failed: %s", self.config.router, exc.code().name)
+                    logger.debug("registration with %s failed: %s", router, exc.code().name)
                     wait_s = min(interval, 0.5)  # a restarted router learns this worker within a second
                 try:
                     await asyncio.wait_for(self._stop.wait(), wait_s)
@@ -161,6 +168,8 @@ class WorkerRuntime:
 
     async def stop(self, on_stop: Callable[[], object] | None = None) -> None:
         self._stop.set()
+        if self.etcd is not None:  # first: routers stop sending here at once
+            await self.etcd.close()
         if self.health is not None:
             await rpc.set_serving(self.health, self.service_names, False)
         for task in self._tasks:

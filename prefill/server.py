@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from pdserve.engine.config import EngineConfig
+from pdserve.membership import EtcdConfig
 from pdserve.settings import add_config_arguments, config_from_args
 from pdserve.transfer.config import TransferConfig
 from pdserve.worker_config import WorkerConfig
@@ -18,10 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, WorkerConfig, title="worker")
     add_config_arguments(parser, EngineConfig, title="engine")
     add_config_arguments(parser, TransferConfig, title="transfer")
+    add_config_arguments(parser, EtcdConfig, title="etcd")
 
 
 async def serve(worker_config: WorkerConfig, engine_config: EngineConfig,
-                transfer_config: TransferConfig | None = None) -> None:
+                transfer_config: TransferConfig | None = None, etcd_config: EtcdConfig | None = None) -> None:
     import asyncio
 
     from pdserve.prefill.kv_sender import KVSender
@@ -31,7 +33,7 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig,
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
     from pdserve.worker_runtime import WorkerRuntime
 
-    runtime = WorkerRuntime(pb.PREFILL, worker_config, engine_config, transfer_config)
+    runtime = WorkerRuntime(pb.PREFILL, worker_config, engine_config, transfer_config, etcd_config)
     runtime.install_signal_handlers()
 
     def add(server) -> list[str]:
@@ -55,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     asyncio.run(serve(config_from_args(WorkerConfig, args), config_from_args(EngineConfig, args),
-                      config_from_args(TransferConfig, args)))
+                      config_from_args(TransferConfig, args), config_from_args(EtcdConfig, args)))
     return 0

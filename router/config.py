@@ -45,7 +45,8 @@ class RouterConfig:
     max_inflight_requests: int = field(default=512, metadata=_h(
         "requests in flight beyond this are rejected with RESOURCE_EXHAUSTED / 429"))
     kvstore_master: str = field(default="", metadata=_h(
-        "KV cache store master host:port, asked how much of a prompt it holds (KV-aware routing)"))
+        "KV cache store master host:port (or a comma-separated list of masters), asked how much of a prompt "
+        "it holds (KV-aware routing)"))
     prefix_index_blocks: int = field(default=65536, metadata=_h(
         "blocks remembered per prefill worker in the router's approximate prefix index (at most the "
         "worker's own KV blocks, as its stats report)"))

@@ -64,6 +64,7 @@ class WorkerRegistry:
         self.workers: dict[str, Worker] = {}  # address -> worker
         self._poller: asyncio.Task | None = None
         self._rr = 0
+        self._forgotten: list[Worker] = []  # taken out by `forget`; channels closed at close()
 
     def add_static(self) -> None:
         c = self.config
@@ -89,13 +90,21 @@ class WorkerRegistry:
         worker.fingerprint = info.model_fingerprint
         worker.last_seen = time.monotonic()
 
+    def forget(self, address: str, why: str) -> None:
+        """Take a worker out at once (its etcd lease expired, or it re-registered elsewhere). Requests
+        already on it finish or fail over as usual; its channel closes with the registry."""
+        worker = self.workers.pop(address, None)
+        if worker is not None:
+            logger.info("worker %s (%s) forgotten: %s", worker.worker_id or address, worker.role_name, why)
+            self._forgotten.append(worker)
+
     def start(self) -> None:
         self._poller = asyncio.create_task(self._poll_loop())
 
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-        for w in self.workers.values():
+        for w in [*self.workers.values(), *self._forgotten]:
             if w.channel is not None:
                 await w.channel.close()
 

@@ -11,6 +11,7 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
+from pdserve.membership import EtcdConfig
 from pdserve.router.config import RouterConfig
 from pdserve.settings import add_config_arguments, config_from_args
 
@@ -19,12 +20,15 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, RouterConfig, title="router")
+    add_config_arguments(parser, EtcdConfig, title="etcd")
 
 
 class RouterApp:
     """The router's parts, built and torn down together (also used in-process by tests)."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, etcd_config: EtcdConfig | None = None) -> None:
+        self.etcd_config = etcd_config if etcd_config is not None and etcd_config.etcd else None
+        self.etcd = None  # membership.Etcd while discovering workers there
         if not config.model:
             from pdserve.engine.builtin_model import ensure_builtin_model
 
@@ -79,11 +83,44 @@ class RouterApp:
             await self.http.start(c.host, c.http_port)
             self.http_address = self.http.address
         self.registry.start()
+        if self.etcd_config is not None:
+            await self._discover()
         await rpc.set_serving(self.health, ["pdserve.v1.Router"], True)
         logger.info("router serving model %r on %s (gRPC)%s", meta.name, self.address,
                     f" and http://{self.http_address} (OpenAI HTTP, /metrics)" if self.http_address else "")
 
+    async def _discover(self) -> None:
+        """Learn every worker from etcd: a key put is a registration, a key gone (lease expired, or
+        the worker stopped) takes the worker out; a worker back under the same id replaces its record."""
+        from pdserve.membership import Etcd
+        from pdserve.proto import pdserve_pb2 as pb
+
+        self.etcd = Etcd(self.etcd_config)
+        await self.etcd.connect()
+        key_to_address: dict[str, str] = {}  # etcd key -> address registered under it
+
+        def on_put(key: str, value: bytes) -> None:
+            try:
+                info = pb.WorkerInfo.FromString(value)
+            except Exception:  # noqa: BLE001 - a foreign or corrupt value
+                logger.warning("ignoring etcd key %s: not a WorkerInfo", key)
+                return
+            old = key_to_address.get(key)
+            if old and old != info.address:
+                self.registry.forget(old, f"re-registered as {info.address}")
+            key_to_address[key] = info.address
+            self.registry.register(info)
+
+        def on_delete(key: str) -> None:
+            address = key_to_address.pop(key, "")
+            if address:
+                self.registry.forget(address, "its etcd lease ended")
+
+        self.etcd.watch(self.etcd_config.key("workers") + "/", on_put, on_delete)
+
     async def stop(self) -> None:
+        if self.etcd is not None:
+            await self.etcd.close()
         if self.http is not None:
             await self.http.stop()
         if self.server is not None:
@@ -94,8 +131,8 @@ class RouterApp:
             await self.dispatcher.close()
 
 
-async def serve(config: RouterConfig) -> None:
-    app = RouterApp(config)
+async def serve(config: RouterConfig, etcd_config: EtcdConfig | None = None) -> None:
+    app = RouterApp(config, etcd_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,5 +145,5 @@ async def serve(config: RouterConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(RouterConfig, args)))
+    asyncio.run(serve(config_from_args(RouterConfig, args), config_from_args(EtcdConfig, args)))
     return 0

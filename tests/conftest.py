@@ -55,3 +55,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from pdserve.engine.builtin_model import ensure_builtin_model
 
     return ensure_builtin_model("tiny", cache_dir=tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def etcd_binary() -> str:
+    """Debian's etcd-server (`.ci/run` installs it); tests that need it skip with the reason without it."""
+    import shutil
+
+    binary = shutil.which("etcd")
+    if binary is None:
+        pytest.skip("etcd is not installed (Debian package etcd-server; .ci/run installs it)")
+    return binary
