@@ -55,9 +55,11 @@ def test_docker_compose_config_validates(files):
 
 
 def test_expected_services():
-    assert {"model-init", "router", "prefill", "decode", "kvstore-master", "kvstore-node", "prometheus"} <= set(SERVICES)
+    assert {"model-init", "etcd", "router", "lb", "prefill", "decode", "kvstore-master", "kvstore-node",
+            "prometheus"} <= set(SERVICES)
     replicas = {name: int(SERVICES[name].get("deploy", {}).get("replicas", 1)) for name in SERVICES}
     assert replicas["prefill"] == 2 and replicas["decode"] == 2 and replicas["kvstore-node"] == 2
+    assert replicas["router"] == 2 and replicas["kvstore-master"] == 2  # replicas; one master leads
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=kvstore_marks(SERVICES[n]["command"][1]), id=n)
@@ -81,7 +83,11 @@ def test_service_health_check_probes_its_own_grpc_port(name):
     assert test[0] == "CMD"
     check_pdserve_command(test[1:], where=f"compose service {name} healthcheck")
     assert test[1:3] == ["pdserve", "healthcheck"]
-    assert test[3] == f"127.0.0.1:{flag_value(svc['command'], '--port')}"
+    port = flag_value(svc['command'], '--port')
+    if name == "kvstore-master":  # a standby binds no port: healthy while the service's leader serves
+        assert test[3] == f"kvstore-master:{port}"
+    else:
+        assert test[3] == f"127.0.0.1:{port}"
 
 
 def test_dependencies_wait_for_health():
@@ -94,10 +100,27 @@ def test_dependencies_wait_for_health():
         assert "router" in SERVICES[name]["depends_on"]
 
 
-def test_workers_register_with_the_router_service():
-    router_port = flag_value(SERVICES["router"]["command"], "--port")
-    for name in ("prefill", "decode"):
-        assert flag_value(SERVICES[name]["command"], "--router") == f"router:{router_port}"
+def test_every_pdserve_process_registers_in_the_etcd_service():
+    etcd = SERVICES["etcd"]
+    assert flag_value(etcd["command"], "--advertise-client-urls") == "http://etcd:2379"
+    assert etcd["healthcheck"]["test"][:2] == ["CMD", "etcdctl"]
+    for name in LONG_RUNNING:
+        svc = SERVICES[name]
+        assert svc["environment"]["PDSERVE_ETCD"] == "http://etcd:2379", name
+        assert svc["depends_on"]["etcd"] == {"condition": "service_healthy"}, name
+    for name in ("prefill", "decode"):  # routers find workers in etcd, not by registration
+        assert flag_value(SERVICES[name]["command"], "--router") is None
+
+
+def test_lb_fronts_every_router_replica():
+    lb = SERVICES["lb"]
+    router_cmd = SERVICES["router"]["command"]
+    conf = (DEPLOY_DIR / "nginx.conf").read_text()
+    assert f"server router:{flag_value(router_cmd, '--port')} resolve;" in conf
+    assert f"server router:{flag_value(router_cmd, '--http-port')} resolve;" in conf
+    assert "grpc_pass" in conf and "./nginx.conf:/etc/nginx/nginx.conf:ro" in lb["volumes"]
+    assert "ports" not in SERVICES["router"]  # clients reach the replicas only through lb
+    assert {p.split(":")[-1] for p in lb["ports"]} == {"50051", "8000"}
 
 
 def test_model_init_writes_the_model_the_others_load():

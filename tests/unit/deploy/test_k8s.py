@@ -1,6 +1,6 @@
 """deploy/k8s: every manifest (base, and the GPU overlay applied to it) validates against the
 Kubernetes API schemas, every container runs a real pdserve command with real flags and variables,
-probes use the gRPC health service, workers register through the router's Service."""
+probes use the gRPC health service, every pdserve process registers in the etcd Service."""
 
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ GPU = render(GPU_DIR)
 CONFIGMAPS = {d["metadata"]["name"]: d["data"] for d in BASE if d["kind"] == "ConfigMap"}
 SERVICES = {d["metadata"]["name"]: d for d in BASE if d["kind"] == "Service"}
 WORKLOADS = {d["metadata"]["name"]: d for d in BASE if d["kind"] in WORKLOAD_KINDS}
-CONTAINERS = [(name, c) for name, d in WORKLOADS.items() for c in _containers(d)]
+CONTAINERS = [(name, c) for name, d in WORKLOADS.items() for c in _containers(d) if c["image"].startswith("pdserve:")]
+PDSERVE_WORKLOADS = [name for name, d in WORKLOADS.items()
+                     if all(c["image"].startswith("pdserve:") for c in _containers(d, init=False))]
 
 
 def _container_param(workload: str, container: dict):
@@ -118,7 +120,10 @@ def test_every_kustomization_file_exists():
 def test_expected_components():
     components = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
                   for d in WORKLOADS.values()}
-    assert components == {"router", "prefill", "decode", "kvstore-master", "kvstore-node"}
+    assert components == {"etcd", "router", "prefill", "decode", "kvstore-master", "kvstore-node"}
+    replicas = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["replicas"]
+                for d in WORKLOADS.values()}
+    assert replicas["router"] == 2 and replicas["kvstore-master"] == 2  # replicas; one master leads
     for name, d in WORKLOADS.items():
         assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
         assert any(s["spec"]["selector"] == d["spec"]["selector"]["matchLabels"] for s in SERVICES.values()), name
@@ -130,12 +135,14 @@ def test_container_runs_a_real_pdserve_command(workload, container):
     check_pdserve_command(container["args"], _env_names(container), where=f"{workload}/{container['name']}")
 
 
-@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("workload", PDSERVE_WORKLOADS)
 def test_probes_use_the_grpc_health_service_on_the_serving_port(workload):
     for c in _containers(WORKLOADS[workload], init=False):
         env = {**{k: v for s in c.get("envFrom", []) for k, v in CONFIGMAPS[s["configMapRef"]["name"]].items()}}
         port = int(flag_value(c["args"], "--port") or env["PDSERVE_PORT"])
-        for probe in ("readinessProbe", "livenessProbe"):
+        # A standby store master binds no port: readiness (leader only) gates its Service; no liveness probe.
+        probes = ("readinessProbe",) if workload == "pdserve-kvstore-master" else ("readinessProbe", "livenessProbe")
+        for probe in probes:
             assert c[probe]["grpc"]["port"] == port, f"{workload} {probe}"
         assert port in {p["containerPort"] for p in c["ports"]}
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
@@ -148,13 +155,24 @@ def test_every_registering_container_advertises_its_pod_ip():
             assert env["PDSERVE_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", name
 
 
-def test_workers_advertise_their_pod_ip_and_register_through_the_router_service():
-    router_host, _, router_port = CONFIGMAPS["pdserve-worker"]["PDSERVE_ROUTER"].partition(":")
-    assert int(router_port) in {p["port"] for p in SERVICES[router_host]["spec"]["ports"]}
-    for name in ("pdserve-prefill", "pdserve-decode"):
+def test_every_pdserve_container_registers_in_the_etcd_service():
+    etcd_host, _, etcd_port = CONFIGMAPS["pdserve-common"]["PDSERVE_ETCD"].removeprefix("http://").partition(":")
+    assert int(etcd_port) in {p["port"] for p in SERVICES[etcd_host]["spec"]["ports"]}
+    (etcd,) = _containers(WORKLOADS["pdserve-etcd"])
+    assert flag_value(etcd["command"], "--advertise-client-urls") == f"http://{etcd_host}:{etcd_port}"
+    for name in PDSERVE_WORKLOADS:
+        for c in _containers(WORKLOADS[name], init=False):
+            assert {"configMapRef": {"name": "pdserve-common"}} in c["envFrom"], name
+
+
+def test_workers_advertise_their_pod_ip_and_are_found_through_etcd():
+    assert "PDSERVE_ROUTER" not in CONFIGMAPS["pdserve-worker"]  # routers watch etcd; no registration
+    for name in ("pdserve-prefill", "pdserve-decode", "pdserve-kvstore-master"):
         (c,) = _containers(WORKLOADS[name], init=False)
         env = {e["name"]: e for e in c["env"]}
         assert env["PDSERVE_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    for name in ("pdserve-prefill", "pdserve-decode"):
+        (c,) = _containers(WORKLOADS[name], init=False)
         assert {"configMapRef": {"name": "pdserve-worker"}} in c["envFrom"]
 
 
@@ -167,5 +185,5 @@ def test_gpu_overlay_asks_for_gpus_and_the_gpu_image():
         assert c["args"] == _containers(WORKLOADS[name], init=False)[0]["args"]  # the patch keeps the command
     worker_config = gpu["ConfigMap", "pdserve-worker"]["data"]
     assert worker_config["PDSERVE_DEVICE"] == "cuda"
-    assert worker_config["PDSERVE_ROUTER"] == CONFIGMAPS["pdserve-worker"]["PDSERVE_ROUTER"]  # merged, not replaced
+    assert worker_config["PDSERVE_KVSTORE_MASTER"] == CONFIGMAPS["pdserve-worker"]["PDSERVE_KVSTORE_MASTER"]  # merged
     check_pdserve_command(["pdserve", "decode"], set(worker_config), where="gpu ConfigMap pdserve-worker")
