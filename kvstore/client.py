@@ -28,7 +28,7 @@ from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.transfer.base import KVTransport
 
-from .values import Location, StoredValue, ValueMeta
+from .values import Location, StoredValue, ValueMeta, num_dram_slots
 from .messages import location_from_pb, meta_to_pb, value_from_pb, value_to_pb
 
 logger = logging.getLogger(__name__)
@@ -180,11 +180,12 @@ class KVStoreClient:
         resp = await self._node(node.address).PrepareRead(kpb.PrepareReadRequest(
             values=[value_to_pb(v) for v in asked], timeout_s=self._remaining(deadline)),
             timeout=self._remaining(deadline))
-        if len(resp.values) != len(asked):
+        if len(resp.values) != len(asked) or len(resp.offsets) != len(asked):
             self.stats.num_bad_claims += 1
-            raise ValueError(f"node {node.node_id} answered {len(resp.values)} claims for {len(asked)} values")
-        good: list[tuple[int, StoredValue]] = []
-        for (i, _), want, raw in zip(items, asked, resp.values):
+            raise ValueError(f"node {node.node_id} answered {len(resp.values)} claims and {len(resp.offsets)} "
+                             f"offsets for {len(asked)} values")
+        good: list[tuple[int, int]] = []  # (index in items' prompt, offset to read it at in the node's buffer)
+        for (i, _), want, raw, offset in zip(items, asked, resp.values, resp.offsets):
             if not raw.key:
                 break  # evicted or lost since the master looked: the prefix ends here
             claim = value_from_pb(raw)
@@ -192,14 +193,30 @@ class KVStoreClient:
                 self.stats.num_bad_claims += 1
                 logger.warning("kvstore node %s claims %s for %s: ignoring its values", node.node_id, claim, want)
                 break
-            good.append((i, want))
+            good.append((i, offset))
         if not good:
+            if resp.token:
+                self._spawn(self._finish_read(node.address, bytes(resp.token)))
             return []
-        src = [(v.offset, v.meta.nbytes) for _, v in good]
+        src = [(offset, self.value_nbytes) for _, offset in good]
         dst = self.kv_cache.regions([block_ids[i] for i, _ in good])  # one region per run of adjacent blocks
-        await self.transport.pull(node.transfer_address, bytes(resp.token), self.buffer_name, dst, src,
-                              timeout_s=self._remaining(deadline))
+        try:
+            await self.transport.pull(node.transfer_address, bytes(resp.token), self.buffer_name, dst, src,
+                                      timeout_s=self._remaining(deadline))
+        finally:  # the node frees the frames it pinned for us now, not at the token's deadline
+            self._spawn(self._finish_read(node.address, bytes(resp.token)))
         return [i for i, _ in good]
+
+    async def _finish_read(self, address: str, token: bytes) -> None:
+        try:
+            await self._node(address).FinishRead(kpb.FinishReadRequest(token=token), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:  # the token expires by itself
+            logger.debug("kvstore FinishRead on %s failed: %s", address, exc.code().name)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _release(self, lease_id: str) -> None:
         try:
@@ -277,11 +294,20 @@ class KVStoreClient:
                     pass  # the master frees uncommitted slots after put_timeout_s anyway
 
     async def _write_to_node(self, items: list[tuple[Location, int]], deadline: float) -> None:
+        """In pieces of at most half the node's DRAM tier: a write must fit in DRAM frames while it lands."""
+        node = items[0][0].node
+        piece = max(1, num_dram_slots(node.capacity_bytes, node.slot_nbytes) // 2)
+        for start in range(0, len(items), piece):
+            await self._write_piece(items[start:start + piece], deadline)
+
+    async def _write_piece(self, items: list[tuple[Location, int]], deadline: float) -> None:
         node = items[0][0].node
         resp = await self._node(node.address).PrepareWrite(kpb.PrepareWriteRequest(
             values=[value_to_pb(StoredValue(loc.key, loc.offset, loc.meta)) for loc, _ in items],
             timeout_s=self._remaining(deadline)), timeout=self._remaining(deadline))
+        if len(resp.offsets) != len(items):
+            raise ValueError(f"node {node.node_id} gave {len(resp.offsets)} offsets for {len(items)} values")
         src = [(slot * self.value_nbytes, self.value_nbytes) for _, slot in items]
-        dst = [(loc.offset, self.value_nbytes) for loc, _ in items]
+        dst = [(offset, self.value_nbytes) for offset in resp.offsets]
         await self.transport.push(node.transfer_address, bytes(resp.token), self._staging_name, src, dst,
                               timeout_s=self._remaining(deadline))

@@ -59,6 +59,12 @@ class NodeConfig:
     # 1 GiB: twice a worker's default KV cache (engine kv_cache_memory_mb), so a store node holds what
     # a prefill worker's own cache has dropped; a smaller store only repeats the worker's cache.
     capacity_mb: int = field(default=1024, metadata=_h("memory (DRAM) tier size in MiB"))
+    ssd_dir: str = field(default="", metadata=_h(
+        "directory of the SSD tier's file (empty: no SSD tier); values evicted from DRAM go there, and a "
+        "hit there is read back and promoted. The file is discarded when the node restarts", metavar="DIR"))
+    ssd_mb: int = field(default=4096, metadata=_h("SSD tier size in MiB, reserved at start-up (with --ssd-dir)"))
+    ssd_batch_blocks: int = field(default=32, metadata=_h(
+        "values moved from DRAM to SSD per write, at least (larger, fewer writes)"))
     slot_kb: int = field(default=0, metadata=_h(
         "slot size in KiB, one block value per slot (0: fixed by the first value written)"))
     memory: str = field(default="host", metadata=_h("pool memory: host (numpy) or device (cupy, needs a GPU)",
@@ -74,6 +80,8 @@ class NodeConfig:
             raise ValueError("ports must be in [0, 65535]")
         if self.capacity_mb < 1:
             raise ValueError("capacity_mb must be >= 1")
+        if self.ssd_mb < 0 or self.ssd_batch_blocks < 1:
+            raise ValueError("ssd_mb must be >= 0 and ssd_batch_blocks >= 1")
         if self.slot_kb < 0 or self.slot_kb * 1024 > self.capacity_mb * 2**20:
             raise ValueError("slot_kb must be >= 0 and fit in the pool")
         if self.memory not in ("host", "device"):

@@ -47,7 +47,7 @@ class MasterServicer(kpb_grpc.KVStoreMasterServicer):
 
     @rpc.map_errors
     async def Heartbeat(self, request: kpb.HeartbeatRequest, context) -> kpb.HeartbeatResponse:
-        if not self.state.heartbeat(request.node_id):
+        if not self.state.heartbeat(request.node_id, request.tiers if request.HasField("tiers") else None):
             raise NotFound(f"unknown node {request.node_id!r}: register again")
         return kpb.HeartbeatResponse()
 
@@ -91,7 +91,8 @@ class MasterServicer(kpb_grpc.KVStoreMasterServicer):
             num_keys=s.num_keys, num_leases=s.num_leases, num_pending_puts=s.num_pending_puts,
             num_evictions=c.num_evictions, num_dead_nodes=c.num_dead_nodes, num_expired_leases=c.num_expired_leases,
             num_expired_puts=c.num_expired_puts, num_rejected_inventory=c.num_rejected_inventory,
-            nodes=[kpb.NodeStats(node=node_to_pb(info), num_slots=total, num_slots_used=used, num_values=values)
+            nodes=[kpb.NodeStats(node=node_to_pb(info), num_slots=total, num_slots_used=used, num_values=values,
+                                 tiers=s.node_tiers(info.node_id))
                    for info, used, total, values in s.node_infos()])
 
 

@@ -4,7 +4,10 @@ clock; no I/O (`master.py` serves it over gRPC). Never touches bytes: nodes hold
 
 A node's pool is `num_slots` fixed-size slots (`slot_nbytes` each, one block value per slot); the
 master hands out slot indices, so it alone accounts for capacity. A slot is free, pending (a put
-in flight), or holds a committed replica.
+in flight), or holds a committed replica. The slots span both of a node's tiers (DRAM, then SSD:
+`NodeInfo.num_slots`), so placement and LRU eviction count the whole node; which tier holds a value
+is the node's choice (recently used values stay in DRAM, node_pool.py), and the master keeps each
+node's tier use from its heartbeats (`tiers`, shown in Stats and metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.engine.block_hash import BlockHash
 from pdserve.errors import InvalidRequest, NotFound
@@ -33,10 +36,11 @@ class _Node:
     free_slots: list[int] = field(default_factory=list)  # stack, lowest index on top
     pending_slots: set[int] = field(default_factory=set)
     lru: OrderedDict[BlockHash, int] = field(default_factory=OrderedDict)  # committed key -> slot, oldest first
+    tiers: object = None  # the node's last reported kpb.NodeTiers (opaque here)
 
     @property
     def num_slots(self) -> int:
-        return self.info.capacity_bytes // self.slot_nbytes if self.slot_nbytes else 0
+        return self.info.num_slots(self.slot_nbytes)
 
     @property
     def num_used(self) -> int:
@@ -50,8 +54,7 @@ class _Node:
         return nbytes <= self.slot_nbytes if self.slot_nbytes else nbytes <= self.info.capacity_bytes
 
     def location(self, key: BlockHash, slot: int, meta: ValueMeta) -> Location:
-        return Location(key, NodeInfo(self.info.node_id, self.info.address, self.info.transfer_address,
-                                      self.info.capacity_bytes, self.slot_nbytes), slot * self.slot_nbytes, meta)
+        return Location(key, replace(self.info, slot_nbytes=self.slot_nbytes), slot * self.slot_nbytes, meta)
 
 
 @dataclass(slots=True)
@@ -160,12 +163,14 @@ class MasterState:
             return "metadata differs from another copy"
         return ""
 
-    def heartbeat(self, node_id: str) -> bool:
+    def heartbeat(self, node_id: str, tiers: object = None) -> bool:
         """False for an unknown (e.g. declared dead, or after a master restart) node: it must re-register."""
         node = self._nodes.get(node_id)
         if node is None:
             return False
         node.last_seen = self._clock()
+        if tiers is not None:
+            node.tiers = tiers
         return True
 
     def _drop_node(self, node_id: str, why: str) -> None:
@@ -345,8 +350,13 @@ class MasterState:
     # ---- introspection ----------------------------------------------------------------------------
     def node_infos(self) -> list[tuple[NodeInfo, int, int, int]]:
         """(info with the current slot size, slots in use, total slots, committed values) per live node."""
-        return [(NodeInfo(n.info.node_id, n.info.address, n.info.transfer_address, n.info.capacity_bytes,
-                          n.slot_nbytes), n.num_used, n.num_slots, len(n.lru)) for n in self._nodes.values()]
+        return [(replace(n.info, slot_nbytes=n.slot_nbytes), n.num_used, n.num_slots, len(n.lru))
+                for n in self._nodes.values()]
+
+    def node_tiers(self, node_id: str) -> object:
+        """The node's last reported tier stats (None before its first heartbeat with them)."""
+        node = self._nodes.get(node_id)
+        return node.tiers if node is not None else None
 
     @property
     def num_keys(self) -> int:

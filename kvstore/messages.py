@@ -26,13 +26,14 @@ def meta_from_pb(msg: kpb.ValueMeta) -> ValueMeta:
 
 def node_to_pb(info: NodeInfo) -> kpb.NodeInfo:
     return kpb.NodeInfo(node_id=info.node_id, address=info.address, transfer_address=info.transfer_address,
-                        capacity_bytes=info.capacity_bytes, slot_nbytes=info.slot_nbytes)
+                        capacity_bytes=info.capacity_bytes, slot_nbytes=info.slot_nbytes, ssd_bytes=info.ssd_bytes)
 
 
 def node_from_pb(msg: kpb.NodeInfo) -> NodeInfo:
     if not msg.node_id or not msg.address or not msg.transfer_address:
         raise InvalidRequest("a node needs node_id, address and transfer_address")
-    return NodeInfo(msg.node_id, msg.address, msg.transfer_address, int(msg.capacity_bytes), int(msg.slot_nbytes))
+    return NodeInfo(msg.node_id, msg.address, msg.transfer_address, int(msg.capacity_bytes), int(msg.slot_nbytes),
+                    int(msg.ssd_bytes))
 
 
 def value_to_pb(value: StoredValue) -> kpb.StoredValue:

@@ -61,6 +61,45 @@ class MasterCollector:
             values.add_metric([info.node_id], num_values)
         yield from (slots, used, values)
         yield GaugeMetricFamily("pdserve:store_live_nodes", "Nodes alive now.", value=len(nodes))
+        ssd = GaugeMetricFamily("pdserve:store_node_ssd_values", "Values a live node reported on its SSD tier "
+                                "(last heartbeat).", labels=NODE_LABELS)
+        for info, *_ in nodes:
+            tiers = s.node_tiers(info.node_id)
+            if tiers is not None:
+                ssd.add_metric([info.node_id], tiers.ssd.num_values)
+        yield ssd
+
+
+# TierStats field -> (metric, help, counter?). Each with labels node and tier ("dram" | "ssd").
+_TIER_FIELDS = {
+    "num_slots": ("pdserve:store_tier_slots", "Slots of the tier (0: none, or turned off).", False),
+    "num_values": ("pdserve:store_tier_values", "Values the tier holds.", False),
+    "num_pinned": ("pdserve:store_tier_pinned", "dram: frames held now by reads, writes in flight or moves.", False),
+    "num_hits": ("pdserve:store_tier_hits", "Values served to readers from the tier.", True),
+    "num_evictions": ("pdserve:store_tier_evictions",
+                      "dram: values moved to SSD (or dropped without it); ssd: values whose slot was reused.", True),
+    "bytes_read": ("pdserve:store_tier_read_bytes", "Bytes read from the tier's file (ssd).", True),
+    "bytes_written": ("pdserve:store_tier_written_bytes", "Bytes written to the tier's file (ssd).", True),
+    "read_seconds": ("pdserve:store_tier_read_seconds", "Seconds spent reading the tier's file (ssd).", True),
+    "write_seconds": ("pdserve:store_tier_write_seconds", "Seconds spent writing the tier's file (ssd).", True),
+}
+
+
+def tier_metrics(tiers, node_labels: list[str]) -> Iterator[Metric]:
+    """One family per TierStats field, a sample per tier; plus promotions and corrupt reads."""
+    for attr, (name, help_text, is_counter) in _TIER_FIELDS.items():
+        family = (CounterMetricFamily if is_counter else GaugeMetricFamily)(name, help_text,
+                                                                            labels=[*NODE_LABELS, "tier"])
+        for tier in ("dram", "ssd"):
+            family.add_metric([*node_labels, tier], getattr(getattr(tiers, tier), attr))
+        yield family
+    for name, help_text, value in (
+            ("pdserve:store_tier_promotions", "SSD values copied up to DRAM to be read.", tiers.num_promotions),
+            ("pdserve:store_tier_corrupt_reads", "SSD reads that failed their checksum (dropped, never served).",
+             tiers.num_corrupt_reads)):
+        family = CounterMetricFamily(name, help_text, labels=NODE_LABELS)
+        family.add_metric(node_labels, value)
+        yield family
 
 
 class NodeCollector:
@@ -84,10 +123,11 @@ class NodeCollector:
             family.add_metric(labels, value)
             return family
 
-        yield gauge("pdserve:store_pool_capacity_bytes", "Bytes in the node's memory pool.", pool.capacity_bytes)
-        yield gauge("pdserve:store_pool_slots", "Slots in the pool (0 until the first write fixes the size).",
+        yield gauge("pdserve:store_pool_capacity_bytes", "Bytes in the node's memory (DRAM) tier.", pool.capacity_bytes)
+        yield gauge("pdserve:store_pool_slots", "Slots in the pool, both tiers (0 until the first write fixes the size).",
                     pool.num_slots)
-        yield gauge("pdserve:store_pool_values", "Values held in the pool.", pool.num_values)
+        yield gauge("pdserve:store_pool_values", "Values held in the pool, both tiers.", pool.num_values)
+        yield from tier_metrics(node.tiers.stats(), labels)
         stats = getattr(node.transport, "stats", None)
         if stats is None:
             return

@@ -1,14 +1,16 @@
-"""`pdserve kvstore-node`: a KV cache store node. Holds block values in a slotted memory pool
-(node_pool.py) registered with its own KV transport (pdserve.transfer), registers and heartbeats to the master, and
+"""`pdserve kvstore-node`: a KV cache store node. Holds block values in a pool of two tiers
+(node_pool.py: a DRAM buffer registered with its own KV transport, pdserve.transfer, and an SSD file,
+node_ssd.py; node_tiers.py moves values between them), registers and heartbeats to the master, and
 issues the transfer tokens for its pool over a small gRPC service:
 
-- write: PrepareWrite checks the slots and sizes, opens an expectation and returns its one-time
-  token; the client pushes the values into the slots; the node adds them to its inventory once
-  every byte landed.
+- write: PrepareWrite checks the slots and sizes, gives each value a DRAM frame (demoting the least
+  recently used values to SSD when DRAM is full), opens an expectation on those frames and returns
+  its one-time token and their offsets; the client pushes the values there; the node adds them to
+  its inventory once every byte landed.
 - read: PrepareRead returns what the node holds at the asked slots (the client checks these claims
-  against the master's metadata before any byte moves) and a token exposing exactly those regions;
-  the client pulls them into its own KV pool. Reads are pulls so that the client's pool is written
-  only by the client's own transport.
+  against the master's metadata before any byte moves), promoting SSD values to DRAM first, and a
+  token exposing exactly those frames, with their offsets; the client pulls them into its own KV
+  pool. Reads are pulls so that the client's pool is written only by the client's own transport.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from pdserve.membership import EtcdConfig
 from pdserve.settings import add_config_arguments, config_from_args
 from pdserve.transfer.base import KVTransport
 from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.regions import Region
 
 from .config import NodeConfig
-from .values import NodeInfo, StoredValue, ValueMeta
 from .messages import node_to_pb, value_from_pb, value_to_pb
+from .values import NodeInfo, StoredValue, ValueMeta
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +58,26 @@ class NodeServicer(kpb_grpc.KVStoreNodeServicer):
     @rpc.map_errors
     async def PrepareWrite(self, request: kpb.PrepareWriteRequest, context) -> kpb.PrepareWriteResponse:
         values = [value_from_pb(v) for v in request.values]
-        return kpb.PrepareWriteResponse(token=self.node.prepare_write(values, request.timeout_s))
+        token, regions = await self.node.prepare_write(values, request.timeout_s)
+        return kpb.PrepareWriteResponse(token=token, offsets=[start for start, _ in regions])
 
     @rpc.map_errors
     async def PrepareRead(self, request: kpb.PrepareReadRequest, context) -> kpb.PrepareReadResponse:
         values = [value_from_pb(v) for v in request.values]
-        token, claims = await self.node.prepare_read(values, request.timeout_s)
-        return kpb.PrepareReadResponse(token=token, values=[value_to_pb(c) if c else kpb.StoredValue() for c in claims])
+        token, claims, offsets = await self.node.prepare_read(values, request.timeout_s)
+        return kpb.PrepareReadResponse(token=token, values=[value_to_pb(c) if c else kpb.StoredValue() for c in claims],
+                                       offsets=offsets)
+
+    @rpc.map_errors
+    async def FinishRead(self, request: kpb.FinishReadRequest, context) -> kpb.FinishReadResponse:
+        await self.node.finish_read(bytes(request.token))
+        return kpb.FinishReadResponse()
 
     @rpc.map_errors
     async def Stats(self, request: kpb.NodeStatsRequest, context) -> kpb.NodeStats:
         pool = self.node.pool
-        return kpb.NodeStats(node=node_to_pb(self.node.info()), num_slots=pool.num_slots, num_values=pool.num_values)
+        return kpb.NodeStats(node=node_to_pb(self.node.info()), num_slots=pool.num_slots, num_values=pool.num_values,
+                             tiers=self.node.tiers.stats())
 
 
 class StoreNode:
@@ -74,23 +85,28 @@ class StoreNode:
 
     def __init__(self, config: NodeConfig, transfer_config: TransferConfig | None = None) -> None:
         from .node_pool import NodePool
+        from .node_tiers import NodeTiers
 
         self.config = config
         self.transfer_config = transfer_config or TransferConfig()
-        self.pool = NodePool(config.capacity_mb * 2**20, config.slot_kb * 1024, config.memory)
+        ssd_bytes = config.ssd_mb * 2**20 if config.ssd_dir else 0
+        self.pool = NodePool(config.capacity_mb * 2**20, config.slot_kb * 1024, config.memory, ssd_bytes)
+        self.tiers = NodeTiers(self.pool, None, config.ssd_batch_blocks)
         self.transport: KVTransport | None = None
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.address = ""
         self.node_id = config.node_id
         self._pending: dict[bytes, asyncio.Future] = {}  # key being written -> done when it landed (or failed)
+        self._reads: dict[bytes, tuple[list[int], asyncio.TimerHandle]] = {}  # read token -> (pinned frames, expiry)
         self._tasks: set[asyncio.Task] = set()
         self._heartbeat_task: asyncio.Task | None = None
         self._master: grpc.aio.Channel | None = None
         self.metrics_server = None
 
     def info(self) -> NodeInfo:
-        return NodeInfo(self.node_id, self.address, self.transport.address, self.pool.capacity_bytes, self.pool.slot_nbytes)
+        return NodeInfo(self.node_id, self.address, self.transport.address, self.pool.capacity_bytes,
+                        self.pool.slot_nbytes, self.pool.ssd_bytes)
 
     async def start(self) -> None:
         from pdserve.transfer.factory import create_transport
@@ -107,6 +123,7 @@ class StoreNode:
         await self.server.start()
         self.address = f"{c.advertise_host or c.host}:{port}"
         self.node_id = self.node_id or f"node@{self.address}"
+        self._open_ssd()
         self._master = rpc.channel(c.master)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         if c.metrics_port >= 0:
@@ -117,8 +134,25 @@ class StoreNode:
             self.metrics_server = MetricsServer(c.host, c.metrics_port, NodeCollector(self), what="kvstore node")
             await self.metrics_server.start()
         await rpc.set_serving(self.health, [SERVICE_NAME], True)  # health is the node itself, never the master
-        logger.info("kvstore node %s: %d MiB pool, gRPC %s, transfer %s, master %s", self.node_id, c.capacity_mb,
-                    self.address, self.transport.address, c.master)
+        ssd = f" + SSD {self.pool.ssd_bytes >> 20} MiB in {c.ssd_dir}" if self.pool.ssd_bytes else ""
+        logger.info("kvstore node %s: DRAM %d MiB%s, gRPC %s, transfer %s, master %s", self.node_id, c.capacity_mb,
+                    ssd, self.address, self.transport.address, c.master)
+
+    def _open_ssd(self) -> None:
+        """The SSD tier, before the master learns this node's slots; off (one log line) when it cannot be."""
+        from .node_ssd import SSDTier
+
+        c = self.config
+        if not self.pool.ssd_bytes:
+            return
+        ssd = self.tiers.ssd = SSDTier(c.ssd_dir, self.pool.ssd_bytes, self.node_id)  # kept off for its reason
+        if c.memory != "host":
+            ssd.turn_off("the SSD tier needs --memory host")
+        elif ssd.open():
+            self.tiers.fixed_slot_size()
+            return
+        self.pool.turn_off_ssd()
+        self.pool.ssd_bytes = 0  # the master sees a DRAM-only node
 
     async def stop(self) -> None:
         if self._heartbeat_task is not None:
@@ -131,6 +165,8 @@ class StoreNode:
             await self.server.stop(grace=0.5)
         if self.transport is not None:
             await self.transport.close()
+        if self.tiers.ssd is not None:
+            self.tiers.ssd.close()
         if self._master is not None:
             await self._master.close()
 
@@ -152,7 +188,8 @@ class StoreNode:
                     logger.info("registered with master %s (%d values, %d refused)", self.config.master,
                                 self.pool.num_values, len(resp.rejected_keys))
                 else:
-                    await stub.Heartbeat(kpb.HeartbeatRequest(node_id=self.node_id), timeout=interval_s * 2)
+                    await stub.Heartbeat(kpb.HeartbeatRequest(node_id=self.node_id, tiers=self.tiers.stats()),
+                                         timeout=interval_s * 2)
                 warned = False
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -165,27 +202,38 @@ class StoreNode:
             await asyncio.sleep(interval_s)
 
     # ---- writes ----------------------------------------------------------------------------------
-    def prepare_write(self, values: list[StoredValue], timeout_s: float) -> bytes:
-        regions = self.pool.check_write(values)
+    async def prepare_write(self, values: list[StoredValue], timeout_s: float) -> tuple[bytes, list[Region]]:
+        """A one-time token for pushing the values, and the regions of the pool buffer they go to."""
+        self.pool.check_write(values)
+        self.tiers.fixed_slot_size()
+        regions = await self.tiers.begin_write(values)
         token = secrets.token_bytes(16)
-        exp = self.transport.expect(token, POOL_BUFFER, regions, max(timeout_s, MIN_TOKEN_TIMEOUT_S))
-        self.pool.begin_write(values)
+        try:
+            exp = self.transport.expect(token, POOL_BUFFER, regions, max(timeout_s, MIN_TOKEN_TIMEOUT_S))
+        except Exception:
+            self.pool.fail_write(values, regions)
+            raise
         loop = asyncio.get_running_loop()
         landed = loop.create_future()
         for value in values:
             self._pending[value.key] = landed
-        task = asyncio.create_task(self._finish_write(exp, values, landed))
+        task = asyncio.create_task(self._finish_write(exp, values, regions, landed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return token
+        return token, regions
 
-    async def _finish_write(self, exp, values: list[StoredValue], landed: asyncio.Future) -> None:
+    async def _finish_write(self, exp, values: list[StoredValue], regions: list[Region],
+                            landed: asyncio.Future) -> None:
+        committed = False
         try:
             await exp.wait()
-            self.pool.commit(values)
+            self.pool.commit(values, regions)
+            committed = True
         except KVTransferError as exc:
             logger.info("write of %d values failed: %s", len(values), exc)
         finally:
+            if not committed:
+                self.pool.fail_write(values, regions)
             for value in values:
                 if self._pending.get(value.key) is landed:
                     del self._pending[value.key]
@@ -193,26 +241,51 @@ class StoreNode:
 
     # ---- reads -----------------------------------------------------------------------------------
     async def prepare_read(self, values: list[StoredValue],
-                           timeout_s: float) -> tuple[bytes, list[StoredValue | None]]:
-        """A token exposing the held values, and per asked value what this node claims it holds (None: absent)."""
+                           timeout_s: float) -> tuple[bytes, list[StoredValue | None], list[int]]:
+        """A token exposing the held values; per asked value what this node claims it holds (None:
+        absent) and where in the pool buffer to read it. SSD values are promoted to DRAM first; the
+        exposed frames stay pinned (never moved or reused) until the token expires."""
         if not values:
             raise InvalidRequest("no values to read")
         waits = {id(f): f for v in values if (f := self._pending.get(v.key)) is not None}
         if waits:  # a write the client just committed may still be finishing here
             await asyncio.wait(list(waits.values()), timeout=timeout_s)
+        frames = await self.tiers.pin_for_read(values)
         claims: list[StoredValue | None] = []
-        for value in values:
-            held = self.pool.get(value.key)
+        offsets: list[int] = []
+        for value, frame in zip(values, frames):
+            held = self.pool.get(value.key) if frame is not None else None
             if held is not None and self.config.fault_lie_about_sizes:
                 meta = held.meta
                 held = replace(held, meta=ValueMeta(meta.nbytes // 2, meta.dtype, meta.shape, meta.fingerprint))
             claims.append(held)
-        regions = [(c.offset, c.meta.nbytes) for c in claims if c is not None]
-        if not regions:
-            return b"", claims
+            offsets.append(frame * self.pool.slot_nbytes if frame is not None else 0)
+        pinned = [f for f in frames if f is not None]
+        if not pinned:
+            return b"", claims, offsets
+        token_timeout_s = max(timeout_s, MIN_TOKEN_TIMEOUT_S)
         token = secrets.token_bytes(16)
-        self.transport.expose(token, POOL_BUFFER, regions, max(timeout_s, MIN_TOKEN_TIMEOUT_S))
-        return token, claims
+        try:
+            self.transport.expose(token, POOL_BUFFER, [(off, c.meta.nbytes) for c, off in zip(claims, offsets)
+                                                       if c is not None], token_timeout_s)
+        except Exception:
+            self.pool.unpin(pinned)
+            raise
+        # unpinned at FinishRead, or once no reader can use the token any more
+        expiry = asyncio.get_running_loop().call_later(token_timeout_s + MIN_TOKEN_TIMEOUT_S, self._end_read, token)
+        self._reads[token] = (pinned, expiry)
+        return token, claims, offsets
+
+    async def finish_read(self, token: bytes) -> None:
+        if token in self._reads:
+            await self.transport.cancel(token)
+            self._end_read(token)
+
+    def _end_read(self, token: bytes) -> None:
+        entry = self._reads.pop(token, None)
+        if entry is not None:
+            entry[1].cancel()
+            self.pool.unpin(entry[0])
 
 
 async def serve(config: NodeConfig, transfer_config: TransferConfig | None = None,

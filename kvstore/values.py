@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pdserve.engine.block_hash import BlockHash
 from pdserve.errors import InvalidRequest
 
+SSD_ALIGN = 4096  # bytes: an SSD-tier frame is a slot rounded up to this, so every frame starts aligned (O_DIRECT)
 DTYPE_NBYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 
 
@@ -36,8 +37,25 @@ class NodeInfo:
     node_id: str
     address: str  # gRPC control address host:port
     transfer_address: str  # UCX listener host:port
-    capacity_bytes: int
+    capacity_bytes: int  # memory (DRAM) tier
     slot_nbytes: int  # 0: not fixed yet (the first value placed on the node fixes it)
+    ssd_bytes: int = 0  # SSD tier (0: none)
+
+    def num_slots(self, slot_nbytes: int) -> int:
+        """Slots of both tiers at this slot size: the node's one slot space, which the master allocates."""
+        return num_dram_slots(self.capacity_bytes, slot_nbytes) + num_ssd_slots(self.ssd_bytes, slot_nbytes)
+
+
+def num_dram_slots(capacity_bytes: int, slot_nbytes: int) -> int:
+    return capacity_bytes // slot_nbytes if slot_nbytes else 0
+
+
+def num_ssd_slots(ssd_bytes: int, slot_nbytes: int) -> int:
+    return ssd_bytes // ssd_frame_nbytes(slot_nbytes) if slot_nbytes else 0
+
+
+def ssd_frame_nbytes(slot_nbytes: int) -> int:
+    return -(-slot_nbytes // SSD_ALIGN) * SSD_ALIGN
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,10 @@ import argparse
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pdserve.kvstore.config import NodeConfig
 from pdserve.settings import add_config_arguments, config_from_args
@@ -33,6 +35,10 @@ class UpConfig:
     store_memory_mb: int = field(default=NodeConfig.__dataclass_fields__["capacity_mb"].default, metadata=_h(
         "DRAM tier of each store node in MiB (default: twice a worker's default KV cache, so the store holds "
         "blocks the prefill workers' own caches have dropped)"))
+    store_ssd_mb: int = field(default=NodeConfig.__dataclass_fields__["ssd_mb"].default, metadata=_h(
+        "SSD tier of each store node in MiB, reserved on disk at start-up (0: DRAM only)"))
+    store_ssd_dir: str = field(default="", metadata=_h(
+        "directory of the store nodes' SSD tier files (default: kvstore-ssd in the log dir)", metavar="DIR"))
     host: str = field(default="127.0.0.1", metadata=_h("address every process binds to"))
     port: int = field(default=50051, metadata=_h("router gRPC port"))
     http_port: int = field(default=8000, metadata=_h("router OpenAI HTTP API and /metrics port (0: a free one; -1: none)"))
@@ -66,12 +72,19 @@ class UpConfig:
             raise ValueError("worker and store node counts must be >= 0")
         RestartPolicy(self.restart_backoff_s, max(8.0, self.restart_backoff_s), self.max_restarts,
                       self.restart_window_s)  # checks the restart settings
-        if self.store_memory_mb < 1:
-            raise ValueError("store_memory_mb must be >= 1")
+        if self.store_memory_mb < 1 or self.store_ssd_mb < 0:
+            raise ValueError("store_memory_mb must be >= 1 and store_ssd_mb >= 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, UpConfig, title="cluster")
+
+
+def store_node_args(c: UpConfig, log_dir: str) -> list[str]:
+    args = ["--capacity-mb", str(c.store_memory_mb)]
+    if c.store_ssd_mb:
+        args += ["--ssd-dir", c.store_ssd_dir or str(Path(log_dir) / "kvstore-ssd"), "--ssd-mb", str(c.store_ssd_mb)]
+    return args
 
 
 def store_capacity_line(c: UpConfig, model_dir: str) -> str:
@@ -85,8 +98,9 @@ def store_capacity_line(c: UpConfig, model_dir: str) -> str:
     def tokens(mb: int) -> str:
         return f"{mb * 2**20 // bytes_per_token:,} tokens"
 
-    return (f"  KV store: {c.store_nodes} node(s), each DRAM {c.store_memory_mb} MiB = {tokens(c.store_memory_mb)} "
-            f"(a worker's default KV cache: {worker_mb} MiB = {tokens(worker_mb)})")
+    ssd = f" + SSD {c.store_ssd_mb} MiB = {tokens(c.store_ssd_mb)}" if c.store_ssd_mb else ""
+    return (f"  KV store: {c.store_nodes} node(s), each DRAM {c.store_memory_mb} MiB = {tokens(c.store_memory_mb)}"
+            f"{ssd} (a worker's default KV cache: {worker_mb} MiB = {tokens(worker_mb)})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,11 +108,12 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.supervisor import CrashLoop, Supervisor
 
     c = config_from_args(UpConfig, args)
+    log_dir = c.log_dir or tempfile.mkdtemp(prefix="pdserve-")
     spec = ClusterSpec(model=c.model, num_prefill=0 if c.colocated else c.prefill,
                        num_decode=0 if c.colocated else c.decode, num_colocated=c.workers if c.colocated else 0,
                        num_store_nodes=0 if c.colocated else c.store_nodes,
-                       store_args=["--capacity-mb", str(c.store_memory_mb)], host=c.host, router_port=c.port,
-                       http_port=c.http_port, log_dir=c.log_dir, worker_args=shlex.split(c.worker_args),
+                       store_args=store_node_args(c, log_dir), host=c.host, router_port=c.port,
+                       http_port=c.http_port, log_dir=log_dir, worker_args=shlex.split(c.worker_args),
                        router_args=shlex.split(c.router_args), log_level=args.log_level, num_routers=c.routers,
                        num_store_masters=c.store_masters, etcd=c.etcd_url or ("start" if c.etcd else ""))
     cluster = Cluster(spec)

@@ -29,18 +29,20 @@ class StoredValue(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., meta: _Optional[_Union[ValueMeta, _Mapping]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "transfer_address", "capacity_bytes", "slot_nbytes")
+    __slots__ = ("node_id", "address", "transfer_address", "capacity_bytes", "slot_nbytes", "ssd_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SLOT_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SSD_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     transfer_address: str
     capacity_bytes: int
     slot_nbytes: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., transfer_address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., slot_nbytes: _Optional[int] = ...) -> None: ...
+    ssd_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., transfer_address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., slot_nbytes: _Optional[int] = ..., ssd_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
     __slots__ = ("node", "inventory")
@@ -59,10 +61,48 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, rejected_keys: _Optional[_Iterable[bytes]] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id",)
+    __slots__ = ("node_id", "tiers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
-    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+    tiers: NodeTiers
+    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Union[NodeTiers, _Mapping]] = ...) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("num_slots", "num_values", "num_hits", "num_evictions", "bytes_read", "bytes_written", "read_seconds", "write_seconds", "off_reason", "num_pinned")
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
+    NUM_HITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OFF_REASON_FIELD_NUMBER: _ClassVar[int]
+    NUM_PINNED_FIELD_NUMBER: _ClassVar[int]
+    num_slots: int
+    num_values: int
+    num_hits: int
+    num_evictions: int
+    bytes_read: int
+    bytes_written: int
+    read_seconds: float
+    write_seconds: float
+    off_reason: str
+    num_pinned: int
+    def __init__(self, num_slots: _Optional[int] = ..., num_values: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., read_seconds: _Optional[float] = ..., write_seconds: _Optional[float] = ..., off_reason: _Optional[str] = ..., num_pinned: _Optional[int] = ...) -> None: ...
+
+class NodeTiers(_message.Message):
+    __slots__ = ("dram", "ssd", "num_promotions", "num_corrupt_reads")
+    DRAM_FIELD_NUMBER: _ClassVar[int]
+    SSD_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CORRUPT_READS_FIELD_NUMBER: _ClassVar[int]
+    dram: TierStats
+    ssd: TierStats
+    num_promotions: int
+    num_corrupt_reads: int
+    def __init__(self, dram: _Optional[_Union[TierStats, _Mapping]] = ..., ssd: _Optional[_Union[TierStats, _Mapping]] = ..., num_promotions: _Optional[int] = ..., num_corrupt_reads: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ()
@@ -181,16 +221,18 @@ class MasterStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node", "num_slots", "num_slots_used", "num_values")
+    __slots__ = ("node", "num_slots", "num_slots_used", "num_values", "tiers")
     NODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     NUM_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
     NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     num_slots: int
     num_slots_used: int
     num_values: int
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., num_slots: _Optional[int] = ..., num_slots_used: _Optional[int] = ..., num_values: _Optional[int] = ...) -> None: ...
+    tiers: NodeTiers
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., num_slots: _Optional[int] = ..., num_slots_used: _Optional[int] = ..., num_values: _Optional[int] = ..., tiers: _Optional[_Union[NodeTiers, _Mapping]] = ...) -> None: ...
 
 class MasterStats(_message.Message):
     __slots__ = ("num_keys", "num_leases", "num_pending_puts", "num_evictions", "num_dead_nodes", "num_expired_leases", "num_expired_puts", "num_rejected_inventory", "nodes")
@@ -223,10 +265,12 @@ class PrepareWriteRequest(_message.Message):
     def __init__(self, values: _Optional[_Iterable[_Union[StoredValue, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class PrepareWriteResponse(_message.Message):
-    __slots__ = ("token",)
+    __slots__ = ("token", "offsets")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
     token: bytes
-    def __init__(self, token: _Optional[bytes] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token: _Optional[bytes] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrepareReadRequest(_message.Message):
     __slots__ = ("values", "timeout_s")
@@ -237,12 +281,24 @@ class PrepareReadRequest(_message.Message):
     def __init__(self, values: _Optional[_Iterable[_Union[StoredValue, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class PrepareReadResponse(_message.Message):
-    __slots__ = ("token", "values")
+    __slots__ = ("token", "values", "offsets")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
     token: bytes
     values: _containers.RepeatedCompositeFieldContainer[StoredValue]
-    def __init__(self, token: _Optional[bytes] = ..., values: _Optional[_Iterable[_Union[StoredValue, _Mapping]]] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token: _Optional[bytes] = ..., values: _Optional[_Iterable[_Union[StoredValue, _Mapping]]] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FinishReadRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    def __init__(self, token: _Optional[bytes] = ...) -> None: ...
+
+class FinishReadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class NodeStatsRequest(_message.Message):
     __slots__ = ()

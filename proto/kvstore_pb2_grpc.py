@@ -473,6 +473,11 @@ class KVStoreNodeStub:
                 request_serializer=kvstore__pb2.PrepareReadRequest.SerializeToString,
                 response_deserializer=kvstore__pb2.PrepareReadResponse.FromString,
                 _registered_method=True)
+        self.FinishRead = channel.unary_unary(
+                '/pdserve.kvstore.v1.KVStoreNode/FinishRead',
+                request_serializer=kvstore__pb2.FinishReadRequest.SerializeToString,
+                response_deserializer=kvstore__pb2.FinishReadResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/pdserve.kvstore.v1.KVStoreNode/Stats',
                 request_serializer=kvstore__pb2.NodeStatsRequest.SerializeToString,
@@ -498,6 +503,13 @@ class KVStoreNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishRead(self, request, context):
+        """The reader is done with a read token (pulled, or gave up): the node closes it and frees its frames early.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -516,6 +528,11 @@ def add_KVStoreNodeServicer_to_server(servicer, server):
                     servicer.PrepareRead,
                     request_deserializer=kvstore__pb2.PrepareReadRequest.FromString,
                     response_serializer=kvstore__pb2.PrepareReadResponse.SerializeToString,
+            ),
+            'FinishRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishRead,
+                    request_deserializer=kvstore__pb2.FinishReadRequest.FromString,
+                    response_serializer=kvstore__pb2.FinishReadResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -578,6 +595,33 @@ class KVStoreNode:
             '/pdserve.kvstore.v1.KVStoreNode/PrepareRead',
             kvstore__pb2.PrepareReadRequest.SerializeToString,
             kvstore__pb2.PrepareReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.kvstore.v1.KVStoreNode/FinishRead',
+            kvstore__pb2.FinishReadRequest.SerializeToString,
+            kvstore__pb2.FinishReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -255,3 +255,107 @@ async def test_node_lying_about_sizes_is_caught():
             assert (await store.stats()).num_leases == 0
     finally:
         store.stop()
+
+
+# ---- tiers: DRAM + SSD ------------------------------------------------------------------------
+
+SSD_ROUNDS, ROUND_BLOCKS = 12, 16  # 192 values of 8 KiB through a 1 MiB DRAM tier (128 frames)
+
+
+def round_content(kv_cache: PagedKVCache, r: int) -> torch.Tensor:
+    return torch.randn(kv_cache.kv.shape, generator=torch.Generator().manual_seed(1000 + r))
+
+
+async def publish_rounds(w: Worker) -> list[list]:
+    rounds = []
+    for r in range(SSD_ROUNDS):
+        hashes = prompt_hashes(ROUND_BLOCKS, salt=50 + r)
+        w.kv_cache.kv.copy_(round_content(w.kv_cache, r))
+        w.client.publish(hashes, list(range(ROUND_BLOCKS)))
+        await w.client.wait_published()
+        rounds.append(hashes)
+    assert w.client.stats.num_published_blocks == SSD_ROUNDS * ROUND_BLOCKS and w.client.stats.num_failures == 0
+    return rounds
+
+
+async def node_stats(proc: Proc) -> kpb.NodeStats:
+    async with rpc.channel(proc.address) as ch:
+        return await kpb_grpc.KVStoreNodeStub(ch).Stats(kpb.NodeStatsRequest(), timeout=5.0)
+
+
+async def test_both_tiers_under_eviction_pressure_serve_identical_bytes(tmp_path):
+    store = await start_store(1, "--capacity-mb", "1", "--ssd-dir", str(tmp_path), "--ssd-mb", "4",
+                              "--ssd-batch-blocks", "8")
+    try:
+        stats = await store.wait_nodes(1)
+        assert stats.nodes[0].node.ssd_bytes == 4 * 2**20
+        async with Worker(store.master_address, seed=5) as w:
+            rounds = await publish_rounds(w)
+            tiers = (await node_stats(store.nodes[0])).tiers
+            assert tiers.dram.num_slots == 128 and tiers.ssd.num_slots == 512
+            assert tiers.ssd.num_values > 0 and tiers.dram.num_evictions == tiers.ssd.num_values
+            assert tiers.dram.num_values + tiers.ssd.num_values == SSD_ROUNDS * ROUND_BLOCKS  # nothing dropped
+            for r in (0, 5, SSD_ROUNDS - 1, 0):  # oldest first: from SSD, promoted; then the newest from DRAM
+                w.kv_cache.kv.zero_()
+                assert await w.client.load(rounds[r], list(range(ROUND_BLOCKS))) == ROUND_BLOCKS
+                expected = round_content(w.kv_cache, r)[:, :, :ROUND_BLOCKS]
+                assert torch.equal(w.blocks(list(range(ROUND_BLOCKS))), expected), f"round {r}"
+            tiers = (await node_stats(store.nodes[0])).tiers
+            assert tiers.ssd.num_hits >= ROUND_BLOCKS and tiers.num_promotions >= ROUND_BLOCKS
+            assert tiers.dram.num_hits >= ROUND_BLOCKS and tiers.num_corrupt_reads == 0
+            assert tiers.ssd.bytes_written > 0 and tiers.ssd.bytes_read >= ROUND_BLOCKS * w.client.value_nbytes
+            master_view = (await store.stats()).nodes[0].tiers  # heartbeats carry the tiers to the master
+            assert master_view.ssd.num_slots == 512
+
+            # bytes changed on the disk under a value are caught by its checksum: dropped, never served
+            pool_file = next(tmp_path.glob("*.kvpool"))
+            with open(pool_file, "r+b") as f:
+                f.write(os.urandom(pool_file.stat().st_size))
+            w.kv_cache.kv.zero_()
+            got = await w.client.load(rounds[2], list(range(ROUND_BLOCKS)))
+            assert got < ROUND_BLOCKS
+            expected = round_content(w.kv_cache, 2)[:, :, :got]
+            assert torch.equal(w.blocks(list(range(got))), expected)  # whatever did load is right
+            assert (await node_stats(store.nodes[0])).tiers.num_corrupt_reads >= 1
+    finally:
+        store.stop()
+
+
+async def test_ssd_tier_is_discarded_when_a_node_restarts(tmp_path):
+    store = await start_store(1, "--node-id", "tiered", "--capacity-mb", "1", "--ssd-dir", str(tmp_path),
+                              "--ssd-mb", "4")
+    try:
+        async with Worker(store.master_address, seed=6) as w:
+            rounds = await publish_rounds(w)
+            assert (await node_stats(store.nodes[0])).tiers.ssd.num_values > 0
+            store.kill(store.nodes[0])  # kill -9, possibly mid-write: nothing of the old file is ever read
+            await store.wait_nodes(0)
+            store.start_node("--node-id", "tiered", "--capacity-mb", "1", "--ssd-dir", str(tmp_path), "--ssd-mb", "4")
+            await store.wait_serving(store.nodes[-1:])
+            await store.wait_nodes(1)
+            assert await w.client.lookup(rounds[0]) == 0 and await w.client.load(rounds[0], [0]) == 0
+            tiers = (await node_stats(store.nodes[-1])).tiers
+            assert tiers.ssd.num_slots == 0 or tiers.ssd.num_values == 0
+            assert next(tmp_path.glob("*.kvpool")).stat().st_size == 4 * 2**20  # reserved anew
+    finally:
+        store.stop()
+
+
+async def test_unusable_ssd_directory_leaves_a_dram_only_node(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    store = await start_store(1, "--capacity-mb", "1", "--ssd-dir", str(blocker / "ssd"))
+    try:
+        stats = await store.wait_nodes(1)
+        assert stats.nodes[0].node.ssd_bytes == 0
+        async with Worker(store.master_address, seed=7) as w:
+            hashes = prompt_hashes(4, salt=77)
+            w.client.publish(hashes, [0, 1, 2, 3])
+            await w.client.wait_published()
+            assert await w.client.load(hashes, [4, 5, 6, 7]) == 4
+            tiers = (await node_stats(store.nodes[0])).tiers
+            assert tiers.ssd.num_slots == 0 and "cannot reserve" in tiers.ssd.off_reason
+        log = store.nodes[0].log_path.read_text()
+        assert log.count("SSD tier off") == 1
+    finally:
+        store.stop()

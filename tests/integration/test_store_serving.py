@@ -1,5 +1,6 @@
 """The KV cache store in the serving path, with real processes: router, prefill, decode, store
-master and two store nodes.
+master and two store nodes, each a 1 MiB DRAM tier (16 blocks of the tiny model) over an SSD tier,
+so every test here also runs under DRAM eviction pressure.
 
 A prompt computed by one prefill worker is not recomputed by another (here: the prefill worker is
 replaced by a fresh process with an empty local cache), tokens are identical with and without
@@ -31,11 +32,14 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def store_cluster(tiny_model_dir):
+def store_cluster(tiny_model_dir, tmp_path_factory):
     spec = ClusterSpec(model=str(tiny_model_dir), num_prefill=1, num_decode=1, num_store_nodes=2,
                        router_args=["--local-prefill-threshold", "0", "--health-interval-s", "0.2"],
                        worker_args=["--kv-cache-memory-mb", "64", "--max-num-batched-tokens", "128"],
-                       decode_args=["--store-publish-generated"], store_args=["--capacity-mb", "64"])
+                       decode_args=["--store-publish-generated"],
+                       store_args=["--capacity-mb", "1", "--ssd-dir", str(tmp_path_factory.mktemp("ssd")),
+                                   "--ssd-mb", "64", "--ssd-batch-blocks", "4"],
+                       log_dir=str(tmp_path_factory.mktemp("logs")))
     cluster = Cluster(spec)
     cluster.start(timeout_s=180)
     try:
@@ -94,6 +98,28 @@ def test_prefix_computed_once_is_loaded_not_recomputed(store_cluster):
     assert sum(total(n, "pdserve:kv_transfer_bytes_received_total") for n in nodes) > 0  # puts landed
     assert sum(total(n, "pdserve:kv_transfer_bytes_sent_total") for n in nodes) > 0  # the load was served
     assert sum(total(n, "pdserve:store_pool_values") for n in nodes) >= full_blocks
+
+
+def test_prompts_beyond_dram_come_back_from_ssd_with_identical_tokens(store_cluster):
+    first_prompt = _prompt(300, seed=31)
+    reference = asyncio.run(_complete(store_cluster.router_address, first_prompt)).token_ids
+    nodes = [p for p in store_cluster.procs if p.name.startswith("kvstore-node")]
+    for seed in (32, 33):  # 50 more blocks: the first prompt's blocks leave both nodes' 16-block DRAM tiers
+        asyncio.run(_complete(store_cluster.router_address, _prompt(400, seed=seed)))
+
+    async def demoted():
+        return sum(total(scrape(p.metrics_url), "pdserve:store_tier_values", tier="ssd") for p in nodes) >= 18
+    asyncio.run(wait_until(demoted, timeout_s=30, what="blocks demoted to the SSD tiers"))
+    ssd_hits_before = sum(total(scrape(p.metrics_url), "pdserve:store_tier_hits_total", tier="ssd") for p in nodes)
+
+    _replace_prefill_worker(store_cluster)  # fresh local cache: the prompt must come from the store
+    again = asyncio.run(_complete(store_cluster.router_address, first_prompt))
+    assert again.token_ids == reference
+    assert again.usage.cached_tokens == ((len(first_prompt) - 1) // 16) * 16
+    after = [scrape(p.metrics_url) for p in nodes]
+    assert sum(total(m, "pdserve:store_tier_hits_total", tier="ssd") for m in after) > ssd_hits_before
+    assert sum(total(m, "pdserve:store_tier_promotions_total") for m in after) > 0
+    assert sum(total(m, "pdserve:store_tier_corrupt_reads_total") for m in after) == 0
 
 
 def test_store_node_killed_during_load_changes_nothing(store_cluster):

@@ -1,0 +1,123 @@
+"""The node pool's tier bookkeeping: one slot space over DRAM and SSD frames, LRU demotion,
+promotion, pins that keep a frame from being moved or reused, and checksums on the way back."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.block_hash import BlockHash
+from pdserve.errors import InvalidRequest, Overloaded
+from pdserve.kvstore.node_pool import NodePool
+from pdserve.kvstore.values import StoredValue, ValueMeta
+
+SLOT = 4096
+META = ValueMeta(SLOT, "float32", (SLOT // 4,), b"fp")
+
+
+def key(i: int) -> BlockHash:
+    return BlockHash(i.to_bytes(16, "little"))
+
+
+def value(i: int, slot: int) -> StoredValue:
+    return StoredValue(key(i), slot * SLOT, META)
+
+
+def pool(dram_frames: int = 2, ssd_frames: int = 4) -> NodePool:
+    return NodePool(dram_frames * SLOT, SLOT, "host", ssd_frames * SLOT)
+
+
+def write(p: NodePool, *values: StoredValue) -> list:
+    regions = p.begin_write(values)
+    p.commit(values, regions)
+    return regions
+
+
+def test_one_slot_space_over_both_tiers() -> None:
+    p = pool(2, 4)
+    assert (p.num_dram_frames, p.num_ssd_frames, p.num_slots) == (2, 4, 6)
+    p.check_write([value(0, 5)])  # the last SSD slot is a slot like any other
+    with pytest.raises(InvalidRequest):
+        p.check_write([value(0, 6)])
+    # a write lands in a DRAM frame whatever its slot
+    (start, nbytes), = write(p, value(0, 5))
+    assert start < 2 * SLOT and nbytes == SLOT
+
+
+def test_full_dram_needs_room_then_lru_values_move_to_ssd() -> None:
+    p = pool(2, 4)
+    write(p, value(0, 0))
+    write(p, value(1, 1))
+    assert p.num_free_dram_frames == 0
+    with pytest.raises(Overloaded):
+        p.begin_write([value(2, 2)])
+    assert p.pin_for_read(key(0)) is not None  # key 0 is now the most recent
+    p.unpin([p._dram_of[0]])
+    moves = p.begin_demotion(p.demotion_candidates(1))
+    assert [m.key for m in moves] == [key(1)]  # least recently used first
+    p.finish_demotion(moves, [123])
+    assert p.on_ssd(key(1)) and not p.on_ssd(key(0)) and p.num_free_dram_frames == 1
+    write(p, value(2, 2))
+    assert p.num_values == 3 and (p.num_dram_values, p.num_ssd_values) == (2, 1)
+    assert p.counters.num_demotions == 1
+
+
+def test_pinned_frames_are_never_demoted_or_reused() -> None:
+    p = pool(1, 2)
+    write(p, value(0, 0))
+    frame = p.pin_for_read(key(0))
+    assert p.demotion_candidates(4) == []  # a reader holds it
+    # the master reallocates the slot while the read is in flight: the frame is not reused yet
+    with pytest.raises(Overloaded):
+        p.begin_write([value(1, 0)])
+    p.unpin([frame])
+    regions = p.begin_write([value(1, 0)])
+    assert regions[0][0] == frame * SLOT and p.get(key(0)) is None
+
+
+def test_promotion_checks_the_checksum() -> None:
+    p = pool(1, 2)
+    write(p, value(0, 0))
+    demoted = p.begin_demotion(p.demotion_candidates(1))
+    p.finish_demotion(demoted, [777])
+    good = p.begin_promotion([key(0)])
+    assert [(m.key, m.crc) for m in good] == [(key(0), 777)]
+    pinned = p.finish_promotion(good, [777])
+    assert pinned == [good[0].dram_frame] and not p.on_ssd(key(0)) and p.counters.num_promotions == 1
+    p.unpin(pinned)
+
+    demoted = p.begin_demotion(p.demotion_candidates(1))
+    p.finish_demotion(demoted, [777])
+    bad = p.begin_promotion([key(0)])
+    assert p.finish_promotion(bad, [778]) == []  # corrupt: dropped, never served
+    assert p.get(key(0)) is None and p.counters.num_corrupt_reads == 1
+    assert p.num_free_dram_frames == 1 and len(p._free_ssd) == 2  # nothing leaked
+
+
+def test_failed_demotion_keeps_values_in_dram_and_overwrite_during_a_move_frees_everything() -> None:
+    p = pool(3, 2)
+    write(p, value(0, 0), value(1, 1))
+    moves = p.begin_demotion(p.demotion_candidates(2))
+    p.finish_demotion(moves, None)  # the SSD write failed
+    assert p.num_dram_values == 2 and len(p._free_ssd) == 2
+
+    moves = p.begin_demotion(p.demotion_candidates(1))
+    new = [value(9, moves[0].slot)]
+    p.commit(new, p.begin_write(new))  # the master gave the slot to a new value mid-move
+    p.finish_demotion(moves, [1])
+    assert not p.on_ssd(key(9)) and p.get(moves[0].key) is None and p.get(key(9)) is not None
+    assert len(p._free_ssd) == 2  # the move's SSD frame came back
+    assert p.num_free_dram_frames == 1  # and the old value's DRAM frame, once the move let go of it
+
+
+def test_write_that_never_lands_frees_its_frame() -> None:
+    p = pool(1, 0)
+    values = [value(0, 0)]
+    regions = p.begin_write(values)
+    p.fail_write(values, regions)
+    assert p.num_free_dram_frames == 1 and p.get(key(0)) is None
+
+
+def test_no_ssd_tier_drops_lru_values_for_room() -> None:
+    p = pool(2, 0)
+    write(p, value(0, 0), value(1, 1))
+    assert p.drop_for_room(1) == [key(0)] and p.num_free_dram_frames == 1
