@@ -263,7 +263,7 @@ SSD_ROUNDS, ROUND_BLOCKS = 12, 16  # 192 values of 8 KiB through a 1 MiB DRAM ti
 
 
 def round_content(kv_cache: PagedKVCache, r: int) -> torch.Tensor:
-    return torch.randn(kv_cache.kv.shape, generator=torch.Generator().manual_seed(1000 + r))
+    return torch.randn(kv_cache.kv.shape, generator=torch.Generator().manual_seed(1000 + r))  # [blocks, ...]
 
 
 async def publish_rounds(w: Worker) -> list[list]:
@@ -298,7 +298,7 @@ async def test_both_tiers_under_eviction_pressure_serve_identical_bytes(tmp_path
             for r in (0, 5, SSD_ROUNDS - 1, 0):  # oldest first: from SSD, promoted; then the newest from DRAM
                 w.kv_cache.kv.zero_()
                 assert await w.client.load(rounds[r], list(range(ROUND_BLOCKS))) == ROUND_BLOCKS
-                expected = round_content(w.kv_cache, r)[:, :, :ROUND_BLOCKS]
+                expected = round_content(w.kv_cache, r)[:ROUND_BLOCKS]
                 assert torch.equal(w.blocks(list(range(ROUND_BLOCKS))), expected), f"round {r}"
             tiers = (await node_stats(store.nodes[0])).tiers
             assert tiers.ssd.num_hits >= ROUND_BLOCKS and tiers.num_promotions >= ROUND_BLOCKS
@@ -314,7 +314,7 @@ async def test_both_tiers_under_eviction_pressure_serve_identical_bytes(tmp_path
             w.kv_cache.kv.zero_()
             got = await w.client.load(rounds[2], list(range(ROUND_BLOCKS)))
             assert got < ROUND_BLOCKS
-            expected = round_content(w.kv_cache, 2)[:, :, :got]
+            expected = round_content(w.kv_cache, 2)[:got]
             assert torch.equal(w.blocks(list(range(got))), expected)  # whatever did load is right
             assert (await node_stats(store.nodes[0])).tiers.num_corrupt_reads >= 1
     finally:

@@ -112,7 +112,7 @@ def test_prompts_beyond_dram_come_back_from_ssd_with_identical_tokens(store_clus
     asyncio.run(wait_until(demoted, timeout_s=30, what="blocks demoted to the SSD tiers"))
     ssd_hits_before = sum(total(scrape(p.metrics_url), "pdserve:store_tier_hits_total", tier="ssd") for p in nodes)
 
-    _replace_prefill_worker(store_cluster)  # fresh local cache: the prompt must come from the store
+    replace_prefill_worker(store_cluster)  # fresh local cache: the prompt must come from the store
     again = asyncio.run(_complete(store_cluster.router_address, first_prompt))
     assert again.token_ids == reference
     assert again.usage.cached_tokens == ((len(first_prompt) - 1) // 16) * 16
