@@ -277,9 +277,10 @@ class StoreNode:
         return token, claims, offsets
 
     async def finish_read(self, token: bytes) -> None:
-        if token in self._reads:
-            await self.transport.cancel(token)
-            self._end_read(token)
+        """The reader is done: its frames may move or be reused now. The token itself lives to its deadline
+        (cancelling it would abort the lane that just served it, which the reader's next pull reuses), so
+        only that reader could still pull under it, and would get whatever the frames hold by then."""
+        self._end_read(token)
 
     def _end_read(self, token: bytes) -> None:
         entry = self._reads.pop(token, None)

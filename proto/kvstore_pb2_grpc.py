@@ -504,7 +504,7 @@ class KVStoreNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FinishRead(self, request, context):
-        """The reader is done with a read token (pulled, or gave up): the node closes it and frees its frames early.
+        """The reader is done with a read token (pulled, or gave up): the node frees the frames it pinned for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
