@@ -16,6 +16,7 @@ from pdserve.decode.reservations import ReservationTable
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.errors import InvalidRequest
+from pdserve.prefill.store_prefix import StorePrefix
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.rpc import map_errors, map_stream_errors
@@ -42,6 +43,10 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
     def __init__(self, runtime: WorkerRuntime, reservations: ReservationTable) -> None:
         self.runtime = runtime
         self.reservations = reservations
+        # local prefills load the store's blocks this worker lacks and publish what they computed, as
+        # prefill workers do (the same StorePrefix); None without a store
+        self.store_prefix = StorePrefix(runtime.engine, runtime.store, publish=runtime.config.store_publish) \
+            if runtime.store is not None else None
         self.num_local_prefills = 0
         self.num_remote_prefills = 0
 
@@ -81,6 +86,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         params = sampling_from_proto(request.sampling)
         prompt = check_token_ids(request.prompt_token_ids, self.llm.model_config.vocab_size)
         arrived_at = time.monotonic()
+        prefix = None  # local prefills with a store: what was loaded from it
         if request.prefilled:
             res = await self.reservations.admit(req_id)
             self.num_remote_prefills += 1
@@ -97,6 +103,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         else:
             self.num_local_prefills += 1
             logger.debug("[%s] prefilling locally (%d prompt tokens)", req_id, len(prompt))
+            if self.store_prefix is not None:
+                prefix = await self.store_prefix.load(req_id, prompt)
 
             def add(e: LLMEngine):
                 return e.add_request(req_id, prompt, params)
@@ -119,6 +127,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             return seqs[-1]
 
         first = True
+        publish_prompt = False
         try:
             async for out in self.runtime.engine.generate(req_id, add):
                 msg = pb.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs or [],
@@ -127,14 +136,26 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                     msg.num_cached_tokens = out.num_cached_tokens
                     first = False
                     first_out_at = time.monotonic()
+                    if prefix is not None:  # admitted and computed: its blocks hold their own references now
+                        self.store_prefix.release(prefix)
+                        publish_prompt = not publish  # (with publish, the whole sequence goes at the finish)
                 if out.finished and seqs:
                     msg.timing.CopyFrom(decode_timing(seqs[0], request.prefilled, arrived_at, landed_at, first_out_at))
                 yield msg
+                if publish_prompt:  # after the first token went out, so it never waits for this
+                    publish_prompt = False
+                    self.store_prefix.publish(prefix, await self._block_table(req_id))
                 if out.finished and publish:
                     await self._publish_generated(req_id)
         finally:
+            if prefix is not None:
+                self.store_prefix.release(prefix)
             if publish:
                 self.runtime.engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
+
+    async def _block_table(self, req_id: str) -> list[int]:
+        return await self.runtime.engine.call(
+            lambda e: list(e.requests[req_id].block_table) if req_id in e.requests else [])
 
     async def _publish_generated(self, req_id: str) -> None:
         """Give the store every full block of the finished sequence (prompt and generated text)."""
@@ -158,6 +179,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         stats.num_reserved_blocks = self.reservations.num_reserved_blocks
         stats.num_reservations = len(self.reservations.reservations)
         stats.num_local_prefills = self.num_local_prefills
+        if self.store_prefix is not None:
+            stats.store_hit_tokens = self.store_prefix.num_loaded_tokens
         stats.num_remote_prefills = self.num_remote_prefills
         stats.num_expired_reservations = self.reservations.num_expired
         stats.num_requests_active += len(self.reservations.reservations)

@@ -30,7 +30,8 @@ class WorkerConfig:
         "KV cache store master host:port, or a comma-separated list of masters (the leading one answers); "
         "empty: no store, prompt blocks are then only cached locally"))
     store_publish: bool = field(default=True, metadata=_h(
-        "with a store: publish newly computed full prompt blocks (prefill) so other workers reuse them"))
+        "with a store: publish newly computed full prompt blocks (prefill, and decode's local prefills) so other "
+        "workers reuse them"))
     store_publish_generated: bool = field(default=False, metadata=_h(
         "decode: also publish full blocks of generated text, so a follow-up turn reuses its whole history"))
     kv_push: str = field(default="chunk", metadata=_h(

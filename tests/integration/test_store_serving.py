@@ -168,3 +168,31 @@ def test_second_turn_reuses_the_whole_first_turn(store_cluster):
     replace_prefill_worker(store_cluster)
     turn2 = asyncio.run(_complete(store_cluster.router_address, history + _prompt(40, seed=22)))
     assert turn2.usage.cached_tokens == num_blocks * 16
+
+
+def test_local_prefill_on_decode_publishes_to_the_store(store_cluster):
+    """A prompt prefilled on the decode worker itself (what the router does for short prompts) goes to
+    the store too: a fresh prefill worker then loads it instead of computing it."""
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+    prompt = _prompt(200, seed=41)
+    decode = next(p for p in store_cluster.procs if p.name.startswith("decode") and p.alive())
+    keys_before = asyncio.run(_master_stats(store_cluster.store_address)).num_keys
+
+    async def decode_locally() -> list[int]:
+        async with rpc.channel(decode.address) as ch:
+            call = pb_grpc.DecodeWorkerStub(ch).Decode(pb.DecodeRequest(
+                request_id="local-store-1", prompt_token_ids=prompt,
+                sampling=pb.SamplingOptions(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)), timeout=60)
+            return [t async for msg in call for t in msg.token_ids]
+    local_tokens = asyncio.run(decode_locally())
+
+    async def published():
+        return (await _master_stats(store_cluster.store_address)).num_keys >= keys_before + len(prompt) // 16
+    asyncio.run(wait_until(published, timeout_s=30, what="the local prefill's blocks published"))
+
+    replace_prefill_worker(store_cluster)
+    remote = asyncio.run(_complete(store_cluster.router_address, prompt))
+    assert remote.token_ids == local_tokens
+    assert remote.usage.cached_tokens == ((len(prompt) - 1) // 16) * 16
