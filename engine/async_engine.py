@@ -33,6 +33,14 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One output holding `a` then `b` (consecutive outputs of one request)."""
+    logprobs = None if a.new_logprobs is None and b.new_logprobs is None else \
+        (a.new_logprobs or []) + (b.new_logprobs or [])
+    return RequestOutput(a.req_id, a.new_token_ids + b.new_token_ids, logprobs, b.finished, b.finish_reason,
+                         b.num_prompt_tokens, b.num_cached_tokens, b.num_output_tokens, a.new_text + b.new_text)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -102,6 +110,13 @@ class AsyncEngine:
                 if isinstance(out, BaseException):
                     finished = True
                     raise out
+                while not out.finished and not stream.empty():
+                    # the consumer fell behind the engine: hand it every output there is in one
+                    nxt = stream.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        finished = True
+                        raise nxt
+                    out = merge_outputs(out, nxt)
                 finished = out.finished
                 yield out
                 if finished:
