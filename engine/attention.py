@@ -172,13 +172,15 @@ class PagedAttention:
 
 
 def kernel_build_dir() -> Path:
-    """Where the compiled kernel lives: per torch version and CPU feature set (it is built with
-    -march=native), under $PDSERVE_KERNEL_CACHE or ~/.cache/pdserve/kernels."""
+    """Where the compiled kernel lives: per torch install, CPU feature set (it is built with
+    -march=native) and source, under $PDSERVE_KERNEL_CACHE or ~/.cache/pdserve/kernels."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    h = hashlib.sha256(f"{torch.__version__}|{flags}|".encode())
+    # torch's include paths (so its install prefix) are in the build commands: two environments
+    # sharing one build dir would rebuild it on every alternate load
+    h = hashlib.sha256(f"{torch.__version__}|{Path(torch.__file__).parent}|{flags}|".encode())
     h.update(_CSRC.read_bytes())
     key = h.hexdigest()[:16]
     root = os.environ.get("PDSERVE_KERNEL_CACHE") or Path.home() / ".cache" / "pdserve" / "kernels"
