@@ -68,6 +68,12 @@ class RouterConfig:
     worker_tls_ca_file: str = field(default="", metadata=_h(
         "PEM CA certificate to verify workers' gRPC TLS (workers run with --tls-cert-file); empty: plaintext",
         metavar="FILE"))
+    trace_requests: int = field(default=0, metadata=_h(
+        "keep the hop timelines of the last N requests at GET /debug/requests and log one line per request "
+        "with where its time went (0: off)"))
+    otlp_endpoint: str = field(default="", metadata=_h(
+        "with --trace-requests: also export each request as OpenTelemetry spans to this OTLP gRPC endpoint "
+        "(host:port; needs opentelemetry-sdk and opentelemetry-exporter-otlp-proto-grpc)"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -85,6 +91,10 @@ class RouterConfig:
             raise ValueError("max_prompt_tokens, max_tokens_limit and max_streams_per_client must be >= 0")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be >= 1024")
+        if self.trace_requests < 0:
+            raise ValueError("trace_requests must be >= 0")
+        if self.otlp_endpoint and not self.trace_requests:
+            raise ValueError("otlp_endpoint needs trace_requests > 0 (tracing is off)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("give both tls_cert_file and tls_key_file, or neither")
 

@@ -28,6 +28,7 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
 from pdserve.router.kv_index import PrefillChoice, PrefixIndex, estimate
 from pdserve.router.registry import Worker, WorkerRegistry
+from pdserve.router.tracing import RequestTracer
 from pdserve.rpc import typed_error
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,10 @@ def finish_timing(timing: pb.RequestTiming, e2e_s: float) -> pb.RequestTiming:
 
 
 class Dispatcher:
-    def __init__(self, config: RouterConfig, registry: WorkerRegistry, tokenizer: Tokenizer, meta: ModelMeta) -> None:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, tokenizer: Tokenizer, meta: ModelMeta,
+                 tracer: RequestTracer | None = None) -> None:
         self.config = config
+        self.tracer = tracer  # per-request timelines (--trace-requests), or None
         self.registry = registry
         self.tokenizer = tokenizer
         self.meta = meta
@@ -126,6 +129,8 @@ class Dispatcher:
         self._store = kpb_grpc.KVStoreMasterStub(self._store_channel) if self._store_channel else None
 
     async def close(self) -> None:
+        if self.tracer is not None:  # flushes the last spans (bounded by the exporter's deadline) off the loop
+            await asyncio.to_thread(self.tracer.shutdown)
         if self._store_channel is not None:
             await self._store_channel.close()
 
@@ -205,11 +210,14 @@ class Dispatcher:
         detok = IncrementalDetokenizer(self.tokenizer, stop_strings=params.stop, prompt_ids=prompt_ids) \
             if detokenize or params.stop else None
         usage = pb.Usage(prompt_tokens=len(prompt_ids))
-        started_at = time.monotonic()
+        started_at, started_unix_s = time.monotonic(), time.time()
+        workers = ("", "")  # (prefill, decode) of the attempt that streamed
         try:
             async for ev in self._route(state, prompt_ids, params, deadline, usage):
                 if ev.timing is not None:  # a worker's parts of the final attempt
                     state.timing.CopyFrom(_added(state.timing, ev.timing))
+                if ev.decode_worker:
+                    workers = (ev.prefill_worker, ev.decode_worker)
                 if ev.cached_tokens is not None:
                     usage.cached_tokens = ev.cached_tokens
                 usage.completion_tokens += len(ev.token_ids)
@@ -222,6 +230,8 @@ class Dispatcher:
                         ev.text += detok.flush()
                     ev.usage = usage
                     ev.timing = finish_timing(state.timing, time.monotonic() - started_at)
+                    if self.tracer is not None:
+                        self.tracer.record(req_id, started_unix_s, ev.timing, *workers, ev.finish_reason)
                     if not detokenize:
                         ev.text = ""
                     yield ev

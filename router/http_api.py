@@ -73,6 +73,7 @@ class HttpApi:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/debug/requests", self.debug_requests)
         for path in ("/v1/completions", "/v1/chat/completions"):
             for status in HTTP_STATUSES:
                 self.metrics.http_requests.labels(path, status)
@@ -243,6 +244,13 @@ class HttpApi:
         workers = self.registry.healthy(pb.DECODE, pb.COLOCATED)
         return web.json_response({"status": "ok", "num_decode_workers": len(workers),
                                   "num_prefill_workers": len(self.registry.healthy(pb.PREFILL))})
+
+    async def debug_requests(self, request: web.Request) -> web.Response:
+        """The hop timelines of the last requests (router/tracing.py), newest last."""
+        tracer = self.dispatcher.tracer
+        if tracer is None:
+            return _json_error(404, "request tracing is off: start the router with --trace-requests N")
+        return web.json_response({"requests": list(tracer.recent)})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         return metrics_response(self.metrics.registry)

@@ -57,6 +57,7 @@ class RouterApp:
         from pdserve.router.metrics import MeteredDispatcher, RouterMetrics
         from pdserve.router.registry import WorkerRegistry
         from pdserve.router.servicer import RouterServicer
+        from pdserve.router.tracing import RequestTracer
 
         c = self.config
         model_config = ModelConfig.from_dir(c.model)
@@ -68,7 +69,8 @@ class RouterApp:
         self.registry = WorkerRegistry(c, fingerprint)
         self.registry.add_static()
         self.metrics = RouterMetrics(meta.name)
-        self.dispatcher = MeteredDispatcher(c, self.registry, tokenizer, meta, metrics=self.metrics)
+        tracer = RequestTracer(c.trace_requests, c.otlp_endpoint) if c.trace_requests else None
+        self.dispatcher = MeteredDispatcher(c, self.registry, tokenizer, meta, metrics=self.metrics, tracer=tracer)
         self.metrics.watch_workers(self.registry, self.dispatcher)
         self.server, self.health = rpc.create_server(["pdserve.v1.Router"], max_receive_bytes=c.max_request_bytes)
         self.limits = FrontDoorLimits(c)  # one count of streams per client across gRPC and HTTP

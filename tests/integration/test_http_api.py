@@ -479,3 +479,49 @@ async def test_disaggregated_request_timing_adds_up(disaggregated):
         n = total(after, "pdserve:request_phase_seconds_count", phase=phase) - \
             total(before, "pdserve:request_phase_seconds_count", phase=phase)
         assert n == 2, (phase, n)
+
+
+async def test_traced_router_serves_with_an_unreachable_collector(disaggregated):
+    """A router with --trace-requests and an OTLP endpoint nobody listens on: requests are served as
+    ever (export is in the background, spans dropped), and GET /debug/requests shows each one's hops."""
+    from pdserve.cluster import free_port
+    from pdserve.router.config import RouterConfig
+    from pdserve.router.server import RouterApp
+
+    prefill = next(p for p in disaggregated.procs if p.name.startswith("prefill"))
+    decode = next(p for p in disaggregated.procs if p.name.startswith("decode"))
+    app = RouterApp(RouterConfig(model=disaggregated.spec.model, port=0, http_port=0, health_interval_s=0.2,
+                                 prefill_workers=prefill.address, decode_workers=decode.address,
+                                 local_prefill_threshold=0, trace_requests=8,
+                                 otlp_endpoint=f"127.0.0.1:{free_port()}"))
+    await app.start()
+    stopped_in_s = 0.0
+    try:
+        deadline = time.monotonic() + POLL_TIMEOUT_S
+        while len(app.registry.healthy(1, 2)) < 2:  # PREFILL, DECODE
+            assert time.monotonic() < deadline, "static workers never became healthy"
+            await asyncio.sleep(0.1)
+        async with Client(app.address) as client:
+            for _ in range(3):
+                r = await client.complete(PROMPT_IDS, max_tokens=4, temperature=0, ignore_eos=True, timeout_s=30)
+                assert r.finish_reason == "length" and len(r.token_ids) == 4
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{app.http_address}/debug/requests") as resp:
+                assert resp.status == 200
+                traces = (await resp.json())["requests"]
+    finally:
+        t0 = time.monotonic()
+        await app.stop()
+        stopped_in_s = time.monotonic() - t0
+    print(f"router with an unreachable collector stopped in {stopped_in_s:.1f} s")
+    assert len(traces) == 3
+    for t in traces:
+        spans = {s["name"]: s for s in t["spans"]}
+        assert {"reserve", "prefill_compute", "decode_admission", "decode"} <= set(spans), t
+        assert spans["prefill_compute"]["worker"] == t["prefill_worker"] != t["decode_worker"]
+        assert t["e2e_ms"] == pytest.approx(sum(s["duration_ms"] for s in t["spans"]), abs=0.01)
+
+
+async def test_debug_requests_says_how_to_turn_tracing_on(cluster):
+    async with aiohttp.ClientSession() as session, session.get(f"{cluster.http_url}/debug/requests") as resp:
+        assert resp.status == 404 and "--trace-requests" in (await resp.json())["error"]["message"]
