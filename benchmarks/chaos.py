@@ -213,6 +213,10 @@ async def survivors_clean(client: Client, timeout_s: float = 30.0) -> bool:
                            and w.stats.num_requests_active == 0 for w in workers):
             return True
         await asyncio.sleep(0.2)
+    for w in workers:
+        s = w.stats
+        print(f"  not clean? {w.worker_id}: {s.num_kv_blocks - s.num_free_kv_blocks} blocks used, "
+              f"{s.num_reservations} reservations, {s.num_requests_active} requests", flush=True)
     return False
 
 

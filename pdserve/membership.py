@@ -106,11 +106,18 @@ class Etcd:
                                           f"{self.config.etcd_wait_s:.0f} s: {exc}") from exc
             await asyncio.sleep(0.2)
 
-    async def close(self) -> None:
-        """Stop every background task and revoke this process's leases (its keys vanish at once)."""
+    async def close(self, timeout_s: float = 3.0) -> None:
+        """Stop every background task and revoke this process's leases (its keys vanish at once).
+        Bounded: with etcd gone or reconnecting, the leases expire by themselves."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._revoke_and_close(), timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("etcd at %s: close timed out; this process's leases expire by themselves", self.config.etcd)
+
+    async def _revoke_and_close(self) -> None:
         for lease_id in self._leases:
             try:
                 await asyncio.wait_for(self.client.revoke_lease(lease_id), 1.0)
