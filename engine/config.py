@@ -22,8 +22,8 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata=_h("reuse the KV of identical prompt prefixes"))
     max_model_len: int | None = field(default=None, metadata=_h("maximum context length (default: the model's)"))
     num_threads: int | None = field(default=None, metadata=_h(
-        "torch intra-op threads for the forward pass (default: the cores this process may use, from its CPU "
-        "affinity and cgroup quota; `pdserve up` gives each worker its share)"))
+        "torch intra-op threads for the forward pass; unset: the cores this process may use (CPU affinity "
+        "and cgroup quota); `pdserve up` gives each worker its share"))
     seed: int = field(default=0, metadata=_h("sampling seed for requests without their own"))
     dtype: str = field(default="float32", metadata=_h("weights and KV dtype", choices=["float32", "bfloat16", "float16"]))
     device: str = field(default="cpu", metadata=_h("torch device (cpu or cuda)"))
