@@ -1,0 +1,244 @@
+"""KV of a Llama-3-8B-shaped cache pushed between two processes from a fresh and a churned block table.
+
+The sender (this process) and a receiver subprocess each hold a paged pool of the 8B shape (32
+layers, 8 KV heads x 128, bfloat16, 16-token blocks) registered with the UCX transport. For each
+prompt length, each side's block table is either fresh (a new BlockManager) or churned (2,000
+random allocate/free operations first, blocks still held scattered through the pool); the prompt's
+blocks are allocated by the real BlockManager and pushed in one push() from the sender's pool into
+the receiver's, with regions from the pools' layouts. Side by side, the same bytes addressed the
+pre-block-major way (layer-major pool, least-recently-freed allocation, last blocks freed first).
+Prints sends per request (pieces the UCX backend sends), GB/s, and the push time as a share of an
+estimated prefill time of that prompt on this machine (8B-model FLOPs / measured GEMM FLOP/s).
+Not a test; every wait is bounded.
+
+    .venv/bin/python benchmarks/kv_fragmentation.py --tokens 1024 4096 16384 --iters 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import statistics
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+HIDDEN, NUM_PARAMS = 4096, 8.03e9  # Llama-3-8B
+
+
+def pool(num_blocks: int):
+    from pdserve.engine.kv_cache import PagedKVCache
+
+    return PagedKVCache(NUM_LAYERS, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+
+
+# ---- receiver process -------------------------------------------------------------------------------
+async def run_receiver(args: argparse.Namespace) -> None:
+    from pdserve.transfer.ucx import UCXTransport
+
+    kv = pool(args.pool_blocks)
+    transport = UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s)
+    await transport.start()
+    transport.register_buffer("kv", kv.kv)
+    print(f"ADDRESS {transport.address}", flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line or line.startswith("QUIT"):
+            break
+        _, token_hex, regions = line.split(" ", 2)
+        transport.expect(bytes.fromhex(token_hex), "kv", [tuple(r) for r in json.loads(regions)], args.timeout_s)
+        print("READY", flush=True)
+    await transport.close()
+
+
+# ---- block tables -----------------------------------------------------------------------------------
+class OldAllocator:
+    """The allocator before block-major (for the side-by-side row): least recently freed first, tail freed first."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids)
+
+    def allocate(self, n: int) -> list[int]:
+        return [self.free_ids.popitem(last=False)[0] for _ in range(n)]
+
+    def free(self, block_ids: list[int]) -> None:
+        for b in reversed(block_ids):
+            self.free_ids[b] = None
+
+
+def churned(allocator, num_ops: int, keep_free: int, seed: int):
+    """`num_ops` random allocate (1-64 blocks) / free operations; what is still held stays held."""
+    rng = random.Random(seed)
+    held: list[list[int]] = []
+    for _ in range(num_ops):
+        n = rng.randint(1, 64)
+        if held and (rng.random() < 0.5 or allocator.num_free_blocks - n < keep_free):
+            allocator.free(held.pop(rng.randrange(len(held))))
+        elif allocator.num_free_blocks - n >= keep_free:
+            held.append(allocator.allocate(n))
+    return allocator
+
+
+def layer_major_regions(num_blocks: int, block_ids: list[int]) -> list[tuple[int, int]]:
+    """Regions of the old [layer, K/V, block, ...] pool: 2 x layers x runs."""
+    from pdserve.engine.kv_cache import block_runs
+
+    kv_block = BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 2
+    return [(((layer * 2 + kind) * num_blocks + start) * kv_block, count * kv_block)
+            for layer in range(NUM_LAYERS) for kind in (0, 1) for start, count in block_runs(block_ids)]
+
+
+# ---- prefill time estimate --------------------------------------------------------------------------
+def gemm_flops_per_s(threads: int) -> dict[str, float]:
+    """Best of a few 2048^3 GEMMs in float32 and bfloat16 with `threads` torch threads."""
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        best = float("inf")
+        for _ in range(4):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - started)
+        out[str(dtype).removeprefix("torch.")] = 2 * 2048 ** 3 / best
+    return out
+
+
+def prefill_flops(num_tokens: int) -> float:
+    """Dense 8B forward: 2 x params x tokens for the weights, plus causal attention 2 x layers x T^2 x hidden."""
+    return 2 * NUM_PARAMS * num_tokens + 2 * NUM_LAYERS * num_tokens ** 2 * HIDDEN
+
+
+# ---- sender -----------------------------------------------------------------------------------------
+async def run(args: argparse.Namespace) -> dict:
+    from pdserve.engine.block_manager import BlockManager
+    from pdserve.transfer.regions import pair_regions
+    from pdserve.transfer.ucx import UCXTransport
+
+    env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n")
+    receiver = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--role", "receiver", "--pool-blocks", str(args.pool_blocks), "--lanes",
+        str(args.lanes), "--timeout-s", str(args.timeout_s), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, env=env)
+
+    async def receiver_line() -> str:
+        """The receiver's next protocol line (UCX may print its warnings to stdout too)."""
+        while True:
+            line = (await asyncio.wait_for(receiver.stdout.readline(), 120)).decode()
+            if not line or line.startswith(("ADDRESS", "READY")):
+                return line
+
+    rows = []
+    try:
+        line = await receiver_line()
+        if not line.startswith("ADDRESS"):
+            raise RuntimeError(f"receiver did not start: {line!r}")
+        peer = line.split()[1]
+        kv = pool(args.pool_blocks)
+        kv.kv.view(torch.int16).random_(-1000, 1000)
+        lay = kv.layout()
+        transport = UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s)
+        await transport.start()
+        transport.register_buffer("kv", kv.kv)
+        for num_tokens in args.tokens:
+            n = -(-num_tokens // BLOCK_SIZE)
+            for layout_name in ("block-major", "layer-major (before)"):
+                for state in ("fresh", "churned"):
+                    if layout_name == "block-major":
+                        sides = [BlockManager(args.pool_blocks, BLOCK_SIZE) for _ in range(2)]
+                    else:
+                        sides = [OldAllocator(args.pool_blocks) for _ in range(2)]
+                    if state == "churned":
+                        sides = [churned(a, args.churn_ops, n, seed) for a, seed in zip(sides, (1, 2))]
+                    src_ids, dst_ids = (a.allocate(n) for a in sides)
+                    if layout_name == "block-major":
+                        src, dst = lay.regions(src_ids), lay.regions(dst_ids)
+                    else:
+                        src, dst = (layer_major_regions(args.pool_blocks, ids) for ids in (src_ids, dst_ids))
+                    num_sends = len(pair_regions(src, dst, transport.max_piece_bytes))
+                    times = []
+                    for _ in range(args.iters + 1):  # the first push warms up (connect, page faults)
+                        token = secrets.token_bytes(16)
+                        receiver.stdin.write(f"EXPECT {token.hex()} {json.dumps(dst)}\n".encode())
+                        await receiver.stdin.drain()
+                        answer = await receiver_line()
+                        if not answer.startswith("READY"):
+                            raise RuntimeError(f"receiver did not accept the expectation: {answer!r}")
+                        started = time.perf_counter()
+                        nbytes = await transport.push(peer, token, "kv", src, dst, timeout_s=args.timeout_s)
+                        times.append(time.perf_counter() - started)
+                    seconds = statistics.median(times[1:])
+                    rows.append({"tokens": num_tokens, "layout": layout_name, "table": state, "sends": num_sends,
+                                 "src_runs": len(src), "dst_runs": len(dst), "bytes": nbytes,
+                                 "seconds": seconds, "gbps": nbytes / seconds / 1e9})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        await transport.close()
+    finally:
+        if receiver.returncode is None:
+            receiver.stdin.write(b"QUIT\n")
+            try:
+                await asyncio.wait_for(receiver.wait(), 20)
+            except asyncio.TimeoutError:
+                receiver.kill()
+                await receiver.wait()
+    return {"rows": rows}
+
+
+def report(args: argparse.Namespace, result: dict, flops: dict[str, float]) -> None:
+    best = max(flops.values())
+    print(f"# KV fragmentation, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} cpus, load "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, pool {args.pool_blocks} blocks "
+          f"({args.pool_blocks * 2} MiB per side), churn {args.churn_ops} ops, lanes {args.lanes}, "
+          f"median of {args.iters} pushes after one warm-up")
+    print(f"GEMM on this CPU ({args.threads} threads, 2048^3): "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in flops.items())
+          + f"; prefill estimate = (2 x 8.03e9 x T + 2 x 32 x T^2 x 4096) FLOPs / {best / 1e9:.0f} GFLOP/s")
+    print("| tokens | layout | block table | sends | regions src/dst | MiB | ms | GB/s | vs fresh | "
+          "est. prefill s | push / prefill |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    fresh = {(r["tokens"], r["layout"]): r["gbps"] for r in result["rows"] if r["table"] == "fresh"}
+    for r in result["rows"]:
+        prefill_s = prefill_flops(r["tokens"]) / best
+        print(f"| {r['tokens']} | {r['layout']} | {r['table']} | {r['sends']} | {r['src_runs']}/{r['dst_runs']} | "
+              f"{r['bytes'] / 2**20:.0f} | {r['seconds'] * 1e3:.1f} | {r['gbps']:.2f} | "
+              f"{r['gbps'] / fresh[(r['tokens'], r['layout'])]:.2f} | {prefill_s:.0f} | "
+              f"{r['seconds'] / prefill_s:.2e} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384], help="prompt lengths")
+    parser.add_argument("--iters", type=int, default=3, help="timed pushes per row (after one warm-up)")
+    parser.add_argument("--pool-blocks", type=int, default=1536, help="blocks per side's pool (2 MiB each)")
+    parser.add_argument("--churn-ops", type=int, default=2000, help="allocate/free operations before a churned push")
+    parser.add_argument("--lanes", type=int, default=4, help="UCXTransport num_lanes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the GEMM measurement")
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="bound on each push and wait")
+    parser.add_argument("--role", choices=["driver", "receiver"], default="driver", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "receiver":
+        asyncio.run(run_receiver(args))
+        return 0
+    if max(args.tokens) // BLOCK_SIZE > args.pool_blocks:
+        parser.error("--pool-blocks is too small for the longest prompt")
+    flops = gemm_flops_per_s(args.threads)
+    result = asyncio.run(asyncio.wait_for(run(args), args.timeout_s * 20))
+    report(args, result, flops)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
