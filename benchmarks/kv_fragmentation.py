@@ -5,7 +5,8 @@ layers, 8 KV heads x 128, bfloat16, 16-token blocks) registered with the UCX tra
 prompt length, each side's block table is either fresh (a new BlockManager) or churned (2,000
 random allocate/free operations first, blocks still held scattered through the pool); the prompt's
 blocks are allocated by the real BlockManager and pushed in one push() from the sender's pool into
-the receiver's, with regions from the pools' layouts. Side by side, the same bytes addressed the
+the receiver's, with regions from the pools' layouts. A third table, checkerboard (every other block
+held: no two free blocks adjacent), is the worst case for any allocator. Side by side, the same bytes addressed the
 pre-block-major way (layer-major pool, least-recently-freed allocation, last blocks freed first).
 Prints sends per request (pieces the UCX backend sends), GB/s, and the push time as a share of an
 estimated prefill time of that prompt on this machine (8B-model FLOPs / measured GEMM FLOP/s).
@@ -91,6 +92,13 @@ def churned(allocator, num_ops: int, keep_free: int, seed: int):
     return allocator
 
 
+def checkerboard(allocator, num_blocks: int):
+    """The worst case: every other block held, so no two free blocks are adjacent."""
+    blocks = allocator.allocate(num_blocks)
+    allocator.free(blocks[1::2])
+    return allocator
+
+
 def layer_major_regions(num_blocks: int, block_ids: list[int]) -> list[tuple[int, int]]:
     """Regions of the old [layer, K/V, block, ...] pool: 2 x layers x runs."""
     from pdserve.engine.kv_cache import block_runs
@@ -155,13 +163,17 @@ async def run(args: argparse.Namespace) -> dict:
         for num_tokens in args.tokens:
             n = -(-num_tokens // BLOCK_SIZE)
             for layout_name in ("block-major", "layer-major (before)"):
-                for state in ("fresh", "churned"):
+                for state in ("fresh", "churned", "checkerboard"):
+                    if state == "checkerboard" and 2 * n > args.pool_blocks:
+                        continue
                     if layout_name == "block-major":
                         sides = [BlockManager(args.pool_blocks, BLOCK_SIZE) for _ in range(2)]
                     else:
                         sides = [OldAllocator(args.pool_blocks) for _ in range(2)]
                     if state == "churned":
                         sides = [churned(a, args.churn_ops, n, seed) for a, seed in zip(sides, (1, 2))]
+                    elif state == "checkerboard":
+                        sides = [checkerboard(a, args.pool_blocks) for a in sides]
                     src_ids, dst_ids = (a.allocate(n) for a in sides)
                     if layout_name == "block-major":
                         src, dst = lay.regions(src_ids), lay.regions(dst_ids)

@@ -26,6 +26,7 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig, coloca
                 transfer_config: TransferConfig | None = None, etcd_config: EtcdConfig | None = None) -> None:
     from pdserve.decode.reservations import ReservationTable
     from pdserve.decode.servicer import DecodeServicer
+    from pdserve.engine.connector import WorkerConnector
     from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
     from pdserve.worker_runtime import WorkerRuntime
@@ -37,7 +38,11 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig, coloca
 
     def add(server) -> list[str]:
         assert runtime.engine is not None
-        holder["r"] = ReservationTable(runtime.engine, runtime.transport, worker_config.reservation_timeout_s)
+        # a colocated worker has no transport; it never reserves (its Reserve calls fail at expect_load)
+        connector = runtime.connector or WorkerConnector(None, runtime.engine.engine.kv_cache.layout())
+        holder["r"] = ReservationTable(runtime.engine, connector, worker_config.reservation_timeout_s,
+                                       max_s=worker_config.reservation_max_s,
+                                       headroom_tokens=worker_config.reserve_headroom_tokens)
         pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(runtime, holder["r"]), server)
         return ["pdserve.v1.DecodeWorker"]
 

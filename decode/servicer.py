@@ -1,4 +1,4 @@
-"""The decode worker's gRPC service: Reserve, Release, Decode (stream tokens), Stats.
+"""The decode worker's gRPC service: Reserve, Renew, Release, Decode (stream tokens), Stats.
 
 A colocated worker is this same service with role COLOCATED: it only ever receives Decode
 requests that prefill locally.
@@ -14,6 +14,7 @@ import grpc
 from pdserve.convert import check_token_ids, layout_to_proto, sampling_from_proto
 from pdserve.decode.reservations import ReservationTable
 from pdserve.engine.block_hash import chain_block_hashes
+from pdserve.engine.connector import check_block_hashes
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.errors import InvalidRequest
 from pdserve.prefill.store_prefix import StorePrefix
@@ -63,12 +64,16 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             raise InvalidRequest("Reserve needs request_id, num_prompt_tokens >= 1 and max_tokens >= 1")
         res = await self.reservations.reserve(request.request_id, request.num_prompt_tokens, request.max_tokens,
                                               request.timeout_s or None)
-        kv = self.llm.kv_cache
         return pb.TransferDescriptor(
             request_id=request.request_id, transfer_address=self.runtime.transfer_address,
             block_ids=res.block_ids, token=res.token, tag=int.from_bytes(res.token[:8], "little"),
-            layout=layout_to_proto(kv.layout()),
-            model_fingerprint=self.llm.fingerprint, expires_in_s=res.expires_at - res.created_at)
+            layout=layout_to_proto(self.llm.kv_cache.layout()), model_fingerprint=self.llm.fingerprint,
+            expires_in_s=res.lease_ends_at - res.created_at, lease_address=self.runtime.address)
+
+    @map_errors
+    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
+        remaining = self.reservations.renew(request.request_id, request.token)
+        return pb.RenewResponse(found=remaining is not None, expires_in_s=remaining or 0.0)
 
     @map_errors
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
@@ -87,27 +92,26 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         prompt = check_token_ids(request.prompt_token_ids, self.llm.model_config.vocab_size)
         arrived_at = time.monotonic()
         prefix = None  # local prefills with a store: what was loaded from it
+        hashes = check_block_hashes(prompt, request.block_hashes, self.llm.config.block_size, self.llm.fingerprint) \
+            if request.block_hashes else None
         if request.prefilled:
             res = await self.reservations.admit(req_id)
             self.num_remote_prefills += 1
             first_lp = request.first_logprob if request.HasField("first_logprob") else None
 
             def add(e: LLMEngine):
-                try:
-                    return e.add_prefilled_request(req_id, prompt, request.first_token_id, params, res.block_ids,
-                                                   first_lp, request.num_cached_tokens)
-                except BaseException:
-                    e.block_manager.free(res.block_ids)
-                    raise
+                return e.connector.admit_prefilled(res.grant, prompt, request.first_token_id, params, first_lp,
+                                                   request.num_cached_tokens, hashes or [])
             logger.debug("[%s] admitted with remote KV (%d prompt tokens)", req_id, len(prompt))
         else:
             self.num_local_prefills += 1
             logger.debug("[%s] prefilling locally (%d prompt tokens)", req_id, len(prompt))
             if self.store_prefix is not None:
-                prefix = await self.store_prefix.load(req_id, prompt)
+                prefix = await self.store_prefix.load(
+                    req_id, prompt, hashes or chain_block_hashes(prompt, self.llm.config.block_size, self.llm.fingerprint))
 
             def add(e: LLMEngine):
-                return e.add_request(req_id, prompt, params)
+                return e.add_request(req_id, prompt, params, block_hashes=hashes)
 
         publish = self.runtime.store is not None and self.runtime.config.store_publish_generated
         if publish:
@@ -164,9 +168,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             if seq is None:
                 return [], []
             num_full = seq.num_computed_tokens // e.config.block_size
-            hashes = chain_block_hashes(seq.token_ids[:num_full * e.config.block_size], e.config.block_size,
-                                        e.fingerprint)
-            return hashes, list(seq.block_table[:num_full])
+            e.scheduler.update_block_hashes(seq)  # hashes only the blocks not hashed yet (the prompt's came along)
+            return list(seq.block_hashes[:num_full]), list(seq.block_table[:num_full])
 
         assert self.runtime.engine is not None and self.runtime.store is not None
         hashes, block_ids = await self.runtime.engine.call(snapshot)
@@ -183,5 +186,6 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             stats.store_hit_tokens = self.store_prefix.num_loaded_tokens
         stats.num_remote_prefills = self.num_remote_prefills
         stats.num_expired_reservations = self.reservations.num_expired
+        stats.num_reservation_renewals = self.reservations.num_renewals
         stats.num_requests_active += len(self.reservations.reservations)
         return stats

@@ -127,9 +127,11 @@ class AsyncEngine:
                 self.submit(lambda e: e.abort_request(req_id))
 
     async def generate_simple(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                              keep_blocks: bool = False) -> AsyncIterator[RequestOutput]:
+                              keep_blocks: bool = False, block_hashes: list | None = None
+                              ) -> AsyncIterator[RequestOutput]:
         async for out in self.generate(req_id, lambda e: e.add_request(req_id, prompt_token_ids, params,
-                                                                          keep_blocks=keep_blocks)):
+                                                                          keep_blocks=keep_blocks,
+                                                                          block_hashes=block_hashes)):
             yield out
 
     # ---- engine thread ----------------------------------------------------------------------

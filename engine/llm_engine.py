@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from pdserve.engine.attention import make_attention
+from pdserve.engine.block_hash import BlockHash
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.connector import SchedulerConnector
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.linear import make_linear_factory
 from pdserve.engine.loader import load_weights, model_fingerprint
@@ -88,6 +90,7 @@ class LLMEngine:
                                      dtype=dtype, device=config.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.fingerprint)
+        self.connector = SchedulerConnector(self)  # how prefill, decode and the store reach the blocks
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
@@ -129,24 +132,30 @@ class LLMEngine:
                 f"{self.block_manager.num_blocks}: shorten the prompt or max_tokens")
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    keep_blocks: bool = False) -> Sequence:
+                    keep_blocks: bool = False, block_hashes: list[BlockHash] | None = None) -> Sequence:
+        """`block_hashes`: the prompt's chained block hashes when the caller already has them (checked by
+        connector.check_block_hashes), so the scheduler does not hash the prompt again."""
         if req_id in self.requests:
             raise InvalidRequest(f"request id {req_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         seq = Sequence(req_id, prompt_token_ids, params)
         seq.keep_blocks = keep_blocks
+        seq.block_hashes = list(block_hashes or [])
         self.requests[req_id] = seq
         self.scheduler.add(seq)
         return seq
 
     def add_prefilled_request(self, req_id: str, prompt_token_ids: list[int], first_token_id: int,
                               params: SamplingParams, block_ids: list[int],
-                              first_logprob: float | None = None, num_cached_tokens: int = 0) -> Sequence:
-        """Admit a sequence whose prompt KV already sits in `block_ids` (taken from the block manager
-        by the caller, covering prompt + max_tokens) and whose first token was sampled elsewhere."""
+                              first_logprob: float | None = None, num_cached_tokens: int = 0,
+                              block_hashes: list[BlockHash] | None = None) -> Sequence:
+        """Admit a sequence whose prompt KV already sits in `block_ids` (granted by connector.reserve:
+        the prompt's blocks plus headroom; it takes more as it generates) and whose first token was
+        sampled elsewhere."""
         if req_id in self.requests:
             raise InvalidRequest(f"request id {req_id!r} is already in use")
         seq = Sequence(req_id, prompt_token_ids, params)
+        seq.block_hashes = list(block_hashes or [])
         seq.reserved = True
         seq.admitted = True
         seq.block_table = list(block_ids)

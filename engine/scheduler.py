@@ -4,7 +4,8 @@ Running sequences go first (every decode one token, then unfinished prefills a c
 left of the token budget), then waiting ones in arrival order (FCFS) while the token budget, the batch-size cap and free KV blocks allow.
 When a decode needs a block and none is free, the most recently admitted running sequence is
 preempted: its blocks are freed and it is recomputed later (its full blocks usually come back as
-prefix-cache hits).
+prefix-cache hits). Sequences whose prompt KV came from a prefill worker (`reserved`) grow the same
+way from their reservation's headroom and are preempted the same way (recomputed here).
 """
 
 from __future__ import annotations
@@ -124,13 +125,13 @@ class Scheduler:
         needed = self.bm.blocks_for_tokens(seq.num_tokens) - len(seq.block_table)
         while needed > self.bm.num_free_blocks:
             victim = next((s for s in reversed(self.running)
-                           if s is not seq and s.req_id not in scheduled_ids and not s.reserved), None)
+                           if s is not seq and s.req_id not in scheduled_ids), None)
             if victim is None:
                 self.preempt(seq)
                 return False
             self.preempt(victim)
         if needed > 0:
-            seq.block_table.extend(self.bm.allocate(needed))
+            seq.block_table.extend(self.bm.allocate(needed, after=seq.block_table[-1] if seq.block_table else None))
         return True
 
     def preempt(self, seq: Sequence) -> None:

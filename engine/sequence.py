@@ -32,7 +32,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.num_preemptions = 0
         self.admitted = False
-        self.reserved = False  # blocks were reserved up front (decode worker): never preempted
+        self.reserved = False  # prompt KV arrived in reserved blocks (decode worker); grows from headroom
         self.keep_blocks = False  # on finish, hold the blocks until `release` (prefill worker)
         self.output_logprobs: list[float] = []
         self.finish_reason: str | None = None

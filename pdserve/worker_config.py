@@ -22,8 +22,14 @@ class WorkerConfig:
         "router address host:port to register with, or a comma-separated list of router replicas (each gets "
         "the registration); empty: none (with --etcd, routers find the worker there)"))
     worker_id: str = field(default="", metadata=_h("name in logs and stats (default: role@host:port)"))
-    reservation_timeout_s: float = field(default=30.0, metadata=_h(
-        "a reservation whose KV has not landed by then is freed (decode)"))
+    reservation_timeout_s: float = field(default=10.0, metadata=_h(
+        "decode: a reservation's lease: freed unless its KV lands or its prefill renews it (every third of "
+        "this, from when the prefill receives the request) within it"))
+    reservation_max_s: float = field(default=600.0, metadata=_h(
+        "decode: longest a reservation lives however often it is renewed (the router's hop timeout may cut it)"))
+    reserve_headroom_tokens: int = field(default=256, metadata=_h(
+        "decode: a reservation holds the prompt's blocks plus min(max_tokens, this) tokens; the sequence "
+        "takes more blocks as it generates (preempting, then recomputing, when the pool is full)"))
     transfer_timeout_s: float = field(default=30.0, metadata=_h("bound on every KV transfer"))
     transfer_lanes: int = field(default=4, metadata=_h("parallel UCX endpoints per peer"))
     kvstore_master: str = field(default="", metadata=_h(
@@ -53,6 +59,10 @@ class WorkerConfig:
             raise ValueError("metrics_port must be -1 (off) or in [0, 65535]")
         if self.reservation_timeout_s <= 0 or self.transfer_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
+        if self.reservation_max_s < self.reservation_timeout_s:
+            raise ValueError("reservation_max_s must be >= reservation_timeout_s")
+        if self.reserve_headroom_tokens < 1:
+            raise ValueError("reserve_headroom_tokens must be >= 1")
         if self.transfer_lanes < 1:
             raise ValueError("transfer_lanes must be >= 1")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

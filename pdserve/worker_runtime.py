@@ -23,12 +23,11 @@ from pdserve.membership import Etcd, EtcdConfig
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.transfer.base import KVTransport
+from pdserve.engine.connector import KV_BUFFER, WorkerConnector
 from pdserve.transfer.config import TransferConfig
 from pdserve.worker_config import WorkerConfig
 
 logger = logging.getLogger(__name__)
-
-KV_BUFFER = "kv"
 
 
 def resolve_model(engine_config: EngineConfig) -> EngineConfig:
@@ -51,6 +50,7 @@ class WorkerRuntime:
         self.transfer_config = transfer_config or TransferConfig()
         self.engine: AsyncEngine | None = None
         self.transport: KVTransport | None = None
+        self.connector: WorkerConnector | None = None  # the engine connector's worker side (not colocated)
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.metrics_server = None
@@ -78,6 +78,7 @@ class WorkerRuntime:
             # Registering first: memory the backend cannot move fails here, before anything listens.
             self.transport.register_buffer(KV_BUFFER, llm.kv_cache.kv)
             await self.transport.start()
+            self.connector = WorkerConnector(self.transport, llm.kv_cache.layout())
             if c.kvstore_master:
                 from pdserve.kvstore.client import KVStoreClient
 

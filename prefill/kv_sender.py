@@ -20,16 +20,15 @@ import time
 from dataclasses import dataclass
 
 from pdserve.convert import layout_from_proto
+from pdserve.engine.connector import SaveMeta, WorkerConnector
 from pdserve.engine.kv_cache import KVCacheLayout, PagedKVCache
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.transfer.base import KVTransport
 from pdserve.transfer.memory import record_ready_event, wait_ready_event
 
 logger = logging.getLogger(__name__)
 
-KV_BUFFER = "kv"
 
 
 @dataclass
@@ -47,11 +46,11 @@ class PushPlan:
 
 
 class KVSender:
-    def __init__(self, transport: KVTransport, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop, timeout_s: float,
-                 granularity: str = "chunk") -> None:
+    def __init__(self, connector: WorkerConnector, kv_cache: PagedKVCache, loop: asyncio.AbstractEventLoop,
+                 timeout_s: float, granularity: str = "chunk") -> None:
         if granularity not in ("layer", "chunk", "request"):
             raise ValueError(f"granularity must be layer, chunk or request, got {granularity!r}")
-        self.transport = transport
+        self.connector = connector
         self.kv = kv_cache
         self.loop = loop
         self.timeout_s = timeout_s
@@ -103,20 +102,19 @@ class KVSender:
                 plan.step_range = (plan.num_pushed_blocks, end_block)
             start, end = plan.step_range
             if end > start and self.granularity == "layer":
-                layers = range(layer, layer + 1)
-                src = self.kv.regions(seq.block_table[start:end], layers)
-                dst = plan.dest_layout.regions(list(plan.dest.block_ids[start:end]), layers)
-                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst, record_ready_event(self.kv.kv))
+                meta = self._save_meta(plan, seq.block_table, start, end, range(layer, layer + 1))
+                self.loop.call_soon_threadsafe(self._queue_push, plan, meta, record_ready_event(self.kv.kv))
             elif end > start and last_layer:  # chunk: every layer of this step's blocks at once
-                src, dst = self._all_layer_regions(plan, seq.block_table, start, end)
-                self.loop.call_soon_threadsafe(self._queue_push, plan, src, dst, record_ready_event(self.kv.kv))
+                meta = self._save_meta(plan, seq.block_table, start, end)
+                self.loop.call_soon_threadsafe(self._queue_push, plan, meta, record_ready_event(self.kv.kv))
             if last_layer:
                 plan.num_pushed_blocks = end
 
-    def _all_layer_regions(self, plan: PushPlan, block_table: list[int], start: int, end: int
-                           ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Source and destination regions of prompt blocks [start, end), all layers, in matching order."""
-        return self.kv.regions(block_table[start:end]), plan.dest_layout.regions(list(plan.dest.block_ids[start:end]))
+    def _save_meta(self, plan: PushPlan, block_table: list[int], start: int, end: int,
+                   layers: range | None = None) -> SaveMeta:
+        """Prompt blocks [start, end) (all layers, or `layers`) into the matching destination blocks."""
+        return SaveMeta(plan.req_id, plan.dest.transfer_address, plan.dest.token, plan.dest_layout,
+                        tuple(block_table[start:end]), tuple(plan.dest.block_ids[start:end]), layers)
 
     # ---- event loop -------------------------------------------------------------------------
     def push_all(self, plan: PushPlan, block_table: list[int]) -> None:
@@ -124,12 +122,11 @@ class KVSender:
         start, end = plan.num_pushed_blocks, -(-plan.num_prompt_tokens // self.kv.block_size)
         if end <= start:
             return
-        src, dst = self._all_layer_regions(plan, block_table, start, end)
+        meta = self._save_meta(plan, block_table, start, end)
         plan.num_pushed_blocks = end
-        self._queue_push(plan, src, dst, record_ready_event(self.kv.kv))
+        self._queue_push(plan, meta, record_ready_event(self.kv.kv))
 
-    def _queue_push(self, plan: PushPlan, src: list[tuple[int, int]], dst: list[tuple[int, int]],
-                    ready: object | None) -> None:
+    def _queue_push(self, plan: PushPlan, meta: SaveMeta, ready: object | None) -> None:
         """`ready`: on a GPU, the CUDA event recorded right after the pushed KV was written (None on the CPU)."""
         previous = plan.chain
 
@@ -139,8 +136,7 @@ class KVSender:
                 return
             try:
                 await wait_ready_event(ready, self.timeout_s)  # the bytes must be on the device before they move
-                sent = await self.transport.push(plan.dest.transfer_address, plan.dest.token, KV_BUFFER, src, dst,
-                                             timeout_s=self.timeout_s)
+                sent = await self.connector.save(meta, self.timeout_s)
             except Exception as exc:  # noqa: BLE001 - recorded, raised by wait()
                 plan.error = exc
                 logger.warning("[%s] KV push failed: %s", plan.req_id, exc)

@@ -27,6 +27,7 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig,
     import asyncio
 
     from pdserve.prefill.kv_sender import KVSender
+    from pdserve.prefill.lease import LeaseKeeper
     from pdserve.prefill.servicer import PrefillServicer
     from pdserve.prefill.store_prefix import StorePrefix
     from pdserve.proto import pdserve_pb2 as pb
@@ -39,11 +40,13 @@ async def serve(worker_config: WorkerConfig, engine_config: EngineConfig,
     def add(server) -> list[str]:
         assert runtime.engine is not None
         llm = runtime.engine.engine
-        sender = KVSender(runtime.transport, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s,
+        assert runtime.connector is not None
+        sender = KVSender(runtime.connector, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s,
                           granularity=worker_config.kv_push)
         llm.layer_hook = sender.on_layer
         store_prefix = StorePrefix(runtime.engine, runtime.store, publish=worker_config.store_publish)
-        pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender, store_prefix), server)
+        leases = LeaseKeeper(worker_config.router_tls_ca_file)
+        pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender, store_prefix, leases), server)
         return ["pdserve.v1.PrefillWorker"]
 
     try:

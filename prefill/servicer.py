@@ -1,4 +1,8 @@
-"""The prefill worker's gRPC service: compute a prompt, push its KV to decode, return the first token."""
+"""The prefill worker's gRPC service: compute a prompt, push its KV to decode, return the first token.
+
+Holds the destination's reservation lease from arrival to the last push (prefill/lease.py), loads
+stored prefix blocks (store_prefix.py), pushes KV as chunks complete (kv_sender.py), and reaches the
+engine's blocks only through its connector (engine/connector.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import grpc
 from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.errors import InvalidRequest, RequestAborted
+from pdserve.engine.connector import check_block_hashes
 from pdserve.prefill.kv_sender import KVSender
+from pdserve.prefill.lease import LeaseKeeper
 from pdserve.prefill.store_prefix import StorePrefix
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -23,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
-    def __init__(self, runtime: WorkerRuntime, sender: KVSender, store_prefix: StorePrefix) -> None:
+    def __init__(self, runtime: WorkerRuntime, sender: KVSender, store_prefix: StorePrefix,
+                 leases: LeaseKeeper) -> None:
         self.runtime = runtime
         self.sender = sender
         self.store_prefix = store_prefix
+        self.leases = leases
         self.num_prefills = 0
         self._finishing: dict[str, asyncio.Task] = {}  # request id -> its transfer finishing after the response
 
@@ -42,10 +50,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         if dest.model_fingerprint and dest.model_fingerprint != llm.fingerprint:
             raise InvalidRequest("model fingerprint mismatch: the destination serves another model")
         prompt = check_token_ids(request.prompt_token_ids, llm.model_config.vocab_size)
-        if request.block_hashes:
-            mine = chain_block_hashes(prompt, llm.config.block_size, llm.fingerprint)
-            if list(request.block_hashes) != mine:
-                raise InvalidRequest("block_hashes do not match the prompt (router and worker disagree on the model)")
+        # hashed once, by the router; checked at O(1) cost (engine/connector.py says why that suffices)
+        hashes = check_block_hashes(prompt, request.block_hashes, llm.config.block_size, llm.fingerprint) \
+            if request.block_hashes else chain_block_hashes(prompt, llm.config.block_size, llm.fingerprint)
         # Only the first token is sampled here; decode continues with the full parameters.
         params = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1, min_tokens=0)
         t0 = time.monotonic()
@@ -60,25 +67,29 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         first = None
         handed_off = False
         prefix = None
+
+        def lease_lost() -> None:  # decode dropped the reservation: stop computing for it
+            if not handed_off:
+                engine.submit(lambda e: e.abort_request(req_id))
+
+        # renew the destination's reservation from now (queued included) until the last push is done
+        lease = self.leases.keep(req_id, dest, lease_lost)
         try:
-            prefix = await self.store_prefix.load(req_id, prompt)
-            async for out in engine.generate_simple(req_id, prompt, params, keep_blocks=True):
+            prefix = await self.store_prefix.load(req_id, prompt, hashes)
+            async for out in engine.generate_simple(req_id, prompt, params, keep_blocks=True, block_hashes=hashes):
                 first = out
             self.store_prefix.release(prefix)
-
-            def finished_seq(e):
-                seq = e.requests[req_id]
-                compute_s = (seq.first_token_time or 0.0) - (seq.first_scheduled_time or 0.0)
-                queue_s = (seq.first_scheduled_time or t0) - t0  # the store prefix load included
-                return list(seq.block_table), max(0.0, compute_s), max(0.0, queue_s)
-
-            block_table, compute_s, queue_s = await engine.call(finished_seq)
+            finished = await engine.call(lambda e: e.connector.request_finished(req_id))
+            if finished is None or first is None or not first.new_token_ids:
+                raise RequestAborted(f"[{req_id}] prefill ended without a first token (aborted)")
+            compute_s = finished.compute_s
+            queue_s = max(0.0, (finished.first_scheduled_at or t0) - t0)  # the store prefix load included
             if self.sender.granularity == "request":
-                self.sender.push_all(plan, block_table)
-            self.store_prefix.publish(prefix, block_table)
+                self.sender.push_all(plan, list(finished.block_ids))
+            self.store_prefix.publish(prefix, list(finished.block_ids))
             # Answer now; the last pushes drain in the background. Decode admits the request only
             # once every byte has landed, so the first token need not wait for the transfer tail.
-            task = asyncio.create_task(self._finish_transfer(req_id, plan, t0))
+            task = asyncio.create_task(self._finish_transfer(req_id, plan, t0, lease))
             self._finishing[req_id] = task
             task.add_done_callback(lambda t: self._finishing.pop(req_id, None) if self._finishing.get(req_id) is t
                                    else None)
@@ -87,10 +98,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             if prefix is not None:
                 self.store_prefix.release(prefix)
             if not handed_off:
+                if lease is not None:
+                    lease.cancel()
                 self.sender.remove(req_id)
-                engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
-        if first is None or not first.new_token_ids:
-            raise RequestAborted(f"[{req_id}] prefill ended without a first token (aborted)")
+                engine.submit(lambda e: e.connector.release(req_id))
         self.num_prefills += 1
         # compute time only (queueing excluded): the router's TTFT predictor learns seconds per token from it
         resp = pb.PrefillResponse(first_token_id=first.new_token_ids[0], num_cached_tokens=first.num_cached_tokens,
@@ -99,8 +110,8 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             resp.first_logprob = first.new_logprobs[0]
         return resp
 
-    async def _finish_transfer(self, req_id: str, plan, t0: float) -> None:
-        """Wait (bounded) for a request's pushes, then free its blocks, whatever happened."""
+    async def _finish_transfer(self, req_id: str, plan, t0: float, lease: asyncio.Task | None) -> None:
+        """Wait (bounded) for a request's pushes, then stop renewing and free its blocks, whatever happened."""
         engine = self.runtime.engine
         assert engine is not None
         try:
@@ -110,8 +121,10 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         except Exception as exc:  # noqa: BLE001 - decode's reservation times out; the router retries
             logger.warning("[%s] KV transfer to %s failed: %s", req_id, plan.dest.transfer_address, exc)
         finally:
+            if lease is not None:
+                lease.cancel()
             self.sender.remove(req_id)
-            engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
+            engine.submit(lambda e: e.connector.release(req_id))
 
     @map_errors
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStats:

@@ -3,7 +3,8 @@
 Before a prompt is admitted, `load` copies the longest stored prefix the local cache lacks into
 fresh blocks and enters them into the local prefix-cache index, so the engine's ordinary prefix
 matching serves them (no special path in the scheduler). After a prompt is computed, `publish`
-hands its new full blocks to the store. Store faults only ever mean fewer hits (recompute).
+hands its new full blocks to the store. Store faults only ever mean fewer hits (recompute). Blocks
+are reached only through the engine connector's scheduler side (engine/connector.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.engine.block_hash import BlockHash, chain_block_hashes
+from pdserve.engine.block_hash import BlockHash
 from pdserve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
@@ -33,13 +34,9 @@ class StorePrefix:
         self.publish_enabled = publish
         self.num_loaded_tokens = 0
 
-    async def load(self, req_id: str, prompt: list[int]) -> PrefixPlan:
-        def local(e: LLMEngine) -> tuple[list[BlockHash], int]:
-            hashes = chain_block_hashes(prompt, e.config.block_size, e.fingerprint)
-            cap = (len(prompt) - 1) // e.config.block_size  # the last token's block is always computed
-            return hashes, len(e.block_manager.match_prefix(hashes[:cap]))
-
-        hashes, num_local = await self.engine.call(local)
+    async def load(self, req_id: str, prompt: list[int], hashes: list[BlockHash]) -> PrefixPlan:
+        """`hashes`: the prompt's chained block hashes (the router's, checked by the servicer)."""
+        num_local = await self.engine.call(lambda e: e.connector.num_matched_blocks(hashes, len(prompt)))
         plan = PrefixPlan(hashes)
         if self.store is None:
             return plan
@@ -50,12 +47,8 @@ class StorePrefix:
         if not want:
             return plan
 
-        def allocate(e: LLMEngine) -> list[int]:
-            # leave room for the request itself: never let a store load starve the compute
-            need = e.block_manager.blocks_for_tokens(len(prompt)) + len(want)
-            return e.block_manager.allocate(len(want)) if e.block_manager.num_free_blocks >= need else []
-
-        block_ids = await self.engine.call(allocate)
+        # leave room for the request itself: never let a store load starve the compute
+        block_ids = await self.engine.call(lambda e: e.connector.allocate_for_load(len(want), len(prompt)))
         if not block_ids:
             return plan
         loaded = 0
@@ -63,9 +56,8 @@ class StorePrefix:
             loaded = await self.store.load(want, block_ids)
         finally:
             def register(e: LLMEngine) -> None:
-                for h, b in zip(want[:loaded], block_ids[:loaded]):
-                    e.block_manager.register(b, h)
-                e.block_manager.free(block_ids[loaded:])
+                e.connector.register_loaded(block_ids[:loaded], want[:loaded])
+                e.connector.free(block_ids[loaded:])
 
             await self.engine.call(register)
         plan.held_block_ids = block_ids[:loaded]
@@ -78,7 +70,7 @@ class StorePrefix:
         """Drop the references `load` took (the request holds its own once admitted)."""
         if plan.held_block_ids:
             held, plan.held_block_ids = plan.held_block_ids, []
-            self.engine.submit(lambda e: e.block_manager.free(held))
+            self.engine.submit(lambda e: e.connector.free(held))
 
     def publish(self, plan: PrefixPlan, block_table: list[int]) -> None:
         """Give the store the prompt's full blocks it lacks (the store copies them synchronously)."""

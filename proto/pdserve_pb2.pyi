@@ -149,7 +149,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens")
+    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens", "num_reservation_renewals")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class WorkerStats(_message.Message):
     NUM_REQUESTS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     STORE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESERVATION_RENEWALS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_running: int
@@ -196,7 +197,8 @@ class WorkerStats(_message.Message):
     num_requests_active: int
     num_preemptions: int
     store_hit_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ...) -> None: ...
+    num_reservation_renewals: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., num_reservation_renewals: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "transfer_address", "model_fingerprint", "healthy", "stats")

@@ -324,7 +324,8 @@ class DecodeWorkerServicer:
     """
 
     def Reserve(self, request, context):
-        """Reserve blocks for prompt + max_tokens; returns where and how to write the prompt's KV.
+        """Reserve blocks for the prompt + a bounded headroom (the sequence grows as it generates); returns
+        where and how to write the prompt's KV, under a lease the prefill worker renews (Renew).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,6 +58,9 @@ class RouterConfig:
         "require `authorization: Bearer KEY` on gRPC calls and HTTP /v1 requests (empty: no key)"))
     max_prompt_tokens: int = field(default=0, metadata=_h("longest prompt accepted, in tokens (0: the model's context)"))
     max_tokens_limit: int = field(default=0, metadata=_h("largest max_tokens accepted (0: the rest of the context)"))
+    default_max_tokens: int = field(default=4096, metadata=_h(
+        "max_tokens of an HTTP request that sets none: min(this, the rest of the context); 0: the rest of the "
+        "context, as vLLM (decode reserves only prompt + headroom either way and grows as it generates)"))
     max_request_bytes: int = field(default=64 * 2**20, metadata=_h(
         "largest HTTP body / gRPC request message accepted, in bytes (64 MiB)"))
     max_streams_per_client: int = field(default=0, metadata=_h(
@@ -87,8 +90,10 @@ class RouterConfig:
             raise ValueError("timeouts and intervals must be > 0")
         if self.unhealthy_after < 1:
             raise ValueError("unhealthy_after must be >= 1")
-        if min(self.max_prompt_tokens, self.max_tokens_limit, self.max_streams_per_client) < 0:
-            raise ValueError("max_prompt_tokens, max_tokens_limit and max_streams_per_client must be >= 0")
+        if min(self.max_prompt_tokens, self.max_tokens_limit, self.max_streams_per_client,
+               self.default_max_tokens) < 0:
+            raise ValueError("max_prompt_tokens, max_tokens_limit, default_max_tokens and max_streams_per_client "
+                             "must be >= 0")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be >= 1024")
         if self.trace_requests < 0:

@@ -372,7 +372,8 @@ class Dispatcher:
             decode.queued_prompt_tokens += len(prompt_ids)  # until its first token: a local prefill queue
             try:
                 async for ev in self._decode_stream(state, decode, pb.DecodeRequest(
-                        request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)),
+                        request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params),
+                        block_hashes=hashes),
                         deadline):
                     if first:
                         ev.decode_worker = ev.prefill_worker = decode.worker_id
@@ -426,7 +427,8 @@ class Dispatcher:
                 first.logprobs = [resp.first_logprob]
             req = pb.DecodeRequest(request_id=state.req_id, prompt_token_ids=prompt_ids,
                                    sampling=sampling_to_proto(params), prefilled=True,
-                                   first_token_id=resp.first_token_id, num_cached_tokens=resp.num_cached_tokens)
+                                   first_token_id=resp.first_token_id, num_cached_tokens=resp.num_cached_tokens,
+                                   block_hashes=hashes)
             if resp.HasField("first_logprob"):
                 req.first_logprob = resp.first_logprob
             yield first  # TTFT: stream the first token the moment prefill has it

@@ -20,6 +20,7 @@ class FrontDoorLimits:
     def __init__(self, config: RouterConfig) -> None:
         self.max_prompt_tokens = config.max_prompt_tokens
         self.max_tokens_limit = config.max_tokens_limit
+        self.default_max_tokens_cap = config.default_max_tokens
         self.max_request_bytes = config.max_request_bytes
         self.max_streams_per_client = config.max_streams_per_client
         self.streams: dict[str, int] = {}  # client key -> requests in flight
@@ -40,7 +41,9 @@ class FrontDoorLimits:
                                  param="max_tokens")
 
     def default_max_tokens(self, rest_of_context: int) -> int:
-        return min(rest_of_context, self.max_tokens_limit) if self.max_tokens_limit else rest_of_context
+        """max_tokens for a request that sets none: the rest of the context, capped by the configured default
+        and by the largest max_tokens accepted."""
+        return min([rest_of_context] + [c for c in (self.default_max_tokens_cap, self.max_tokens_limit) if c])
 
     @contextmanager
     def stream(self, client_key: str) -> Iterator[None]:
