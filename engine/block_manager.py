@@ -1,18 +1,21 @@
 """KV block allocator with reference counts and the prefix-cache index.
 
 Free blocks that still hold a full block's KV stay findable by their chained hash until they are
-reused, so a later request with the same prefix skips that compute. Allocation is contiguity-first:
-free ids are kept as runs of consecutive ids, a request's fresh blocks come from the smallest run
-that fits (best fit, lowest ids first, ascending), else from the longest runs, and a growing
-sequence extends its last block's run in place when it can. In the block-major KV layout a run is
-one byte region, so a request's KV moves in about as many sends after hours of churn as on a fresh
-pool (docs/kv_fragmentation.md); the price is that a freed cached block is evicted by position,
-not least recently used. Owns block ids and counts; never touches KV memory.
+reused, so a later request with the same prefix skips that compute. Free blocks live in two tiers:
+empty ones (no cached KV) as runs of consecutive ids, and cached ones in least-recently-freed order.
+Allocation is contiguity-first within the empty tier: the smallest run that fits (best fit, lowest
+ids first, ascending), else the longest runs, and a growing sequence extends its last block's run
+in place when it can; only when empty blocks run out are cached ones evicted, oldest first, in the
+order they were freed (ascending within a request, so a request's runs survive into the next).
+In the block-major KV layout a run is one byte region, so a request's KV moves in about as many
+sends after churn as on a fresh pool (docs/kv_fragmentation.md). Owns block ids and counts; never
+touches KV memory.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 
 from pdserve.engine.block_hash import BlockHash
 
@@ -27,22 +30,24 @@ class BlockManager:
         # free ids as runs of consecutive ids: sorted run starts, start -> run length
         self._run_starts: list[int] = [0] if num_blocks else []
         self._run_len: dict[int, int] = {0: num_blocks} if num_blocks else {}
-        self._num_free = num_blocks
+        self._num_free = num_blocks  # in the empty runs
+        # free blocks still holding cached KV, least recently freed first; values unused
+        self._cached_free: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block_id: dict[BlockHash, int] = {}
         self.num_prefix_queries = 0  # blocks looked up
         self.num_prefix_hits = 0  # blocks found
 
     @property
     def num_free_blocks(self) -> int:
-        return self._num_free
+        return self._num_free + len(self._cached_free)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - self._num_free
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def num_free_runs(self) -> int:
-        """Runs of consecutive free ids (1 on a fresh pool; grows with fragmentation)."""
+        """Runs of consecutive empty free ids (1 on a fresh pool; grows with fragmentation)."""
         return len(self._run_starts)
 
     def is_free(self, block_id: int) -> bool:
@@ -75,23 +80,28 @@ class BlockManager:
         """Add a reference to blocks already holding wanted KV (prefix-cache hits)."""
         for b in block_ids:
             if self.ref_counts[b] == 0:
-                self._take_free_range(b, 1)
+                if b in self._cached_free:
+                    del self._cached_free[b]
+                else:
+                    self._take_free_range(b, 1)
             self.ref_counts[b] += 1
 
     def allocate(self, num_blocks: int, after: int | None = None) -> list[int]:
         """Take `num_blocks` fresh blocks (evicting their old cached hashes), in as few runs of
         consecutive ids as the free list allows. `after`: the caller's last block; blocks right after
         it are taken first, so a growing sequence stays one run. Caller checks capacity."""
-        if num_blocks > self._num_free:
-            raise MemoryError(f"need {num_blocks} KV blocks, {self._num_free} free")
+        if num_blocks > self.num_free_blocks:
+            raise MemoryError(f"need {num_blocks} KV blocks, {self.num_free_blocks} free")
         block_ids: list[int] = []
         if after is not None and after + 1 in self._run_len:
             n = min(num_blocks, self._run_len[after + 1])
             block_ids.extend(self._take_free_range(after + 1, n))
-        while len(block_ids) < num_blocks:
+        while len(block_ids) < num_blocks and self._num_free:
             want = num_blocks - len(block_ids)
             start = self._best_run(want)
             block_ids.extend(self._take_free_range(start, min(want, self._run_len[start])))
+        while len(block_ids) < num_blocks:  # evict cached blocks, least recently freed first
+            block_ids.append(self._cached_free.popitem(last=False)[0])
         for b in block_ids:
             old = self.block_hashes[b]
             if old is not None:
@@ -109,7 +119,9 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 if self.block_hashes[b] is None or not self.enable_prefix_caching:
                     self.block_hashes[b] = None
-                self._add_free(b)
+                    self._add_free(b)
+                else:
+                    self._cached_free[b] = None
 
     # ---- free runs ------------------------------------------------------------------------------
     def _best_run(self, want: int) -> int:

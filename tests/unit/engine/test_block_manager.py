@@ -168,3 +168,15 @@ def test_chain_hash_reuses_known_prefix():
     tokens = list(range(80))
     full = chain_block_hashes(tokens, 16, FP)
     assert chain_block_hashes(tokens, 16, FP, known=full[:2]) == full
+
+
+def test_empty_blocks_are_used_before_cached_ones_are_evicted():
+    bm = BlockManager(16, 16)
+    h = [BlockHash(bytes([i]) * 16) for i in range(4)]
+    ids = bm.allocate(4)
+    for i, hh in zip(ids, h):
+        bm.register(i, hh)
+    bm.free(ids)
+    assert bm.allocate(12) == list(range(4, 16))  # the empty run, not the cached prefix
+    assert bm.match_prefix(h) == ids
+    assert bm.allocate(2) == ids[:2]  # then the cached ones, least recently freed first
