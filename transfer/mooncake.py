@@ -31,7 +31,7 @@ from pdserve.errors import InvalidRequest, KVTransferError, KVTransferTimeout, P
 
 from .base import TransferRejected
 from .buffers import TransportCore
-from .memory import Memory, memory_of
+from .memory import memory_of
 from .regions import Region, check_regions, pair_regions, total_bytes
 from .tokens import Expectation, Exposure
 from .wire import HEADER, MAGIC, MAX_BODY_BYTES, BodyReader, BodyWriter, Kind

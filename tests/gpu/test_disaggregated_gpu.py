@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from integration_helpers import replace_prefill_worker  # noqa: E402
 from pdserve import rpc
 from pdserve.client import Client
 from pdserve.cluster import Cluster, ClusterSpec
@@ -80,7 +82,6 @@ def test_gpu_disaggregated_tokens_equal_the_cpu_path(gpu_cluster, tiny_model_dir
 def test_prefix_in_the_device_pool_is_loaded_not_recomputed(gpu_cluster):
     prompt = _prompts()[2]
     first = asyncio.run(_complete(gpu_cluster.router_address, prompt))
-    old = next(p for p in gpu_cluster.procs if p.name.startswith("prefill") and p.alive())
 
     async def num_keys() -> int:  # publishing runs in the background after the first request
         async with rpc.channel(gpu_cluster.store_address) as ch:
@@ -91,9 +92,7 @@ def test_prefix_in_the_device_pool_is_loaded_not_recomputed(gpu_cluster):
     while asyncio.run(num_keys()) < len(prompt) // BLOCK:
         assert time.monotonic() < deadline, "prompt blocks were not published to the device pool"
         time.sleep(0.2)
-    gpu_cluster.kill(old.name, signal.SIGKILL)
-    gpu_cluster.start_worker("prefill", 1)
-    asyncio.run(gpu_cluster.wait_ready(120))
+    replace_prefill_worker(gpu_cluster)  # empty local cache: the prefix must come from the device pool
     second = asyncio.run(_complete(gpu_cluster.router_address, prompt))
     assert second.token_ids == first.token_ids
     assert second.usage.cached_tokens == ((len(prompt) - 1) // BLOCK) * BLOCK
@@ -134,7 +133,11 @@ async def test_device_to_device_push_bandwidth_between_processes():
         child = subprocess.Popen([sys.executable, "-c", RECEIVER, str(nbytes), str(iters + 1), token.hex()],
                                  stdout=subprocess.PIPE, text=True)
         try:
-            address = child.stdout.readline().split()[1]
+            line = ""
+            while not line.startswith("ADDRESS"):
+                line = child.stdout.readline()
+                assert line, "the receiver exited before it listened"
+            address = line.split()[1]
             sender = UCXTransport(timeout_s=60)
             await sender.start()
             src = torch.full((nbytes,), 3, dtype=torch.uint8, device="cuda")
