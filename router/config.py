@@ -23,7 +23,8 @@ class RouterConfig:
     colocated_workers: str = field(default="", metadata=_h("static colocated worker addresses, comma-separated"))
     local_prefill_threshold: int = field(default=256, metadata=_h(
         "prompts shorter than this many tokens are prefilled on the decode worker (conditional "
-        "disaggregation; below ~256 tokens the extra hops cost more than they save on a CPU host)"))
+        "disaggregation; below ~256 tokens the extra hops cost more than they save on a CPU host; 0: never, "
+        "not even to overflow a saturated prefill pool)"))
     local_prefill_max_inflight: int = field(default=4, metadata=_h(
         "... but only while the decode worker has fewer requests in flight than this: a local prefill "
         "stalls every running sequence's next token, so a busy decode worker sends even short prompts "

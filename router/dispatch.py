@@ -80,8 +80,11 @@ def prefill_locally(config: RouterConfig, num_prompt_tokens: int, decode_infligh
     is chosen). Past that same limit a prompt of any length overflows to the decode worker when the
     decode worker's own queue of local prefills (`decode_queued_tokens`) is shorter than the prefill
     worker's: a saturated prefill pool then shares prefill with decode instead of letting TTFT grow
-    without bound. With no prefill worker up, everything is local anyway."""
+    without bound. local_prefill_threshold 0 turns all of it off. With no prefill worker up,
+    everything is local anyway."""
     c = config
+    if c.local_prefill_threshold <= 0:
+        return False  # conditional disaggregation off: never on decode, not even to overflow
     saturated = (prefill_queued_tokens is not None and c.remote_prefill_max_queue_tokens > 0
                  and prefill_queued_tokens > c.remote_prefill_max_queue_tokens)
     if saturated and decode_queued_tokens is not None and decode_queued_tokens < prefill_queued_tokens:

@@ -36,6 +36,7 @@ def test_overflow_when_the_prefill_pool_is_saturated(tokens, queued, decode_queu
 def test_limits_off():
     never_local = RouterConfig(local_prefill_threshold=0)
     assert not prefill_locally(never_local, 1, 0)
+    assert not prefill_locally(never_local, 300, 9, 10**6, 0)  # threshold 0: no overflow either
     no_queue_limit = RouterConfig(local_prefill_threshold=256, local_prefill_max_inflight=0,
                                   remote_prefill_max_queue_tokens=0)
     assert not prefill_locally(no_queue_limit, 10, 0, 10**6)
