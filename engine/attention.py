@@ -191,12 +191,20 @@ def load_kernel(verbose: bool = False):
     """Build (once, cached) and load the C++ kernel module. Raises on any failure."""
     from torch.utils import cpp_extension
 
+    import fcntl
+
     build_dir = kernel_build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name="pdserve_paged_attention", sources=[str(_CSRC)], build_directory=str(build_dir),
-        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        verbose=verbose)
+    # torch's own build lock is a plain file that a killed build leaves behind, after which every
+    # later load waits on it forever. Serialise on an flock instead (the kernel releases it when its
+    # holder dies); holding it, any torch lock file left is stale.
+    with open(build_dir / ".pdserve.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name="pdserve_paged_attention", sources=[str(_CSRC)], build_directory=str(build_dir),
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=verbose)
 
 
 def make_attention(kind: str, device: str, num_heads: int, num_kv_heads: int, head_dim: int) -> Attention:

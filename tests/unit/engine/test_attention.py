@@ -92,3 +92,18 @@ def test_kernel_rejects_bad_metadata(kernel):
     q = torch.randn(T, 4, 64)
     with pytest.raises(RuntimeError, match="context length"):
         PagedAttention(kernel, 64)(q, None, None, 0, meta, cache)
+
+
+def test_a_stale_build_lock_does_not_block_loading(kernel):
+    """A build killed mid-way leaves torch's lock file behind; loading must not wait on it."""
+    import threading
+
+    from pdserve.engine.attention import kernel_build_dir
+
+    (kernel_build_dir() / "lock").write_text("")
+    done = threading.Event()
+    result = []
+    thread = threading.Thread(target=lambda: (result.append(load_kernel()), done.set()), daemon=True)
+    thread.start()
+    assert done.wait(120), "load_kernel waited on a stale lock file"
+    assert result[0] is not None
