@@ -79,16 +79,23 @@ class OldAllocator:
             self.free_ids[b] = None
 
 
-def churned(allocator, num_ops: int, keep_free: int, seed: int):
-    """`num_ops` random allocate (1-64 blocks) / free operations; what is still held stays held."""
+def churned(allocator, num_ops: int, keep_free: int, seed: int, cache: bool = False):
+    """`num_ops` random allocate (1-64 blocks) / free operations; what is still held stays held. `cache`:
+    every allocated block is entered into the prefix cache first (as full prompt blocks are), so freed
+    blocks stay cached and later allocations must evict them: the steady state of a long-running worker."""
+    from pdserve.engine.block_hash import BlockHash
+
     rng = random.Random(seed)
     held: list[list[int]] = []
-    for _ in range(num_ops):
+    for op in range(num_ops):
         n = rng.randint(1, 64)
         if held and (rng.random() < 0.5 or allocator.num_free_blocks - n < keep_free):
             allocator.free(held.pop(rng.randrange(len(held))))
         elif allocator.num_free_blocks - n >= keep_free:
             held.append(allocator.allocate(n))
+            if cache:
+                for i, b in enumerate(held[-1]):
+                    allocator.register(b, BlockHash((op * 64 + i).to_bytes(16, "little")))
     return allocator
 
 
@@ -163,15 +170,18 @@ async def run(args: argparse.Namespace) -> dict:
         for num_tokens in args.tokens:
             n = -(-num_tokens // BLOCK_SIZE)
             for layout_name in ("block-major", "layer-major (before)"):
-                for state in ("fresh", "churned", "checkerboard"):
+                for state in ("fresh", "churned", "churned, all cached", "checkerboard"):
                     if state == "checkerboard" and 2 * n > args.pool_blocks:
                         continue
+                    if state == "churned, all cached" and layout_name != "block-major":
+                        continue  # the old allocator had one tier: the same as churned
                     if layout_name == "block-major":
                         sides = [BlockManager(args.pool_blocks, BLOCK_SIZE) for _ in range(2)]
                     else:
                         sides = [OldAllocator(args.pool_blocks) for _ in range(2)]
-                    if state == "churned":
-                        sides = [churned(a, args.churn_ops, n, seed) for a, seed in zip(sides, (1, 2))]
+                    if state.startswith("churned"):
+                        sides = [churned(a, args.churn_ops, n, seed, cache=state != "churned")
+                                 for a, seed in zip(sides, (1, 2))]
                     elif state == "checkerboard":
                         sides = [checkerboard(a, args.pool_blocks) for a in sides]
                     src_ids, dst_ids = (a.allocate(n) for a in sides)
