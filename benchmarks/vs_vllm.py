@@ -34,6 +34,7 @@ from bench_docs import replace_section  # noqa: E402
 PEERS = ROOT.parent / "shared" / "peers"
 SERVERS = ("vllm", "pdserve-disagg", "pdserve-colocated")
 HEADING = "## pdserve vs vLLM-CPU"
+VLLM_PORT = 8000  # where ../shared/peers/vllm-cpu.sh serve listens
 
 
 def wait_up(port: int, proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -139,17 +140,18 @@ def main() -> int:
         model = resolve_model(name)
         for server in args.servers:
             log = args.out_dir / f"{name}-{server}.log"
+            server_port = VLLM_PORT if server == "vllm" else port  # the peer script serves on 8000
             print(f"[{name}] starting {server} ...", flush=True)
             t0 = time.monotonic()
-            proc = start_server(server, model, port, log, args)
+            proc = start_server(server, model, server_port, log, args)
             try:
-                if not wait_up(port, proc, args.startup_timeout_s):
+                if not wait_up(server_port, proc, args.startup_timeout_s):
                     print(f"[{name}] {server} did not start; see {log}", file=sys.stderr)
                     continue
                 print(f"[{name}] {server} up in {time.monotonic() - t0:.0f} s", flush=True)
                 for i, rate in enumerate(args.rates):
                     seed = 1 + i  # fresh prompts per run, the same for every server
-                    r = bench(port, model, rate, seed, args.out_dir / f"{name}-{server}-rate{rate}.json", args)
+                    r = bench(server_port, model, rate, seed, args.out_dir / f"{name}-{server}-rate{rate}.json", args)
                     results[(name, server, rate)] = r
                     print(f"[{name}] {server} rate={rate}: {r['output_tok_s']:.0f} out tok/s, TTFT "
                           f"{r['ttft_mean_ms']:.0f} ms, TPOT {r['tpot_mean_ms']:.1f} ms, "

@@ -196,9 +196,11 @@ async def _send_all(config: BenchConfig, backend: Backend, requests: list[BenchR
 
 
 def _fill_token_counts(result: RequestResult, config: BenchConfig, codec: TokenCodec, exact: bool) -> None:
-    """Output tokens by the model's tokenizer when given (else as the backend counted them);
-    prompt tokens of text prompts from the server's usage when no tokenizer was given."""
-    if codec.has_tokenizer and not exact and result.output_text:
+    """Output tokens as the server reported them in its usage (exact), else by the model's tokenizer
+    when given (re-tokenising text over-counts: an output cut mid-character comes back as U+FFFD,
+    three bytes that re-tokenise to several tokens), else as the backend counted them; prompt tokens
+    of text prompts from the server's usage when no tokenizer was given."""
+    if not exact and result.usage_completion_tokens is None and codec.has_tokenizer and result.output_text:
         result.output_len = codec.count(result.output_text) or result.output_len
     if config.prompt_format == "text" and not codec.has_tokenizer and result.usage_prompt_tokens:
         result.prompt_len = result.usage_prompt_tokens
