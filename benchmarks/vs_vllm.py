@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,11 @@ def wait_up(port: int, proc: subprocess.Popen, timeout_s: float) -> bool:
         except OSError:
             time.sleep(1.0)
     return False
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def start_server(kind: str, model: Path, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
@@ -141,6 +147,10 @@ def main() -> int:
         for server in args.servers:
             log = args.out_dir / f"{name}-{server}.log"
             server_port = VLLM_PORT if server == "vllm" else port  # the peer script serves on 8000
+            if port_in_use(server_port):  # a server left from an interrupted run would be measured instead
+                print(f"[{name}] port {server_port} is already in use; stop what listens there first",
+                      file=sys.stderr)
+                return 1
             print(f"[{name}] starting {server} ...", flush=True)
             t0 = time.monotonic()
             proc = start_server(server, model, server_port, log, args)
