@@ -231,10 +231,8 @@ def make_attention(kind: str, device: str, num_heads: int, num_kv_heads: int, he
 def ensure_kernel_built() -> bool:
     """Build the kernel now if it is not cached yet (so that workers starting together do not each
     wait on one build). False, with one log line, when it cannot be built: workers then fall back."""
-    import sys
-
     if not (kernel_build_dir() / "pdserve_paged_attention.so").exists():
-        print("building the paged attention kernel (first start only, about a minute) ...", file=sys.stderr)
+        logger.warning("building the paged attention kernel (first start only, about a minute) ...")
     try:
         load_kernel()
     except Exception as exc:  # noqa: BLE001

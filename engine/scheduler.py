@@ -55,9 +55,7 @@ class Scheduler:
 
         # Decodes first, then unfinished prefills with what is left of the budget: a long prompt's
         # chunk never pushes a running sequence's next token out of the step.
-        running = list(self.running)
-        decodes_first = ([s for s in running if s.num_tokens - s.num_computed_tokens == 1]
-                         + [s for s in running if s.num_tokens - s.num_computed_tokens != 1])
+        decodes_first = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens != 1)  # stable
         for seq in decodes_first:
             if seq.status is not SequenceStatus.RUNNING or budget <= 0:
                 continue

@@ -30,6 +30,23 @@ struct WorkItem {
   int32_t row_end;
 };
 
+// The tile's query vectors (row-major, head within group innermost), pre-scaled, into qf [R, hd], and
+// how many keys each may see (causal, the sequence's new rows last) into limit [R].
+template <typename scalar_t>
+void load_queries(const WorkItem& w, int64_t kv_head, const scalar_t* q, int64_t num_heads, int64_t group,
+                  int64_t hd, int64_t ctx_len, int64_t num_rows, int64_t row0, float scale, float* qf,
+                  int64_t* limit) {
+  for (int64_t row = w.row_begin; row < w.row_end; ++row) {
+    const int64_t visible = ctx_len - num_rows + (row - row0) + 1;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t i = (row - w.row_begin) * group + g;
+      const scalar_t* src = q + (row * num_heads + kv_head * group + g) * hd;
+      for (int64_t d = 0; d < hd; ++d) qf[i * hd + d] = to_f(src[d]) * scale;
+      limit[i] = visible;
+    }
+  }
+}
+
 // Scores never reach +-inf (masked keys are skipped, not set to -inf), so the fast-math build
 // (vectorised exp) is safe; kNegBig stands for "no key seen yet".
 constexpr float kNegBig = -1e30f;
@@ -48,16 +65,7 @@ void attend_tile(const WorkItem& w, int64_t kv_head, const scalar_t* q, scalar_t
   // qf [R, hd] (pre-scaled), acc [R, hd], kt [hd, bs] (K transposed), vf [bs, hd], s [R, bs]
   std::vector<float> qf(R * hd), acc(R * hd, 0.f), m(R, kNegBig), l(R, 0.f), kt(hd * bs), vf(bs * hd), s(R * bs);
   std::vector<int64_t> limit(R);  // keys [0, limit) are visible to vector i
-  for (int64_t r = 0; r < tile_rows; ++r) {
-    const int64_t row = w.row_begin + r;
-    const int64_t visible = ctx_len - num_rows + (row - row0) + 1;
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t i = r * group + g;
-      const scalar_t* src = q + (row * num_heads + kv_head * group + g) * hd;
-      for (int64_t d = 0; d < hd; ++d) qf[i * hd + d] = to_f(src[d]) * scale;
-      limit[i] = visible;
-    }
-  }
+  load_queries(w, kv_head, q, num_heads, group, hd, ctx_len, num_rows, row0, scale, qf.data(), limit.data());
   const int64_t max_keys = limit[R - 1];  // the tile's last row sees the most
   const int64_t num_blocks = (max_keys + bs - 1) / bs;
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -184,16 +192,7 @@ void attend_tile_vec(const WorkItem& w, int64_t kv_head, const scalar_t* q, scal
   std::vector<v16> acc(R * NV, v16{}), kt(HD), vf(kChunk * NV);
   std::vector<float> m(R, kNegBig), l(R, 0.f);
   std::vector<int64_t> limit(R);
-  for (int64_t r = 0; r < tile_rows; ++r) {
-    const int64_t row = w.row_begin + r;
-    const int64_t visible = ctx_len - num_rows + (row - row0) + 1;
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t i = r * group + g;
-      const scalar_t* src = q + (row * num_heads + kv_head * group + g) * HD;
-      for (int d = 0; d < HD; ++d) qf[i * HD + d] = to_f(src[d]) * scale;
-      limit[i] = visible;
-    }
-  }
+  load_queries(w, kv_head, q, num_heads, group, HD, ctx_len, num_rows, row0, scale, qf.data(), limit.data());
   const int64_t max_keys = limit[R - 1];
   for (int64_t key0 = 0; key0 < max_keys; key0 += kChunk) {
     const int64_t nk = std::min<int64_t>(kChunk, max_keys - key0);
