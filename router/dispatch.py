@@ -26,7 +26,7 @@ from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
-from pdserve.router.kv_index import PrefillChoice, PrefixIndex, estimate
+from pdserve.router.policy import Route, RoutingPolicy
 from pdserve.router.registry import Worker, WorkerRegistry
 from pdserve.router.tracing import RequestTracer
 from pdserve.rpc import typed_error
@@ -52,6 +52,7 @@ class RequestState:
     releases: list = field(default_factory=list)  # Release calls in flight (awaited before a retry)
     peer_failed: str = ""  # set when the router cancelled its calls because a peer died (retriable)
     timing: pb.RequestTiming = field(default_factory=pb.RequestTiming)  # summed over attempts
+    pending_tokens: int = 0  # prompt tokens admitted and not yet routed (RoutingPolicy.pending_prefill_tokens)
 
 
 @dataclass
@@ -67,33 +68,6 @@ class Event:
     decode_worker: str = ""
     cached_tokens: int | None = None  # set once, by whichever worker computed the prompt
     timing: pb.RequestTiming | None = None  # on the final event: where the request's time went
-
-
-def prefill_locally(config: RouterConfig, num_prompt_tokens: int, decode_inflight: int,
-                    prefill_queued_tokens: int | None = None, decode_queued_tokens: int | None = None) -> bool:
-    """Conditional disaggregation: whether a prompt is prefilled on its decode worker.
-
-    Short prompts (< local_prefill_threshold) are, while the decode worker is not busy (fewer than
-    local_prefill_max_inflight requests): it saves the extra hops. On a busy one a local prefill would
-    stall every running sequence, so they go to a prefill worker, unless that worker's queue is already
-    longer than remote_prefill_max_queue_tokens (`prefill_queued_tokens`, None before a prefill worker
-    is chosen). Past that same limit a prompt of any length overflows to the decode worker when the
-    decode worker's own queue of local prefills (`decode_queued_tokens`) is shorter than the prefill
-    worker's: a saturated prefill pool then shares prefill with decode instead of letting TTFT grow
-    without bound. local_prefill_threshold 0 turns all of it off. With no prefill worker up,
-    everything is local anyway."""
-    c = config
-    if c.local_prefill_threshold <= 0:
-        return False  # conditional disaggregation off: never on decode, not even to overflow
-    saturated = (prefill_queued_tokens is not None and c.remote_prefill_max_queue_tokens > 0
-                 and prefill_queued_tokens > c.remote_prefill_max_queue_tokens)
-    if saturated and decode_queued_tokens is not None and decode_queued_tokens < prefill_queued_tokens:
-        return True
-    if num_prompt_tokens >= c.local_prefill_threshold:
-        return False
-    if decode_inflight < c.local_prefill_max_inflight:
-        return True
-    return saturated
 
 
 PHASES = [f.name for f in pb.RequestTiming.DESCRIPTOR.fields]  # "router_s", "reserve_s", ...
@@ -122,12 +96,10 @@ class Dispatcher:
         self.meta = meta
         self.active: dict[str, RequestState] = {}  # req_id -> live request
         self.num_requests = 0
-        self.num_remote_prefills = 0
-        self.num_local_prefills = 0
         self.num_retries = 0
         self.num_rejected = 0
-        self.prefill_s_per_token = 1e-4  # EWMA of measured prefill seconds per computed token
-        self.prefix_index = PrefixIndex(config.prefix_index_blocks)
+        self.kv_bytes_moved = 0  # KV bytes prefill workers pushed to decode workers for this router's requests
+        self.policy = RoutingPolicy(config, meta.block_size)  # every decision of where a request goes
         self._store_channel = rpc.channel(config.kvstore_master) if config.kvstore_master else None
         self._store = kpb_grpc.KVStoreMasterStub(self._store_channel) if self._store_channel else None
 
@@ -147,25 +119,6 @@ class Dispatcher:
         except grpc.aio.AioRpcError:
             return 0
         return resp.num_stored_prefix
-
-    async def pick_prefill(self, prompt_ids: list[int], hashes: list[BlockHash], excluded: set[str]
-                           ) -> tuple[Worker | None, PrefillChoice | None]:
-        """The prefill worker with the lowest estimated TTFT (see router/kv_index.py)."""
-        candidates = [w for w in self.registry.healthy(pb.PREFILL) if w.address not in excluded]
-        if not candidates:
-            return None, None
-        stored = await self.stored_prefix_blocks(hashes)
-        best: tuple[float, str, Worker, PrefillChoice] | None = None
-        for w in candidates:
-            ttft, cached, from_store = estimate(
-                len(prompt_ids), self.meta.block_size, w.queued_prompt_tokens,
-                self.prefix_index.match(w.address, hashes), stored, self.prefill_s_per_token,
-                self.config.store_load_cost)
-            key = (ttft, w.address)
-            if best is None or key < best[:2]:
-                best = (ttft, w.address, w, PrefillChoice(w.address, ttft, cached, from_store))
-        assert best is not None
-        return best[2], best[3]
 
     # ---- validation ---------------------------------------------------------------------------
     def prepare(self, prompt_text: str | None, prompt_ids: list[int] | None, params: SamplingParams,
@@ -207,7 +160,8 @@ class Dispatcher:
             raise InvalidRequest(f"request_id {req_id!r} is already in flight")
         deadline = time.monotonic() + min(timeout_s or self.config.request_timeout_s, self.config.request_timeout_s)
         self._admit(len(prompt_ids))
-        state = RequestState(req_id)
+        state = RequestState(req_id, pending_tokens=len(prompt_ids))
+        self.policy.pending_prefill_tokens += state.pending_tokens
         self.active[req_id] = state
         self.num_requests += 1
         detok = IncrementalDetokenizer(self.tokenizer, stop_strings=params.stop, prompt_ids=prompt_ids) \
@@ -243,7 +197,13 @@ class Dispatcher:
                     ev.text = ""
                 yield ev
         finally:
+            self._unpend(state)
             self.active.pop(req_id, None)
+
+    def _unpend(self, state: RequestState) -> None:
+        """The request's prompt is now counted on a worker's queue (or the request ended)."""
+        self.policy.pending_prefill_tokens -= state.pending_tokens
+        state.pending_tokens = 0
 
     def _remaining(self, deadline: float) -> float:
         left = deadline - time.monotonic()
@@ -266,17 +226,7 @@ class Dispatcher:
                                  retry_after_s=max(0.5, predicted_ms / 1e3))
 
     def predict_ttft_s(self, num_prompt_tokens: int) -> float:
-        """Queued prompt tokens ahead of this one on the least loaded prefill path, times the
-        measured seconds per prefill token (EWMA)."""
-        prefills = self.registry.healthy(pb.PREFILL) or self.registry.healthy(pb.DECODE, pb.COLOCATED)
-        if not prefills:
-            return 0.0
-        queued = min(w.queued_prompt_tokens for w in prefills)
-        return (queued + num_prompt_tokens) * self.prefill_s_per_token
-
-    def _observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens > 0 and seconds > 0:
-            self.prefill_s_per_token = 0.8 * self.prefill_s_per_token + 0.2 * seconds / num_tokens
+        return self.policy.predict_ttft_s(self.registry.workers.values(), num_prompt_tokens)
 
     async def _route(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
                      usage: pb.Usage) -> AsyncIterator[Event]:
@@ -318,13 +268,10 @@ class Dispatcher:
         if healthy and all(w.address in excluded for w in healthy):
             excluded.clear()
 
-    async def _reserve(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
-                       excluded: set[str]) -> tuple[Worker, pb.TransferDescriptor]:
-        """Reserve on the least loaded decode worker that has room, trying the others on Overloaded."""
-        candidates = sorted((w for w in self.registry.healthy(pb.DECODE) if w.address not in excluded), key=Worker.load)
-        if not candidates:
-            raise PeerUnavailable("no healthy decode worker is available")
-        for decode in candidates:
+    async def _reserve(self, state: RequestState, route: Route, prompt_ids: list[int], params: SamplingParams,
+                       deadline: float, excluded: set[str]) -> tuple[Worker, pb.TransferDescriptor]:
+        """Reserve on the route's decode worker, then on its fallbacks in order while each is Overloaded."""
+        for decode in [route.decode, *route.decode_fallbacks]:
             try:
                 desc = await self._reserve_on(state, decode, prompt_ids, params, deadline)
                 return decode, desc
@@ -354,56 +301,59 @@ class Dispatcher:
 
     async def _attempt(self, state: RequestState, prompt_ids: list[int], params: SamplingParams, deadline: float,
                        usage: pb.Usage, excluded: set[str]) -> AsyncIterator[Event]:
-        decode = self.registry.pick_decode(excluded)
-        prefill = None
         hashes = chain_block_hashes(prompt_ids, self.meta.block_size, self.meta.fingerprint)
-        if decode.role == pb.DECODE and not prefill_locally(self.config, len(prompt_ids), decode.inflight):
-            prefill, choice = await self.pick_prefill(prompt_ids, hashes, excluded)
-            if prefill is not None and prefill_locally(self.config, len(prompt_ids), decode.inflight,
-                                                       prefill.queued_prompt_tokens, decode.queued_prompt_tokens):
-                logger.debug("[%s] prefill queue of %d tokens (decode's: %d): prompt stays on decode",
-                             state.req_id, prefill.queued_prompt_tokens, decode.queued_prompt_tokens)
-                prefill = choice = None
-            if choice is not None:
-                logger.debug("[%s] prefill choice %s: est. TTFT %.1f ms, %d cached tokens (%d from the store)",
-                             state.req_id, choice.address, 1e3 * choice.estimated_ttft_s, choice.cached_tokens,
-                             choice.store_tokens)
-        if prefill is None:
-            self.num_local_prefills += 1
-            logger.debug("[%s] local prefill on %s (%d prompt tokens)", state.req_id, decode.worker_id, len(prompt_ids))
-            first = True
-            decode.queued_prompt_tokens += len(prompt_ids)  # until its first token: a local prefill queue
-            try:
-                async for ev in self._decode_stream(state, decode, pb.DecodeRequest(
-                        request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params),
-                        block_hashes=hashes),
-                        deadline):
-                    if first:
-                        ev.decode_worker = ev.prefill_worker = decode.worker_id
-                        first = False
-                        decode.queued_prompt_tokens -= len(prompt_ids)
-                    yield ev
-            except (PeerUnavailable, KVTransferError):
-                excluded.add(decode.address)
-                raise
-            finally:
-                if first:
-                    decode.queued_prompt_tokens -= len(prompt_ids)
-            return
+        stored = await self.stored_prefix_blocks(hashes)
+        route = self.policy.route(list(self.registry.workers.values()), len(prompt_ids), hashes, stored, excluded)
+        if route is None:
+            raise PeerUnavailable("no healthy decode or colocated worker is available")
+        self._unpend(state)
+        try:
+            async for ev in (self._local(state, route, prompt_ids, params, hashes, deadline, excluded) if route.local
+                             else self._remote(state, route, prompt_ids, params, hashes, deadline, usage, excluded)):
+                yield ev
+        finally:
+            self.policy.prefill_done(route)
 
+    async def _local(self, state: RequestState, route: Route, prompt_ids: list[int], params: SamplingParams,
+                     hashes: list[BlockHash], deadline: float, excluded: set[str]) -> AsyncIterator[Event]:
+        """Prefill on the decode (or colocated) worker itself, then stream."""
+        decode = route.decode
+        logger.debug("[%s] local prefill on %s (%d prompt tokens): %s", state.req_id, decode.worker_id,
+                     len(prompt_ids), route.reason)
+        first = True
+        try:
+            async for ev in self._decode_stream(state, decode, pb.DecodeRequest(
+                    request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params),
+                    block_hashes=hashes), deadline):
+                if first:
+                    ev.decode_worker = ev.prefill_worker = decode.worker_id
+                    first = False
+                    self.policy.prefill_done(route)
+                yield ev
+        except (PeerUnavailable, KVTransferError):
+            excluded.add(decode.address)
+            raise
+
+    async def _remote(self, state: RequestState, route: Route, prompt_ids: list[int], params: SamplingParams,
+                      hashes: list[BlockHash], deadline: float, usage: pb.Usage, excluded: set[str]
+                      ) -> AsyncIterator[Event]:
+        """Reserve on decode, prefill on the prefill worker (KV pushed to decode), then stream from decode."""
+        prefill = route.prefill
+        assert prefill is not None and route.choice is not None
+        logger.debug("[%s] prefill choice %s: est. TTFT %.1f ms, %d cached tokens (%d from the store)",
+                     state.req_id, prefill.worker_id, 1e3 * route.choice.estimated_ttft_s, route.choice.cached_tokens,
+                     route.choice.store_tokens)
         reserve_started = time.monotonic()
         try:
-            decode, desc = await self._reserve(state, prompt_ids, params, deadline, excluded)
+            decode, desc = await self._reserve(state, route, prompt_ids, params, deadline, excluded)
         finally:
             state.timing.reserve_s += time.monotonic() - reserve_started
-        self.num_remote_prefills += 1
         logger.debug("[%s] prefill on %s, decode on %s (%d prompt tokens)", state.req_id, prefill.worker_id,
                      decode.worker_id, len(prompt_ids))
         reserved = True
         decode.inflight += 1
         try:
             prefill.inflight += 1
-            prefill.queued_prompt_tokens += len(prompt_ids)
             try:
                 call = prefill.prefill_stub.Prefill(pb.PrefillRequest(
                     request_id=state.req_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params),
@@ -417,11 +367,13 @@ class Dispatcher:
                     raise
             finally:
                 prefill.inflight -= 1
-                prefill.queued_prompt_tokens -= len(prompt_ids)
-            self._observe_prefill(len(prompt_ids) - resp.num_cached_tokens, resp.prefill_seconds)
+                self.policy.prefill_done(route)
+            self.policy.observe_prefill(prefill.address, len(prompt_ids) - resp.num_cached_tokens,
+                                        resp.prefill_seconds)
+            self.kv_bytes_moved += resp.kv_bytes_sent
             state.timing.prefill_queue_s += resp.queue_seconds
             state.timing.prefill_compute_s += resp.prefill_seconds
-            self.prefix_index.record(prefill.address, hashes, prefill.stats.num_kv_blocks)
+            self.policy.record_prefill(prefill.address, hashes, prefill.stats.num_kv_blocks)
             if usage.completion_tokens == 0:
                 usage.cached_tokens = resp.num_cached_tokens
             first = Event(token_ids=[resp.first_token_id], prefill_worker=prefill.worker_id,

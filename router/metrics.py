@@ -46,9 +46,12 @@ class _WorkerViewCollector:
         yield healthy
         routes = CounterMetricFamily("pdserve:router_prefills", "Requests by where their prompt was prefilled.",
                                      labels=["where"])
-        routes.add_metric(["remote"], self.dispatcher.num_remote_prefills)
-        routes.add_metric(["local"], self.dispatcher.num_local_prefills)
+        routes.add_metric(["remote"], self.dispatcher.policy.num_remote_prefills)
+        routes.add_metric(["local"], self.dispatcher.policy.num_local_prefills)
         yield routes
+        yield CounterMetricFamily("pdserve:router_kv_bytes_moved",
+                                  "KV bytes prefill workers pushed to decode workers for this router's requests.",
+                                  value=self.dispatcher.kv_bytes_moved)
         yield CounterMetricFamily("pdserve:router_retries", "Requests retried on another worker after a failure.",
                                   value=self.dispatcher.num_retries)
 

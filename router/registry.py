@@ -1,5 +1,5 @@
 """The router's view of its workers: who exists (static flags or registration), who is healthy
-(Stats polled on an interval), how loaded each is, and which one a request should go to.
+(Stats polled on an interval), and how loaded each is. Which one a request goes to is router/policy.py's decision.
 
 Health reflects each worker itself: a poll that fails `unhealthy_after` times in a row takes it
 out of rotation until a poll succeeds again.
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve import rpc
-from pdserve.errors import PeerUnavailable
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.config import RouterConfig
@@ -151,17 +150,3 @@ class WorkerRegistry:
         """'' when the router can serve a request (a decode or colocated worker is healthy), else why
         not. /health, /v1/models and GetModelInfo all answer from this, as vLLM's are up only with the engine."""
         return "" if self.healthy(pb.DECODE, pb.COLOCATED) else "no healthy decode or colocated worker"
-
-    def pick_decode(self, exclude: set[str] = frozenset()) -> Worker:
-        """The least loaded healthy decode or colocated worker."""
-        candidates = [w for w in self.healthy(pb.DECODE, pb.COLOCATED) if w.address not in exclude]
-        if not candidates:
-            raise PeerUnavailable("no healthy decode or colocated worker is available")
-        return min(candidates, key=Worker.load)
-
-    def pick_prefill(self, exclude: set[str] = frozenset()) -> Worker | None:
-        """The healthy prefill worker with the shortest queue, or None if there is none."""
-        candidates = [w for w in self.healthy(pb.PREFILL) if w.address not in exclude]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda w: (w.inflight + w.stats.num_waiting + w.stats.num_running, w.address))

@@ -188,7 +188,7 @@ async def test_conditional_disaggregation(disagg_cluster, tiny_model_dir):
                 outs = [(await client.complete(p, max_tokens=6, temperature=0.0, ignore_eos=True, timeout_s=60)).token_ids
                         for p in (short, long_)]
             d = app.dispatcher
-            return outs, d.num_local_prefills, d.num_remote_prefills
+            return outs, d.policy.num_local_prefills, d.policy.num_remote_prefills
         finally:
             await app.stop()
 
