@@ -16,16 +16,15 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.attention import make_attention
 from pdserve.engine.block_hash import BlockHash
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.connector import SchedulerConnector
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.linear import make_linear_factory
-from pdserve.engine.loader import load_weights, model_fingerprint
-from pdserve.engine.model import Transformer
+from pdserve.engine.loader import model_fingerprint
 from pdserve.engine.model_config import ModelConfig
+from pdserve.engine.models import BuildOptions, load_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
@@ -79,15 +78,15 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.fingerprint = model_fingerprint(model_dir)
         dtype = _DTYPES[config.dtype]
-        weights = load_weights(model_dir, mc, dtype=dtype, device=config.device)
-        attention = make_attention(config.attention_backend, config.device, mc.num_heads, mc.num_kv_heads, mc.head_dim)
         linear = make_linear_factory(config.linear_backend, config.device, dtype)
-        self.model = Transformer(mc, weights, self.max_model_len, attention=attention, linear=linear)
-        del weights  # the model holds what it needs (packed linears keep no plain copy)
+        # the family module (engine/models/) named by config.json's `architectures`
+        self.model = load_model(model_dir, mc, BuildOptions(self.max_model_len, config.attention_backend, linear),
+                                dtype=dtype, device=config.device)
         bytes_per_block = mc.kv_bytes_per_token * config.block_size * torch.finfo(dtype).bits // 32
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_mb * 2**20 // bytes_per_block)
-        self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                                     dtype=dtype, device=config.device)
+        kv = mc.kv_spec  # what the cache stores per token and layer (K and V, or the MLA latent)
+        self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, kv.num_kv_heads, kv.head_dim,
+                                     dtype=dtype, device=config.device, num_planes=kv.num_planes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.fingerprint)
         self.connector = SchedulerConnector(self)  # how prefill, decode and the store reach the blocks
@@ -105,7 +104,7 @@ class LLMEngine:
         logger.info("engine ready: %s, %d layers, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d, "
                     "%d thread(s), attention %s, linear %s", mc.architecture, mc.num_layers, num_blocks,
                     config.block_size, self.kv_cache.nbytes / 2**20, self.max_model_len, self.num_threads,
-                    attention.name, getattr(linear, "kind", "torch"))
+                    self.model.attention_name, getattr(linear, "kind", "torch"))
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

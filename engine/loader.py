@@ -1,4 +1,5 @@
-"""Loads Hugging Face safetensors weights into pdserve's fused layout, and fingerprints the model.
+"""Reads a Hugging Face safetensors checkpoint (each family in engine/models/ names and shapes its
+tensors), and fingerprints the model.
 
 The fingerprint (config + weight bytes) goes into every block hash, so KV from another model
 can never be mistaken for ours. It is computed once per model version and cached.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,27 +17,30 @@ import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pdserve.engine.model_config import ModelConfig
 from pdserve.errors import InvalidModel
 
 
-@dataclass(slots=True)
-class LayerWeights:
-    input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(nh + 2 * nkv) * hd, hidden]: q, k, v fused for one matmul
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [hidden, nh * hd]
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate, up fused
-    down: torch.Tensor  # [hidden, intermediate]
+class Checkpoint:
+    """A checkpoint's tensors by name; `take` checks each against the shape the config implies."""
 
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str | Path, dtype: torch.dtype, device: str) -> None:
+        self.tensors, self.source, self.dtype, self.device = tensors, str(source), dtype, device
 
-@dataclass(slots=True)
-class ModelWeights:
-    embed: torch.Tensor  # [vocab, hidden]
-    layers: list[LayerWeights]
-    norm: torch.Tensor
-    lm_head: torch.Tensor  # [vocab, hidden] (the embedding when tied)
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor in the model's dtype and device; InvalidModel naming it and both shapes if it does not fit."""
+        if name not in self.tensors:
+            raise InvalidModel(f"{self.source}: weight '{name}' is missing (config implies shape {shape})")
+        t = self.tensors[name]
+        if tuple(t.shape) != shape:
+            raise InvalidModel(f"{self.source}: weight '{name}' has shape {tuple(t.shape)}, config implies {shape}")
+        return t.to(dtype=self.dtype, device=self.device)
+
+    def take_float32(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """As `take`, kept in float32 (router gates and biases, computed in full precision as transformers does)."""
+        return self.take(name, shape).float()
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -105,8 +108,8 @@ def model_fingerprint(model_dir: str | Path) -> bytes:
     return fingerprint
 
 
-def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu") -> ModelWeights:
+def read_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Checkpoint:
+    """Every tensor of the directory's *.safetensors files (on the CPU until a family `take`s it)."""
     model_dir = Path(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     for path in _safetensors_files(model_dir):
@@ -114,49 +117,4 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype 
             tensors.update(load_file(str(path), device="cpu"))
         except (SafetensorError, OSError, json.JSONDecodeError) as exc:
             raise InvalidModel(f"{path}: cannot read safetensors file ({exc})") from exc
-
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in tensors:
-            raise InvalidModel(f"{model_dir}: weight '{name}' is missing")
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise InvalidModel(f"{model_dir}: weight '{name}' has shape {tuple(t.shape)}, config implies {shape}")
-        return t.to(dtype=dtype, device=device)
-
-    c = config
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    layers = []
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        qkv = torch.cat([
-            take(p + "self_attn.q_proj.weight", (q_out, c.hidden_size)),
-            take(p + "self_attn.k_proj.weight", (kv_out, c.hidden_size)),
-            take(p + "self_attn.v_proj.weight", (kv_out, c.hidden_size)),
-        ])
-        bias = None
-        if c.qkv_bias:
-            bias = torch.cat([
-                take(p + "self_attn.q_proj.bias", (q_out,)),
-                take(p + "self_attn.k_proj.bias", (kv_out,)),
-                take(p + "self_attn.v_proj.bias", (kv_out,)),
-            ])
-        layers.append(LayerWeights(
-            input_norm=take(p + "input_layernorm.weight", (c.hidden_size,)),
-            qkv=qkv.contiguous(),
-            qkv_bias=bias,
-            o=take(p + "self_attn.o_proj.weight", (c.hidden_size, q_out)),
-            post_norm=take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
-            gate_up=torch.cat([
-                take(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
-                take(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
-            ]).contiguous(),
-            down=take(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)),
-        ))
-    embed = take("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-    if c.tie_word_embeddings or "lm_head.weight" not in tensors:
-        if not c.tie_word_embeddings:
-            raise InvalidModel(f"{model_dir}: weight 'lm_head.weight' is missing and tie_word_embeddings is false")
-        lm_head = embed
-    else:
-        lm_head = take("lm_head.weight", (c.vocab_size, c.hidden_size))
-    return ModelWeights(embed=embed, layers=layers, norm=take("model.norm.weight", (c.hidden_size,)), lm_head=lm_head)
+    return Checkpoint(tensors, model_dir, dtype, device)

@@ -7,12 +7,12 @@ import torch
 
 from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.kv_cache import PagedKVCache
-from pdserve.engine.model import LayerCallback, Transformer
+from pdserve.engine.models.base import DecoderModel, LayerCallback
 from pdserve.engine.scheduler import ScheduledSeq
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: PagedKVCache) -> None:
+    def __init__(self, model: DecoderModel, kv_cache: PagedKVCache) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size

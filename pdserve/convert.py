@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdserve.engine.kv_cache import LAYOUT_ORDER, KVCacheLayout
+from pdserve.engine.kv_cache import LATENT_LAYOUT_ORDER, LAYOUT_ORDER, PLANES_OF_ORDER, KVCacheLayout
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequest
 from pdserve.proto import pdserve_pb2 as pb
@@ -46,7 +46,7 @@ def check_token_ids(ids, vocab_size: int) -> list[int]:
 def layout_to_proto(layout: KVCacheLayout) -> pb.KVLayout:
     return pb.KVLayout(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
                        block_size=layout.block_size, num_blocks=layout.num_blocks, dtype=layout.dtype,
-                       order=LAYOUT_ORDER)
+                       order=layout.order)
 
 
 _ELEMENT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -54,10 +54,11 @@ _ELEMENT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def layout_from_proto(msg: pb.KVLayout) -> KVCacheLayout:
     """A peer's pool layout; InvalidRequest when it is not one this version can address."""
-    if msg.order != LAYOUT_ORDER:
+    if msg.order not in PLANES_OF_ORDER:
         raise InvalidRequest(f"peer KV pool has dimension order {msg.order or '(unset: layer-major)'!r}; this "
-                             f"worker needs {LAYOUT_ORDER!r}: run the same pdserve version on both workers")
+                             f"worker needs {LAYOUT_ORDER!r} (or, for latent-attention models, "
+                             f"{LATENT_LAYOUT_ORDER!r}): run the same pdserve version on both workers")
     if msg.dtype not in _ELEMENT_SIZES:
         raise InvalidRequest(f"peer KV pool has unknown dtype {msg.dtype!r}")
     return KVCacheLayout(msg.num_blocks, msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, msg.dtype,
-                         _ELEMENT_SIZES[msg.dtype])
+                         _ELEMENT_SIZES[msg.dtype], PLANES_OF_ORDER[msg.order])

@@ -48,3 +48,19 @@ def test_layout_round_trips_through_proto_and_refuses_the_old_order():
     msg.order = ""
     with pytest.raises(InvalidRequest, match="dimension order"):
         layout_from_proto(msg)
+
+
+def test_one_plane_latent_cache_serves_k_and_v_from_one_tensor_and_pairs_only_with_its_kind():
+    """MLA: one latent vector per token and layer is both K and V; the wire layout says so."""
+    kv = PagedKVCache(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=6, num_planes=1)
+    latent = torch.randn(3, 1, 6)
+    kv.write(1, torch.tensor([1, 2, 9]), latent, None)
+    kb, vb = kv.layer_blocks(1)
+    assert kb.data_ptr() == vb.data_ptr() and torch.equal(kb[2, 1], latent[2])
+    with pytest.raises(ValueError, match="k only"):
+        kv.write(0, torch.tensor([0]), latent[:1], latent[:1])
+    lay = kv.layout()
+    assert lay.token_nbytes == 2 * 6 * 4 and lay.nbytes == kv.nbytes and lay.shape == tuple(kv.kv.shape)
+    assert layout_from_proto(layout_to_proto(lay)) == lay
+    two_planes = PagedKVCache(2, 4, 4, 1, 6).layout()
+    assert not lay.compatible(two_planes) and lay.order != two_planes.order
