@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -260,6 +261,122 @@ void attend_tile_vec(const WorkItem& w, int64_t kv_head, const scalar_t* q, scal
   }
 }
 
+// ---- the decode path: one query row per sequence (q_len 1), the GQA group's vectors together ----
+// A decode has 1-8 query vectors per KV head, too few to pay for transposing K: each key row is
+// loaded as it lies in the cache and dotted with every query vector (the products of 16 keys are
+// then summed lane-wise by a transpose-and-add tree), and each value row is added into the
+// accumulators straight from the cache.
+constexpr int64_t kMaxDecodeGroup = 8;
+
+template <typename scalar_t, int NV>
+inline void load_row(const scalar_t* src, v16* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    __builtin_memcpy(dst, src, sizeof(v16) * NV);  // unaligned vector loads, no conversion
+  } else {
+    for (int c = 0; c < NV; ++c)
+      for (int e = 0; e < kChunk; ++e) dst[c][e] = to_f(src[c * kChunk + e]);
+  }
+}
+
+// lane j of the result = the sum of t[j]'s 16 lanes (a 16 x 16 transpose folded into additions).
+inline v16 reduce16(const v16* t) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  v16 u[8], v[4], w[2];
+  for (int k = 0; k < 8; ++k)  // lanes 0-7: 8 partial sums of key 2k; 8-15: of key 2k+1
+    u[k] = __builtin_shufflevector(t[2 * k], t[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(t[2 * k], t[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int k = 0; k < 4; ++k)  // groups of 4 lanes
+    v[k] = __builtin_shufflevector(u[2 * k], u[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(u[2 * k], u[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int k = 0; k < 2; ++k)  // pairs
+    w[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const v16 x = __builtin_shufflevector(w[0], w[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                __builtin_shufflevector(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  // x holds key bitreverse4(lane) in each lane; put key j in lane j
+  return __builtin_shufflevector(x, x, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+#else
+  v16 r;
+  for (int j = 0; j < kChunk; ++j) r[j] = hsum(t[j]);
+  return r;
+#endif
+}
+
+template <typename scalar_t, int HD>
+void attend_decode_vec(int64_t row, int64_t group, const scalar_t* q, scalar_t* out, const scalar_t* k_cache,
+                       const scalar_t* v_cache, int64_t block_stride_k, int64_t block_stride_v,
+                       const int32_t* table, int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
+                       int64_t ctx_len, float scale) {
+  // Every KV head of the sequence in one pass over its keys, so that each block (all heads of 16
+  // tokens, contiguous in the cache) is read front to back once.
+  constexpr int NV = HD / kChunk;
+  const int64_t token_stride = num_kv_heads * HD;
+  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  std::vector<v16> qv(num_heads * NV), acc(num_heads * NV, v16{});  // vector i = head i
+  std::vector<float> m(num_heads, kNegBig), l(num_heads, 0.f);
+  for (int64_t i = 0; i < num_heads; ++i) {
+    load_row<scalar_t, NV>(q + (row * num_heads + i) * HD, &qv[i * NV]);
+    for (int c = 0; c < NV; ++c) qv[i * NV + c] *= scale;
+  }
+  v16 t[kMaxDecodeGroup][kChunk], p[kMaxDecodeGroup], kr[NV], vr[NV];
+  for (int64_t key0 = 0; key0 < ctx_len; key0 += kChunk) {
+    const int64_t nk = std::min<int64_t>(kChunk, ctx_len - key0);
+    const auto ok = lane < static_cast<int32_t>(nk);
+    // The next chunk's K and V rows are fetched while this one is computed: blocks sit anywhere in
+    // memory, which the hardware prefetcher cannot follow.
+    const int64_t row_bytes = token_stride * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t tok = key0 + kChunk; tok < std::min<int64_t>(key0 + 2 * kChunk, ctx_len); ++tok) {
+      const int64_t off = (tok % block_size) * token_stride;
+      const char* kb = reinterpret_cast<const char*>(k_cache + table[tok / block_size] * block_stride_k + off);
+      const char* vb = reinterpret_cast<const char*>(v_cache + table[tok / block_size] * block_stride_v + off);
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(kb + b);
+        __builtin_prefetch(vb + b);
+      }
+    }
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const v16* qh = &qv[h * group * NV];
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t tok = key0 + j;
+        load_row<scalar_t, NV>(
+            k_cache + table[tok / block_size] * block_stride_k + (tok % block_size) * token_stride + h * HD, kr);
+        for (int64_t g = 0; g < group; ++g) {
+          v16 d = qh[g * NV] * kr[0];
+          for (int c = 1; c < NV; ++c) d += qh[g * NV + c] * kr[c];
+          t[g][j] = d;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t j = nk; j < kChunk; ++j) t[g][j] = v16{};
+        const int64_t i = h * group + g;
+        const v16 sv = ok ? reduce16(t[g]) : splat(kNegBig);
+        const float m_new = std::max(m[i], hmax(sv));
+        const float correction = std::exp(m[i] - m_new);
+        p[g] = ok ? vexp(sv - m_new) : v16{};
+        l[i] = l[i] * correction + hsum(p[g]);
+        m[i] = m_new;
+        for (int c = 0; c < NV; ++c) acc[i * NV + c] *= correction;
+      }
+      v16* ah = &acc[h * group * NV];
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t tok = key0 + j;
+        load_row<scalar_t, NV>(
+            v_cache + table[tok / block_size] * block_stride_v + (tok % block_size) * token_stride + h * HD, vr);
+        for (int64_t g = 0; g < group; ++g) {
+          const float pj = p[g][j];
+          for (int c = 0; c < NV; ++c) ah[g * NV + c] += pj * vr[c];
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < num_heads; ++i) {
+    scalar_t* dst = out + (row * num_heads + i) * HD;
+    const float inv = 1.f / l[i];
+    for (int c = 0; c < NV; ++c)
+      for (int e = 0; e < kChunk; ++e) dst[c * kChunk + e] = static_cast<scalar_t>(acc[i * NV + c][e] * inv);
+  }
+}
+
 }  // namespace
 
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -288,11 +405,19 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
   const int32_t* ctx = ctx_lens.data_ptr<int32_t>();
   const int64_t max_blocks = block_tables.size(1);
 
-  std::vector<WorkItem> items;
+  // Work: a decode (one new row) is one item covering all its heads; prefill rows are cut into
+  // tiles of kQueryTile rows, one item per tile and KV head.
+  const int64_t group = num_heads / num_kv_heads;
+  const bool decode_path = group <= kMaxDecodeGroup && (head_dim == 64 || head_dim == 128);
+  std::vector<WorkItem> items, decodes;
   for (int64_t s = 0; s < S; ++s) {
     const int32_t n = cu[s + 1] - cu[s];
     TORCH_CHECK(n >= 1 && ctx[s] >= n && (ctx[s] + block_size - 1) / block_size <= max_blocks,
                 "sequence ", s, ": bad query rows or context length");
+    if (n == 1 && decode_path) {
+      decodes.push_back({static_cast<int32_t>(s), cu[s], cu[s] + 1});
+      continue;
+    }
     for (int32_t r = cu[s]; r < cu[s + 1]; r += kQueryTile)
       items.push_back({static_cast<int32_t>(s), r, std::min<int32_t>(r + kQueryTile, cu[s + 1])});
   }
@@ -300,32 +425,45 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
     return ctx[a.seq] - (cu[a.seq + 1] - a.row_end) > ctx[b.seq] - (cu[b.seq + 1] - b.row_end);
   });
-  const int64_t num_items = static_cast<int64_t>(items.size()) * num_kv_heads;
+  const int64_t num_tiles = static_cast<int64_t>(items.size()) * num_kv_heads;
+  const int64_t num_items = num_tiles + static_cast<int64_t>(decodes.size());
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    const int64_t sk = k_cache.stride(0), sv = v_cache.stride(0);
+    const float sc = static_cast<float>(scale);
     at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
+        if (it >= num_tiles) {
+          const WorkItem& w = decodes[it - num_tiles];
+          const int32_t* table = tables + w.seq * max_blocks;
+          if (head_dim == 64)
+            attend_decode_vec<scalar_t, 64>(w.row_begin, group, qp, op, kp, vp, sk, sv, table, block_size,
+                                            num_heads, num_kv_heads, ctx[w.seq], sc);
+          else
+            attend_decode_vec<scalar_t, 128>(w.row_begin, group, qp, op, kp, vp, sk, sv, table, block_size,
+                                             num_heads, num_kv_heads, ctx[w.seq], sc);
+          continue;
+        }
         const WorkItem& w = items[it / num_kv_heads];
         const int64_t h = it % num_kv_heads;
         const int32_t* table = tables + w.seq * max_blocks;
         const int64_t n = cu[w.seq + 1] - cu[w.seq];
-        const float sc = static_cast<float>(scale);
         switch (head_dim) {
           case 64:
-            attend_tile_vec<scalar_t, 64>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0), table,
-                                          block_size, num_heads, num_kv_heads, ctx[w.seq], n, cu[w.seq], sc);
+            attend_tile_vec<scalar_t, 64>(w, h, qp, op, kp, vp, sk, sv, table, block_size, num_heads, num_kv_heads,
+                                          ctx[w.seq], n, cu[w.seq], sc);
             break;
           case 128:
-            attend_tile_vec<scalar_t, 128>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0), table,
-                                           block_size, num_heads, num_kv_heads, ctx[w.seq], n, cu[w.seq], sc);
+            attend_tile_vec<scalar_t, 128>(w, h, qp, op, kp, vp, sk, sv, table, block_size, num_heads,
+                                           num_kv_heads, ctx[w.seq], n, cu[w.seq], sc);
             break;
           default:  // any other head size: the plain loops
-            attend_tile<scalar_t>(w, h, qp, op, kp, vp, k_cache.stride(0), v_cache.stride(0), table, block_size,
-                                  num_heads, num_kv_heads, head_dim, ctx[w.seq], n, cu[w.seq], sc);
+            attend_tile<scalar_t>(w, h, qp, op, kp, vp, sk, sv, table, block_size, num_heads, num_kv_heads,
+                                  head_dim, ctx[w.seq], n, cu[w.seq], sc);
         }
       }
     });

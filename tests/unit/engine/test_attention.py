@@ -40,7 +40,7 @@ def make_step(seqs: list[tuple[int, int]], cache: PagedKVCache, seed: int) -> tu
     return meta, cu[-1]
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (12, 4, 64), (8, 8, 32), (6, 1, 128)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (12, 4, 64), (8, 8, 32), (6, 1, 128), (16, 1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference(kernel, num_heads, num_kv_heads, head_dim, dtype):
     cache = PagedKVCache(2, 96, 16, num_kv_heads, head_dim, dtype=dtype)
