@@ -22,35 +22,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EtcdConfig, title="etcd")
 
 
-async def serve(worker_config: WorkerConfig, engine_config: EngineConfig, colocated: bool = False,
-                transfer_config: TransferConfig | None = None, etcd_config: EtcdConfig | None = None) -> None:
+def add_decode_service(runtime, server):
+    """The DecodeWorker service on `server`; returns its name and its ReservationTable (released at stop)."""
     from pdserve.decode.reservations import ReservationTable
     from pdserve.decode.servicer import DecodeServicer
     from pdserve.engine.connector import WorkerConnector
-    from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-    from pdserve.worker_runtime import WorkerRuntime
 
-    runtime = WorkerRuntime(pb.COLOCATED if colocated else pb.DECODE, worker_config, engine_config, transfer_config,
-                            etcd_config)
-    runtime.install_signal_handlers()
-    holder: dict[str, ReservationTable] = {}
+    assert runtime.engine is not None
+    c = runtime.config
+    # a fixed colocated worker has no transport; it never reserves (its Reserve calls fail at expect_load)
+    connector = runtime.connector or WorkerConnector(None, runtime.engine.engine.kv_cache.layout())
+    table = ReservationTable(runtime.engine, connector, c.reservation_timeout_s, max_s=c.reservation_max_s,
+                             headroom_tokens=c.reserve_headroom_tokens)
+    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(runtime, table), server)
+    return "pdserve.v1.DecodeWorker", table
 
-    def add(server) -> list[str]:
-        assert runtime.engine is not None
-        # a colocated worker has no transport; it never reserves (its Reserve calls fail at expect_load)
-        connector = runtime.connector or WorkerConnector(None, runtime.engine.engine.kv_cache.layout())
-        holder["r"] = ReservationTable(runtime.engine, connector, worker_config.reservation_timeout_s,
-                                       max_s=worker_config.reservation_max_s,
-                                       headroom_tokens=worker_config.reserve_headroom_tokens)
-        pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(runtime, holder["r"]), server)
-        return ["pdserve.v1.DecodeWorker"]
 
-    try:
-        await runtime.start(add)
-        await runtime.wait()
-    finally:
-        await runtime.stop(lambda: holder["r"].release_all() if "r" in holder else None)
+async def serve(worker_config: WorkerConfig, engine_config: EngineConfig, colocated: bool = False,
+                transfer_config: TransferConfig | None = None, etcd_config: EtcdConfig | None = None) -> None:
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.worker_roles import serve as serve_worker
+
+    await serve_worker(pb.COLOCATED if colocated else pb.DECODE, worker_config, engine_config, transfer_config,
+                       etcd_config)
 
 
 def run(args: argparse.Namespace) -> int:

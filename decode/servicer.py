@@ -50,6 +50,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             if runtime.store is not None else None
         self.num_local_prefills = 0
         self.num_remote_prefills = 0
+        runtime.stats_parts.append(self._add_stats)
 
     @property
     def llm(self) -> LLMEngine:
@@ -178,14 +179,15 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
 
     @map_errors
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStats:
-        stats = self.runtime.base_stats()
+        return self.runtime.stats()
+
+    def _add_stats(self, stats: pb.WorkerStats) -> None:
         stats.num_reserved_blocks = self.reservations.num_reserved_blocks
         stats.num_reservations = len(self.reservations.reservations)
         stats.num_local_prefills = self.num_local_prefills
         if self.store_prefix is not None:
-            stats.store_hit_tokens = self.store_prefix.num_loaded_tokens
+            stats.store_hit_tokens += self.store_prefix.num_loaded_tokens
         stats.num_remote_prefills = self.num_remote_prefills
         stats.num_expired_reservations = self.reservations.num_expired
         stats.num_reservation_renewals = self.reservations.num_renewals
         stats.num_requests_active += len(self.reservations.reservations)
-        return stats

@@ -92,6 +92,7 @@ class Etcd:
         self.client = aetcd.Client(host, port, timeout=max(2, int(config.etcd_ttl_s / 3)))
         self._tasks: list[asyncio.Task] = []
         self._leases: set[int] = set()  # leases of this process's registrations, revoked at close
+        self._changed: dict[str, asyncio.Event] = {}  # registered key -> set when its value changed
 
     async def connect(self) -> None:
         """Wait (bounded by `connect_timeout_s`) until etcd answers; PeerUnavailable naming it otherwise."""
@@ -143,16 +144,28 @@ class Etcd:
     # ---- registration --------------------------------------------------------------------------
     def register(self, key: str, value: Callable[[], bytes]) -> asyncio.Task:
         """Keep `key` = value() alive under a lease of this process, in the background, until close."""
+        self._changed[key] = asyncio.Event()
         return self.spawn(self._keep_registered(key, value))
+
+    def changed(self, key: str) -> None:
+        """A registered key's value() changed: put it again now (not at the next refresh)."""
+        if key in self._changed:
+            self._changed[key].set()
 
     async def _keep_registered(self, key: str, value: Callable[[], bytes]) -> None:
         interval_s = self.config.etcd_ttl_s / 3
         lease_id = 0
+        changed = self._changed[key]
         while True:
+            failed = False
             try:
+                if lease_id and changed.is_set():
+                    await self.client.put(key.encode(), value(), lease=lease_id)
+                    changed.clear()
                 if not lease_id:
                     lease_id = await self.grant()
                     await self.client.put(key.encode(), value(), lease=lease_id)
+                    changed.clear()
                     logger.info("registered %s in etcd (lease %x, TTL %.0f s)", key, lease_id, self.config.etcd_ttl_s)
                 elif not await self.refresh(lease_id):
                     logger.warning("etcd lease of %s expired: registering again", key)
@@ -162,7 +175,14 @@ class Etcd:
             except _ETCD_ERRORS as exc:
                 logger.warning("etcd at %s: %s; %s stays registered until its lease expires", self.config.etcd,
                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__, key)
-            await asyncio.sleep(interval_s)
+                failed = True
+            if failed:  # a change waits for etcd like everything else
+                await asyncio.sleep(interval_s)
+                continue
+            try:
+                await asyncio.wait_for(changed.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
 
     # ---- discovery -----------------------------------------------------------------------------
     def watch(self, prefix: str, on_put: OnPut, on_delete: OnDelete) -> asyncio.Task:

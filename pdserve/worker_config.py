@@ -52,6 +52,14 @@ class WorkerConfig:
     router_tls_ca_file: str = field(default="", metadata=_h(
         "PEM CA certificate to trust when registering with a TLS router (empty: plain gRPC)", metavar="FILE"))
 
+    role_switching: str = field(default="auto", metadata=_h(
+        "serve both the prefill and the decode service, so a planner can switch this worker's role at run time "
+        "(SetRole; auto: on for prefill and decode workers, which have a KV transport anyway; off for colocated "
+        "ones, since on starts a KV transport there too)", choices=["auto", "on", "off"]))
+    drain_timeout_s: float = field(default=120.0, metadata=_h(
+        "a role switch waits at most this long for the requests the worker holds to finish; past it the role "
+        "stays as it was"))
+
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.transfer_port < 65536:
             raise ValueError("ports must be in [0, 65535]")
@@ -63,6 +71,8 @@ class WorkerConfig:
             raise ValueError("reservation_max_s must be >= reservation_timeout_s")
         if self.reserve_headroom_tokens < 1:
             raise ValueError("reserve_headroom_tokens must be >= 1")
+        if self.drain_timeout_s <= 0:
+            raise ValueError("drain_timeout_s must be > 0")
         if self.transfer_lanes < 1:
             raise ValueError("transfer_lanes must be >= 1")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

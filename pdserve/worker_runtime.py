@@ -2,7 +2,8 @@
 
 Builds the engine (on its own thread), the KV transport (pdserve.transfer) with the KV pool registered, the
 gRPC server with health and reflection, and the registration heartbeat to the router; tears all
-of it down on SIGTERM / SIGINT.
+of it down on SIGTERM / SIGINT. Holds the worker's current role (switched at run time by
+pdserve/worker_roles.py) and advertises it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ class WorkerRuntime:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.service_names: list[str] = []
+        # serves both the prefill and the decode service, so its role can change (pdserve/worker_roles.py)
+        self.switchable = worker_config.role_switching == "on" or (
+            worker_config.role_switching == "auto" and role != pb.COLOCATED)
+        self.target_role = pb.WORKER_ROLE_UNSPECIFIED  # while draining for a switch: the role it becomes
+        self.num_role_switches = 0
+        self.stats_parts: list[Callable[[pb.WorkerStats], None]] = []  # each service adds its counters
+        self._advertise = asyncio.Event()  # set: heartbeat the routers now (the role or draining changed)
+        self._etcd_key = ""
 
     @property
     def role_name(self) -> str:
@@ -70,7 +79,7 @@ class WorkerRuntime:
         self.engine = AsyncEngine(llm)
         self.engine.start()
         c = self.config
-        if self.role != pb.COLOCATED:  # a colocated worker moves no KV between processes
+        if self.role != pb.COLOCATED or self.switchable:  # a fixed colocated worker moves no KV between processes
             from pdserve.transfer.factory import create_transport
 
             self.transport = create_transport(self.transfer_config, c.host, c.transfer_port,
@@ -106,7 +115,8 @@ class WorkerRuntime:
         if self.etcd_config is not None:
             self.etcd = Etcd(self.etcd_config)
             await self.etcd.connect()  # unreachable: a clear error naming the address, after --etcd-wait-s
-            self.etcd.register(self.etcd_config.key("workers", self.worker_id), lambda: self.info().SerializeToString())
+            self._etcd_key = self.etcd_config.key("workers", self.worker_id)
+            self.etcd.register(self._etcd_key, lambda: self.info(self.stats()).SerializeToString())
 
     @property
     def transfer_address(self) -> str:
@@ -120,6 +130,36 @@ class WorkerRuntime:
         return pb.WorkerInfo(worker_id=self.worker_id, role=self.role, address=self.address,
                              transfer_address=self.transfer_address,
                              model_fingerprint=llm.fingerprint if llm else b"", healthy=True, stats=stats)
+
+    @property
+    def draining(self) -> bool:
+        return self.target_role != pb.WORKER_ROLE_UNSPECIFIED
+
+    def set_draining(self, target_role: int | None) -> None:
+        """Start (target_role: what it becomes) or end (None) a drain, and tell the routers now."""
+        self.target_role = target_role or pb.WORKER_ROLE_UNSPECIFIED
+        self.advertise()
+
+    def set_role(self, role: int) -> None:
+        self.role = role
+        self.num_role_switches += 1
+        self.advertise()
+
+    def advertise(self) -> None:
+        """Re-register at once with every router and in etcd (role or draining changed)."""
+        self._advertise.set()
+        if self.etcd is not None and self._etcd_key:
+            self.etcd.changed(self._etcd_key)
+
+    def num_requests_in_flight(self) -> int:
+        return int(self.stats().num_requests_active)
+
+    def stats(self) -> pb.WorkerStats:
+        """This worker's stats: the engine's and transport's, plus each service's part."""
+        stats = self.base_stats()
+        for add in self.stats_parts:
+            add(stats)
+        return stats
 
     def base_stats(self) -> pb.WorkerStats:
         assert self.engine is not None
@@ -136,6 +176,7 @@ class WorkerRuntime:
             kv_bytes_sent=int(getattr(agent_stats, "bytes_sent", 0) or 0),
             kv_bytes_received=int(getattr(agent_stats, "bytes_received", 0) or 0),
             num_transfers_failed=int(getattr(agent_stats, "num_failures", 0) or 0),
+            draining=self.draining, target_role=self.target_role, num_role_switches=self.num_role_switches,
         )
 
     async def _register_loop(self, router: str) -> None:
@@ -145,16 +186,20 @@ class WorkerRuntime:
             stub = pb_grpc.RouterStub(ch)
             while not self._stop.is_set():
                 try:
-                    resp = await stub.RegisterWorker(pb.RegisterWorkerRequest(worker=self.info()), timeout=2.0)
+                    self._advertise.clear()
+                    resp = await stub.RegisterWorker(pb.RegisterWorkerRequest(worker=self.info(self.stats())),
+                                                     timeout=2.0)
                     interval = resp.heartbeat_interval_s or interval
                     wait_s = interval
                 except grpc.aio.AioRpcError as exc:
                     logger.debug("registration with %s failed: %s", router, exc.code().name)
                     wait_s = min(interval, 0.5)  # a restarted router learns this worker within a second
+                stop, advertise = asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._advertise.wait())
                 try:
-                    await asyncio.wait_for(self._stop.wait(), wait_s)
-                except asyncio.TimeoutError:
-                    pass
+                    await asyncio.wait([stop, advertise], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    advertise.cancel()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -22,38 +22,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EtcdConfig, title="etcd")
 
 
-async def serve(worker_config: WorkerConfig, engine_config: EngineConfig,
-                transfer_config: TransferConfig | None = None, etcd_config: EtcdConfig | None = None) -> None:
+def add_prefill_service(runtime, server) -> str:
+    """The PrefillWorker service on `server` (a prefill worker's, or a switchable worker's beside decode's)."""
     import asyncio
 
     from pdserve.prefill.kv_sender import KVSender
     from pdserve.prefill.lease import LeaseKeeper
     from pdserve.prefill.servicer import PrefillServicer
     from pdserve.prefill.store_prefix import StorePrefix
-    from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-    from pdserve.worker_runtime import WorkerRuntime
 
-    runtime = WorkerRuntime(pb.PREFILL, worker_config, engine_config, transfer_config, etcd_config)
-    runtime.install_signal_handlers()
+    assert runtime.engine is not None and runtime.connector is not None
+    c = runtime.config
+    llm = runtime.engine.engine
+    sender = KVSender(runtime.connector, llm.kv_cache, asyncio.get_running_loop(), c.transfer_timeout_s,
+                      granularity=c.kv_push)
+    llm.layer_hook = sender.on_layer
+    store_prefix = StorePrefix(runtime.engine, runtime.store, publish=c.store_publish)
+    leases = LeaseKeeper(c.router_tls_ca_file)
+    pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender, store_prefix, leases), server)
+    return "pdserve.v1.PrefillWorker"
 
-    def add(server) -> list[str]:
-        assert runtime.engine is not None
-        llm = runtime.engine.engine
-        assert runtime.connector is not None
-        sender = KVSender(runtime.connector, llm.kv_cache, asyncio.get_running_loop(), worker_config.transfer_timeout_s,
-                          granularity=worker_config.kv_push)
-        llm.layer_hook = sender.on_layer
-        store_prefix = StorePrefix(runtime.engine, runtime.store, publish=worker_config.store_publish)
-        leases = LeaseKeeper(worker_config.router_tls_ca_file)
-        pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(runtime, sender, store_prefix, leases), server)
-        return ["pdserve.v1.PrefillWorker"]
 
-    try:
-        await runtime.start(add)
-        await runtime.wait()
-    finally:
-        await runtime.stop()
+async def serve(worker_config: WorkerConfig, engine_config: EngineConfig,
+                transfer_config: TransferConfig | None = None, etcd_config: EtcdConfig | None = None) -> None:
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.worker_roles import serve as serve_worker
+
+    await serve_worker(pb.PREFILL, worker_config, engine_config, transfer_config, etcd_config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self.leases = leases
         self.num_prefills = 0
         self._finishing: dict[str, asyncio.Task] = {}  # request id -> its transfer finishing after the response
+        runtime.stats_parts.append(self._add_stats)
 
     @map_errors
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
@@ -128,8 +129,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
 
     @map_errors
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStats:
-        stats = self.runtime.base_stats()
+        return self.runtime.stats()
+
+    def _add_stats(self, stats: pb.WorkerStats) -> None:
         stats.kv_bytes_sent = max(stats.kv_bytes_sent, self.sender.bytes_sent)
         stats.num_requests_active += len(self.sender.plans)
-        stats.store_hit_tokens = self.store_prefix.num_loaded_tokens
-        return stats
+        stats.store_hit_tokens += self.store_prefix.num_loaded_tokens

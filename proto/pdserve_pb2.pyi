@@ -149,7 +149,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens", "num_reservation_renewals")
+    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens", "num_reservation_renewals", "draining", "target_role", "num_role_switches")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,9 @@ class WorkerStats(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     STORE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_RESERVATION_RENEWALS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ROLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROLE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_running: int
@@ -198,7 +201,10 @@ class WorkerStats(_message.Message):
     num_preemptions: int
     store_hit_tokens: int
     num_reservation_renewals: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., num_reservation_renewals: _Optional[int] = ...) -> None: ...
+    draining: bool
+    target_role: WorkerRole
+    num_role_switches: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., num_reservation_renewals: _Optional[int] = ..., draining: _Optional[bool] = ..., target_role: _Optional[_Union[WorkerRole, str]] = ..., num_role_switches: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "transfer_address", "model_fingerprint", "healthy", "stats")
@@ -395,3 +401,25 @@ class PrefillResponse(_message.Message):
     transfer_wait_seconds: float
     queue_seconds: float
     def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., transfer_wait_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role", "drain_timeout_s", "reason")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    role: WorkerRole
+    drain_timeout_s: float
+    reason: str
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., drain_timeout_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("previous_role", "role", "drain_seconds", "num_drained")
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAINED_FIELD_NUMBER: _ClassVar[int]
+    previous_role: WorkerRole
+    role: WorkerRole
+    drain_seconds: float
+    num_drained: int
+    def __init__(self, previous_role: _Optional[_Union[WorkerRole, str]] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., drain_seconds: _Optional[float] = ..., num_drained: _Optional[int] = ...) -> None: ...

@@ -655,3 +655,85 @@ class PrefillWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerControlStub:
+    """============================ worker control (every worker) ============================
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetRole = channel.unary_unary(
+                '/pdserve.v1.WorkerControl/SetRole',
+                request_serializer=pdserve__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=pdserve__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerControlServicer:
+    """============================ worker control (every worker) ============================
+
+    """
+
+    def SetRole(self, request, context):
+        """Switch this worker's role at run time: stop taking new work, wait until every request it holds has
+        finished (nothing in flight is lost or recomputed), then advertise the new role (re-registering with
+        routers and etcd at once). A drain that does not finish by drain_timeout_s leaves the role unchanged
+        (FAILED_PRECONDITION, saying how many requests were still in flight).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=pdserve__pb2.SetRoleRequest.FromString,
+                    response_serializer=pdserve__pb2.SetRoleResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.WorkerControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.WorkerControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerControl:
+    """============================ worker control (every worker) ============================
+
+    """
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.WorkerControl/SetRole',
+            pdserve__pb2.SetRoleRequest.SerializeToString,
+            pdserve__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

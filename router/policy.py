@@ -29,11 +29,16 @@ class WorkerView(Protocol):
     worker_id: str
     role: int
     healthy: bool
+    draining: bool  # switching role: routed nothing new
     inflight: int  # requests routed here and not finished
     queued_prompt_tokens: int  # prompt tokens routed here for prefill and not yet answered
     stats: pb.WorkerStats
 
     def load(self) -> float: ...
+
+
+def routable(worker: WorkerView) -> bool:
+    return worker.healthy and not worker.draining
 
 
 def prefill_locally(config: RouterConfig, num_prompt_tokens: int, decode_inflight: int,
@@ -97,7 +102,7 @@ class RoutingPolicy:
     # ---- the decisions --------------------------------------------------------------------------
     def decode_candidates(self, workers: Iterable[WorkerView], excluded: set[str] = frozenset()) -> list[WorkerView]:
         """Healthy decode and colocated workers, least loaded first (ties by address)."""
-        return sorted((w for w in workers if w.healthy and w.role in (pb.DECODE, pb.COLOCATED)
+        return sorted((w for w in workers if routable(w) and w.role in (pb.DECODE, pb.COLOCATED)
                        and w.address not in excluded), key=lambda w: (w.load(), w.address))
 
     def choose_prefill(self, workers: Iterable[WorkerView], num_prompt_tokens: int, hashes: Sequence[BlockHash],
@@ -106,7 +111,7 @@ class RoutingPolicy:
         at its own measured speed."""
         best: tuple[float, str, WorkerView, PrefillChoice] | None = None
         for w in workers:
-            if not w.healthy or w.role != pb.PREFILL or w.address in excluded:
+            if not routable(w) or w.role != pb.PREFILL or w.address in excluded:
                 continue
             ttft, cached, from_store = estimate(
                 num_prompt_tokens, self.block_size, w.queued_prompt_tokens,
@@ -160,8 +165,8 @@ class RoutingPolicy:
         """Prompt tokens ahead of this one on the quickest prefill path (its queue, plus its share of the
         admitted prompts not yet routed), times that path's measured seconds per token."""
         workers = list(workers)
-        paths = [w for w in workers if w.healthy and w.role == pb.PREFILL] or \
-            [w for w in workers if w.healthy and w.role in (pb.DECODE, pb.COLOCATED)]
+        paths = [w for w in workers if routable(w) and w.role == pb.PREFILL] or \
+            [w for w in workers if routable(w) and w.role in (pb.DECODE, pb.COLOCATED)]
         if not paths:
             return 0.0
         pending_share = self.pending_prefill_tokens / len(paths)

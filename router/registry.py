@@ -31,6 +31,7 @@ class Worker:
     fingerprint: bytes = b""
     static: bool = False
     healthy: bool = False
+    draining: bool = False  # switching role (its Stats or registration say so, or a planner asked): route nothing new
     consecutive_failures: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     stats: pb.WorkerStats = field(default_factory=pb.WorkerStats)
@@ -43,6 +44,7 @@ class Worker:
         self.channel = rpc.channel(self.address, self.tls_ca_file)
         self.decode_stub = pb_grpc.DecodeWorkerStub(self.channel)
         self.prefill_stub = pb_grpc.PrefillWorkerStub(self.channel)
+        self.control_stub = pb_grpc.WorkerControlStub(self.channel)  # SetRole (pdserve/worker_roles.py)
 
     @property
     def role_name(self) -> str:
@@ -83,7 +85,11 @@ class WorkerRegistry:
             self.workers[info.address] = worker
             logger.info("worker registered: %s (%s, KV on %s)", info.worker_id, worker.role_name,
                         info.transfer_address)
+        if worker.role != info.role:
+            logger.info("worker %s is now %s", info.worker_id, pb.WorkerRole.Name(info.role).lower())
         worker.role = info.role
+        if info.HasField("stats"):
+            worker.draining = info.stats.draining
         worker.worker_id = info.worker_id
         worker.transfer_address = info.transfer_address
         worker.fingerprint = info.model_fingerprint
@@ -125,6 +131,7 @@ class WorkerRegistry:
         w.last_seen = time.monotonic()
         if stats.role:
             w.role = stats.role
+        w.draining = stats.draining
         w.worker_id = stats.worker_id or w.worker_id
 
     async def poll_all(self) -> None:
@@ -145,6 +152,12 @@ class WorkerRegistry:
 
     def healthy(self, *roles: int) -> list[Worker]:
         return [w for w in self.workers.values() if w.healthy and w.role in roles]
+
+    def set_role(self, address: str, role: int, draining: bool) -> None:
+        """What a SetRole this router made says (it knows before the next poll or registration)."""
+        worker = self.workers.get(address)
+        if worker is not None:
+            worker.role, worker.draining = role, draining
 
     def unready_reason(self) -> str:
         """'' when the router can serve a request (a decode or colocated worker is healthy), else why

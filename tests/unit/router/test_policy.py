@@ -59,6 +59,7 @@ class FakeWorker:
     address: str
     role: int
     healthy: bool = True
+    draining: bool = False
     inflight: int = 0
     queued_prompt_tokens: int = 0
     load_value: float = 0.0
@@ -138,3 +139,12 @@ def test_a_burst_is_admitted_against_pending_tokens():
     policy.pending_prefill_tokens += 9000
     assert policy.predict_ttft_s([p, p2], 1000) == pytest.approx(5.5 * alone)  # shared by both
     assert policy.predict_ttft_s([], 1000) == 0.0
+
+
+def test_a_draining_worker_gets_nothing_new():
+    policy = RoutingPolicy(CONFIG, block_size=16)
+    d1, d2 = FakeWorker("d1", pb.DECODE, draining=True), FakeWorker("d2", pb.DECODE, load_value=5)
+    p1, p2 = FakeWorker("p1", pb.PREFILL, draining=True), FakeWorker("p2", pb.PREFILL, queued_prompt_tokens=900)
+    r = policy.route([d1, d2, p1, p2], 300, hashes(300))
+    assert r.decode is d2 and r.prefill is p2 and r.decode_fallbacks == []
+    assert policy.route([d1, p2], 300, hashes(300)) is None
