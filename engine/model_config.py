@@ -123,6 +123,8 @@ class ModelConfig:
             raise r.fail("hidden_act", f"= {act!r} is not supported (only 'silu')")
         if r.raw.get("mlp_bias"):
             raise r.fail("mlp_bias", "= true is not supported")
+        if r.raw.get("quantization_config"):
+            raise r.fail("quantization_config", "is set: quantized checkpoints are not supported (use bf16/fp32 weights)")
         hidden = r.need("hidden_size")
         num_heads = r.need("num_attention_heads")
         num_kv_heads = r.get("num_key_value_heads", num_heads)

@@ -14,11 +14,11 @@ import torch
 
 from pdserve.engine.loader import read_checkpoint
 from pdserve.engine.model_config import ModelConfig
-from pdserve.engine.models import llama
+from pdserve.engine.models import deepseek, llama, mixtral, qwen3, qwen_moe
 from pdserve.engine.models.base import BuildOptions, DecoderModel, ModelFamily
 from pdserve.errors import InvalidModel
 
-FAMILIES: tuple[ModelFamily, ...] = (llama.FAMILY,)
+FAMILIES: tuple[ModelFamily, ...] = (llama.FAMILY, qwen3.FAMILY, mixtral.FAMILY, qwen_moe.FAMILY, deepseek.FAMILY)
 ARCHITECTURES: dict[str, ModelFamily] = {arch: f for f in FAMILIES for arch in f.architectures}
 
 

@@ -1,4 +1,5 @@
-"""Greedy float32 parity: pdserve's engine == Hugging Face transformers, tokens and logits."""
+"""Greedy float32 parity: pdserve's engine == Hugging Face transformers, tokens and logits, for every
+registered family (small random checkpoints saved by transformers' own classes, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,24 @@ def test_batch_parity(hf_model_dirs, references, kind, config):
     assert_matches(out, references[kind])
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+# the families added through the registry, on the paths that differ for them: chunked prefill mixed
+# with decodes, the reference kernels, and the fast kernels named explicitly
+NEW_FAMILIES = ["mistral", "qwen3", "mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3"]
+
+
+@pytest.mark.parametrize("kind", NEW_FAMILIES)
+@pytest.mark.parametrize("config", [
+    {},
+    {"max_num_batched_tokens": 16},
+    {"attention_backend": "reference", "linear_backend": "torch", "max_num_batched_tokens": 16},
+    {"attention_backend": "paged-cpu", "linear_backend": "onednn", "max_num_batched_tokens": 16},
+], ids=["chunked", "small-chunks", "reference-small-chunks", "kernels-small-chunks"])
+def test_family_parity(hf_model_dirs, references, kind, config):
+    _, out = run_engine(hf_model_dirs[kind], _prompts(512), **config)
+    assert_matches(out, references[kind])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", *NEW_FAMILIES])
 def test_prefix_cache_hits_keep_parity(hf_model_dirs, references, kind):
     engine = LLMEngine(EngineConfig(model=str(hf_model_dirs[kind])))
     engine.capture_logits = True
@@ -101,10 +119,22 @@ def test_shared_prefix_parity(hf_model_dirs):
     assert_matches(first + rest, refs)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3-moe", "deepseek-v3"])
 def test_preemption_keeps_parity(hf_model_dirs, references, kind):
     # 14 blocks of 16 tokens cannot hold all six sequences at once: some are preempted and recomputed.
     engine, out = run_engine(hf_model_dirs[kind], _prompts(512), num_kv_blocks=14)
     assert engine.stats()["num_preemptions"] > 0
     assert_matches(out, references[kind])
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v2", "deepseek-v3"])
+def test_mla_caches_the_latent_not_k_and_v(hf_model_dirs, kind):
+    """The paged cache holds kv_lora_rank + qk_rope_head_dim per token and layer (one plane), and
+    recomputing a prompt's latent from the cached prefix gives the same logits (prefix hits above)."""
+    engine = LLMEngine(EngineConfig(model=str(hf_model_dirs[kind]), num_kv_blocks=16))
+    c = engine.model_config
+    layout = engine.kv_cache.layout()
+    assert (layout.num_planes, layout.num_kv_heads, layout.head_dim) == (1, 1, c.kv_lora_rank + c.qk_rope_head_dim)
+    mha_token_nbytes = c.num_layers * 2 * c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim) * 4
+    assert layout.token_nbytes == c.kv_bytes_per_token < mha_token_nbytes / 4

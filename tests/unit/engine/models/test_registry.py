@@ -75,3 +75,28 @@ def test_dense_kv_spec_is_k_and_v_per_kv_head(tiny_model_dir):
     spec = c.kv_spec
     assert (spec.num_planes, spec.num_kv_heads, spec.head_dim) == (2, c.num_kv_heads, c.head_dim)
     assert c.kv_bytes_per_token == c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.float32.itemsize
+
+
+def test_missing_expert_fails_naming_it(hf_model_dirs, tmp_path):
+    name = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
+    bad = _copy_model(hf_model_dirs["mixtral"], tmp_path / "bad", lambda tensors: tensors.pop(name))
+    with pytest.raises(InvalidModel, match=f"'{name}' is missing"):
+        LLMEngine(EngineConfig(model=str(bad), num_kv_blocks=8))
+
+
+def test_latent_rank_that_does_not_match_the_tensors_names_the_tensor_and_both_shapes(hf_model_dirs, tmp_path):
+    src = hf_model_dirs["deepseek-v3"]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    raw["kv_lora_rank"] += 8
+    (bad / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(InvalidModel, match=r"kv_a_proj_with_mqa.weight' has shape \(48, 128\), config implies \(56, 128\)"):
+        LLMEngine(EngineConfig(model=str(bad), num_kv_blocks=8))
+
+
+def test_quantized_checkpoints_fail_naming_the_field(hf_model_dirs):
+    raw = json.loads((hf_model_dirs["deepseek-v3"] / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8"}
+    with pytest.raises(InvalidModel, match="quantization_config"):
+        ModelConfig.from_dict(raw)
