@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+MAX_SPECULATIVE_TOKENS = 16
+
+
 def _h(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -34,6 +37,22 @@ class EngineConfig:
     linear_backend: str = field(default="auto", metadata=_h(
         "linear layers: onednn (weights packed once for oneDNN), torch (F.linear), or auto (onednn on the CPU "
         "when available)", choices=["auto", "onednn", "torch"]))
+    speculative: str = field(default="off", metadata=_h(
+        "speculative decoding on decoding sequences: ngram (prompt lookup: propose the tokens that followed the "
+        "latest earlier occurrence of the last n tokens), draft (a smaller model with the same tokenizer, "
+        "--draft-model), or off", choices=["off", "ngram", "draft"]))
+    num_speculative_tokens: int = field(default=4, metadata=_h(
+        f"tokens proposed per sequence and step, verified in one forward pass (1 to {MAX_SPECULATIVE_TOKENS})"))
+    draft_model: str = field(default="", metadata=_h(
+        "with --speculative draft: the draft's Hugging Face directory (same tokenizer and vocabulary as the "
+        "model); empty: the built-in draft of a built-in model (`pdserve make-model --size small-draft`)",
+        metavar="DIR"))
+    speculative_ngram_min: int = field(default=2, metadata=_h("ngram: shortest suffix looked up"))
+    speculative_ngram_max: int = field(default=4, metadata=_h("ngram: longest suffix looked up (tried first)"))
+    speculative_min_acceptance: float = field(default=0.3, metadata=_h(
+        "a sequence whose recent accepted / proposed ratio falls below this decodes without speculation for a "
+        "while (doubling pauses up to 64 steps between probes), so workloads where proposals miss stay near "
+        "plain-decode speed"))
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -54,3 +73,15 @@ class EngineConfig:
             raise ValueError(f"linear_backend must be auto, onednn or torch, got {self.linear_backend!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.speculative not in ("off", "ngram", "draft"):
+            raise ValueError(f"speculative must be off, ngram or draft, got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                             f"got {self.num_speculative_tokens}")
+        if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
+            raise ValueError("speculative n-gram sizes need 1 <= --speculative-ngram-min <= --speculative-ngram-max, "
+                             f"got {self.speculative_ngram_min} and {self.speculative_ngram_max}")
+        if not 0.0 <= self.speculative_min_acceptance <= 1.0:
+            raise ValueError(f"speculative_min_acceptance must be in [0, 1], got {self.speculative_min_acceptance}")
+        if self.draft_model and self.speculative != "draft":
+            raise ValueError("--draft-model is used only with --speculative draft")

@@ -31,6 +31,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.threads import available_cpus
 from pdserve.engine.sequence import Sequence
+from pdserve.engine.spec.speculator import Speculator, build_speculator
 from pdserve.errors import InvalidRequest, NotFound
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, kv.num_kv_heads, kv.head_dim,
                                      dtype=dtype, device=config.device, num_planes=kv.num_planes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager, self.fingerprint)
+        self.scheduler = Scheduler(config, self.block_manager, self.fingerprint, build_speculator(config, mc))
         self.connector = SchedulerConnector(self)  # how prefill, decode and the store reach the blocks
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(config.seed)
@@ -201,54 +202,60 @@ class LLMEngine:
             return []
         hook = self.layer_hook
         on_layer_done = None if hook is None else (lambda i: hook(i, batch))
-        logits, sample_rows = self.runner.execute(batch, on_layer_done)
-        sampling = [item.seq for item, r in zip(batch, sample_rows) if r >= 0]
-        token_ids: list[int] = []
-        logprobs: list[float] | None = None
-        if sampling:
-            assert logits is not None
-            generators = [s.generator_for_next_token() for s in sampling]
-            token_ids, logprobs = self.sampler.sample(logits, [s.params for s in sampling], generators)
-            if self.capture_logits:
-                for s, row in zip(sampling, logits):
-                    self._logits.setdefault(s.req_id, []).append(row.clone())
+        logits, num_rows = self.runner.execute(batch, on_layer_done)
+        emitted = self.sampler.sample_step(batch, logits, num_rows, self.scheduler.speculator)
         outputs = []
         now = time.monotonic()
-        sample_iter = iter(range(len(sampling)))
-        for item, r in zip(batch, sample_rows):
+        row = 0
+        for item, n_rows, (tokens, lps) in zip(batch, num_rows, emitted):
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.num_prompt_tokens_computed += min(item.num_new_tokens,
                                                        seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
+            # the KV of rejected proposals stays in slots past num_computed_tokens, overwritten later
+            num_accepted = max(0, len(tokens) - 1)
+            reason = None
+            for k, token in enumerate(tokens):
+                seq.token_ids.append(token)
+                if (reason := self._stop_reason(seq, token)) is not None:
+                    tokens, num_accepted = tokens[:k + 1], min(num_accepted, k + 1)
+                    lps = None if lps is None else lps[:k + 1]
+                    break
+            if self.capture_logits and tokens:
+                assert logits is not None
+                self._logits.setdefault(seq.req_id, []).extend(r.clone() for r in logits[row:row + len(tokens)])
+            row += n_rows
+            seq.num_computed_tokens += item.num_new_tokens - len(item.spec_token_ids) + num_accepted
             self.scheduler.register_full_blocks(seq)
-            if r < 0:
+            if not tokens:
                 continue
-            i = next(sample_iter)
-            token = token_ids[i]
-            seq.token_ids.append(token)
-            self.num_generation_tokens += 1
-            lp = None
-            if logprobs is not None and seq.params.logprobs:
-                lp = [logprobs[i]]
-                seq.output_logprobs.append(logprobs[i])
+            self.num_generation_tokens += len(tokens)
+            if lps is not None:
+                seq.output_logprobs.extend(lps)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            finished = self._check_stop(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+            elif item.num_spec_blocks:
+                self.scheduler.rollback(item)
             outputs.append(RequestOutput(
-                req_id=seq.req_id, new_token_ids=[token], new_logprobs=lp, finished=finished,
+                req_id=seq.req_id, new_token_ids=tokens, new_logprobs=lps, finished=reason is not None,
                 finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
                 num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens))
         return outputs
 
-    def _check_stop(self, seq: Sequence, token: int) -> bool:
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """Why `seq` stops after its newest token `token` (already appended), or None."""
         p = seq.params
-        reason = None
         if seq.num_output_tokens >= p.min_tokens and (
                 token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
-            reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        reason = self._stop_reason(seq, token)
         if reason is None:
             return False
         self.finish(seq, reason)
@@ -292,4 +299,5 @@ class LLMEngine:
             "prefix_cache_hits": bm.num_prefix_hits,
             "num_prompt_tokens_computed": self.num_prompt_tokens_computed,
             "num_generation_tokens": self.num_generation_tokens,
+            **(self.scheduler.speculator.stats() if self.scheduler.speculator else Speculator.empty_stats()),
         }

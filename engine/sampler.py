@@ -1,14 +1,21 @@
 """Turns a batch of logits into next tokens: greedy, temperature, top-k, top-p, per-request seeds.
 
 Seeded requests draw from their own `torch.Generator`, so their output depends only on their own
-logits, never on what else shares the batch.
+logits, never on what else shares the batch. `sample_step` hands speculative decodes to the
+rejection sampler (engine/spec/rejection.py).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.scheduler import ScheduledSeq
+    from pdserve.engine.spec.speculator import Speculator
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -87,3 +94,39 @@ class Sampler:
             lp = torch.log_softmax(logits, -1)
             logprobs = lp.gather(1, token_ids[:, None])[:, 0].tolist()
         return chosen, logprobs
+
+    def sample_step(self, batch: list[ScheduledSeq], logits: torch.Tensor | None, num_rows: list[int],
+                    speculator: Speculator | None) -> list[tuple[list[int], list[float] | None]]:
+        """The tokens each item of a step emits, and their logprobs when it asks for them. logits: the
+        runner's [sum(num_rows), V], batch[i] owning num_rows[i] consecutive rows. Plain decodes and
+        finished prefills emit one token (one batched draw); speculative decodes emit their accepted
+        proposals and one more."""
+        out: list[tuple[list[int], list[float] | None]] = [([], None)] * len(batch)
+        if logits is None:
+            return out
+        starts, plain = [], []
+        row = 0
+        for i, n in enumerate(num_rows):
+            starts.append(row)
+            if n and not batch[i].spec_token_ids:
+                plain.append(i)
+            row += n
+        if plain:
+            seqs = [batch[i].seq for i in plain]
+            rows = logits[torch.tensor([starts[i] for i in plain])] if len(plain) < logits.shape[0] else logits
+            tokens, logprobs = self.sample(rows, [s.params for s in seqs], [s.generator_for_next_token() for s in seqs])
+            for j, i in enumerate(plain):
+                out[i] = ([tokens[j]], [logprobs[j]] if logprobs is not None and seqs[j].params.logprobs else None)
+        for i, item in enumerate(batch):
+            if not item.spec_token_ids:
+                continue
+            assert speculator is not None
+            seq = item.seq
+            rows = logits[starts[i]:starts[i] + num_rows[i]]
+            tokens = speculator.verify(seq, rows, item.spec_token_ids, item.draft_probs,
+                                       seq.generator_for_next_token() or self.generator)
+            lps = None
+            if seq.params.logprobs:
+                lps = torch.log_softmax(rows[:len(tokens)], -1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+            out[i] = (tokens, lps)
+        return out

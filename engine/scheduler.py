@@ -6,6 +6,10 @@ When a decode needs a block and none is free, the most recently admitted running
 preempted: its blocks are freed and it is recomputed later (its full blocks usually come back as
 prefix-cache hits). Sequences whose prompt KV came from a prefill worker (`reserved`) grow the same
 way from their reservation's headroom and are preempted the same way (recomputed here).
+With a speculator, a decode may verify several proposed tokens in its step: their slots come from
+free blocks only (speculation never preempts), and after verification the blocks taken for
+rejected tokens are given back (`rollback`), so only accepted tokens' KV stays and only their
+full blocks are ever hashed.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.spec.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +33,19 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (proposals included)
+    spec_token_ids: list[int] = field(default_factory=list)  # proposals verified this step, after the last token
+    draft_probs: torch.Tensor | None = None  # [len(spec_token_ids), vocab]: the proposer's distributions
+    num_spec_blocks: int = 0  # blocks taken for the proposals' slots, given back if rejected
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, fingerprint: bytes) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, fingerprint: bytes,
+                 speculator: Speculator | None = None) -> None:
         self.config = config
         self.bm = block_manager
         self.fingerprint = fingerprint
+        self.speculator = speculator
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -55,16 +67,24 @@ class Scheduler:
 
         # Decodes first, then unfinished prefills with what is left of the budget: a long prompt's
         # chunk never pushes a running sequence's next token out of the step.
-        decodes_first = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens != 1)  # stable
-        for seq in decodes_first:
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens != 1]
+        for seq in decodes:
+            if seq.status is not SequenceStatus.RUNNING or budget <= 0:
+                continue
+            if not self._ensure_blocks(seq, scheduled_ids):
+                continue
+            scheduled.append(ScheduledSeq(seq, 1))
+            scheduled_ids.add(seq.req_id)
+            budget -= 1
+        if self.speculator is not None and budget > 0:
+            budget -= self._add_proposals([item for item in scheduled if item.seq.status is SequenceStatus.RUNNING],
+                                          budget)
+        for seq in prefills:
             if seq.status is not SequenceStatus.RUNNING or budget <= 0:
                 continue
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining == 1:
-                if not self._ensure_blocks(seq, scheduled_ids):
-                    continue
-                n = 1
-            elif chunked:
+            if chunked:
                 n = min(remaining, budget)
             elif remaining <= budget or not scheduled:
                 n = remaining
@@ -89,6 +109,45 @@ class Scheduler:
             scheduled_ids.add(seq.req_id)
             budget -= n
         return scheduled
+
+    def _add_proposals(self, items: list[ScheduledSeq], budget: int) -> int:
+        """Ask the speculator for proposals for these scheduled decodes and give each the slots its
+        proposals need, from free blocks only. Returns the budget used."""
+        assert self.speculator is not None
+        wanted = [(item, self.speculator.num_tokens_for(item.seq)) for item in items if not item.seq.keep_blocks]
+        wanted = [(item, k) for item, k in wanted if k > 0]
+        if not wanted:
+            return 0
+        proposals = self.speculator.propose([item.seq for item, _ in wanted], [k for _, k in wanted])
+        used = 0
+        for (item, _), proposal in zip(wanted, proposals):
+            seq = item.seq
+            m = min(len(proposal.token_ids), budget - used)
+            # the proposals' slots: free blocks only, never a preemption
+            extra = self.bm.blocks_for_tokens(seq.num_tokens + m) - len(seq.block_table)
+            if extra > self.bm.num_free_blocks:
+                extra = self.bm.num_free_blocks
+                m = min(m, (len(seq.block_table) + extra) * self.bm.block_size - seq.num_tokens)
+            if m <= 0:
+                continue
+            extra = max(0, self.bm.blocks_for_tokens(seq.num_tokens + m) - len(seq.block_table))
+            if extra:
+                seq.block_table.extend(self.bm.allocate(extra, after=seq.block_table[-1]))
+            item.spec_token_ids = proposal.token_ids[:m]
+            item.draft_probs = None if proposal.probs is None else proposal.probs[:m]
+            item.num_spec_blocks = extra
+            item.num_new_tokens = 1 + m
+            used += m
+        return used
+
+    def rollback(self, item: ScheduledSeq) -> None:
+        """After verification: give back the blocks taken for proposals that were rejected (their slots
+        lie past seq.num_computed_tokens and are overwritten by later tokens)."""
+        seq = item.seq
+        surplus = min(item.num_spec_blocks, len(seq.block_table) - self.bm.blocks_for_tokens(seq.num_tokens))
+        if surplus > 0 and not seq.is_finished:
+            self.bm.free(seq.block_table[-surplus:])
+            del seq.block_table[-surplus:]
 
     def _admit_blocks(self, seq: Sequence, budget: int, batch_nonempty: bool) -> int | None:
         """Give a waiting sequence its blocks (prefix hits + fresh ones); None if it must wait."""
@@ -161,6 +220,8 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if self.speculator is not None:
+            self.speculator.release(seq)
         if not seq.keep_blocks:
             self.release_blocks(seq)
 

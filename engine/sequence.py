@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.engine.block_hash import BlockHash
 from pdserve.engine.sampling_params import SEED_STRIDE, SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.spec.speculator import SpecState
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +39,7 @@ class Sequence:
         self.reserved = False  # prompt KV arrived in reserved blocks (decode worker); grows from headroom
         self.keep_blocks = False  # on finish, hold the blocks until `release` (prefill worker)
         self.output_logprobs: list[float] = []
+        self.spec: SpecState | None = None  # speculation controller (engines with --speculative)
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None

@@ -1,0 +1,117 @@
+"""Speculator: how many tokens each decoding sequence speculates, the proposals, their verification
+and the counters. Called by the scheduler (propose, for the decodes it schedules) and by the engine
+(verify, after the forward pass).
+
+Speculation turns itself down per sequence: when a sequence's acceptance rate (an exponential
+average of accepted / proposed) falls below `speculative_min_acceptance`, it decodes plainly for a
+pause that doubles on every failed probe (1, 2, 4 ... 64 steps), so a workload where proposals miss
+pays for about one verify in every 64 steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.model_config import ModelConfig
+from pdserve.engine.sequence import Sequence
+from pdserve.engine.spec.ngram import NgramProposer
+from pdserve.engine.spec.proposer import Proposal, Proposer
+from pdserve.engine.spec.rejection import verify
+
+logger = logging.getLogger(__name__)
+
+EMA_WEIGHT = 0.3  # of the newest verify step in a sequence's acceptance average
+MAX_PAUSE_STEPS = 64
+
+
+@dataclass(slots=True)
+class SpecState:
+    """A sequence's speculation controller."""
+
+    acceptance: float = 1.0  # exponential average of accepted / proposed (optimistic start)
+    pause_steps: int = 0  # plain decode steps left before the next probe
+    next_pause: int = 1  # pause after the next failed probe
+
+
+class Speculator:
+    def __init__(self, config: EngineConfig, proposer: Proposer) -> None:
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.min_acceptance = config.speculative_min_acceptance
+        self.proposer = proposer
+        self.num_proposed_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_drafts = 0  # verify steps with at least one proposed token
+
+    @property
+    def name(self) -> str:
+        return self.proposer.name
+
+    def num_tokens_for(self, seq: Sequence) -> int:
+        """Tokens `seq` may speculate this step (0: decode plainly)."""
+        state = seq.spec
+        if state is None:
+            state = seq.spec = SpecState()
+        if state.pause_steps > 0:
+            state.pause_steps -= 1
+            return 0
+        # never past max_tokens: the last token of a request is the target's own draw
+        return max(0, min(self.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1))
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
+        proposals = self.proposer.propose(seqs, num_tokens)
+        for p, k in zip(proposals, num_tokens):
+            assert len(p.token_ids) <= k, (len(p.token_ids), k)
+        return proposals
+
+    def verify(self, seq: Sequence, logits: torch.Tensor, proposal: list[int], draft_probs: torch.Tensor | None,
+               generator: torch.Generator) -> list[int]:
+        """Emitted tokens (accepted proposals, then one from the target) for `seq`; updates its controller."""
+        tokens, num_accepted = verify(logits, proposal, draft_probs, seq.params, generator)
+        m = len(proposal)
+        if m:
+            self.num_proposed_tokens += m
+            self.num_accepted_tokens += num_accepted
+            self.num_drafts += 1
+            self._record(seq, num_accepted / m)
+        return tokens
+
+    def _record(self, seq: Sequence, rate: float) -> None:
+        state = seq.spec
+        assert state is not None
+        state.acceptance = (1 - EMA_WEIGHT) * state.acceptance + EMA_WEIGHT * rate
+        if state.acceptance >= self.min_acceptance:
+            state.next_pause = 1
+            return
+        state.pause_steps = state.next_pause
+        state.next_pause = min(2 * state.next_pause, MAX_PAUSE_STEPS)
+        state.acceptance = self.min_acceptance  # one good probe lifts it back above
+        logger.debug("%s: acceptance below %.2f, plain decode for %d steps", seq.req_id, self.min_acceptance,
+                     state.pause_steps)
+
+    def release(self, seq: Sequence) -> None:
+        self.proposer.release(seq)
+
+    def stats(self) -> dict[str, int]:
+        return {"spec_proposed_tokens": self.num_proposed_tokens, "spec_accepted_tokens": self.num_accepted_tokens,
+                "spec_drafts": self.num_drafts}
+
+    @staticmethod
+    def empty_stats() -> dict[str, int]:
+        return {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0, "spec_drafts": 0}
+
+
+def build_speculator(config: EngineConfig, target: ModelConfig) -> Speculator | None:
+    """The speculator `--speculative` asks for (None: off)."""
+    if config.speculative == "off":
+        return None
+    if config.speculative == "ngram":
+        proposer: Proposer = NgramProposer(config.speculative_ngram_min, config.speculative_ngram_max)
+    else:
+        raise ValueError(f"--speculative {config.speculative} is not available in this build yet (use ngram)")
+    logger.info("speculative decoding: %s, %d tokens per step", proposer.name, config.num_speculative_tokens)
+    return Speculator(config, proposer)
+

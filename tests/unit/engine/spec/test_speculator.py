@@ -1,0 +1,139 @@
+"""Speculative decoding through the engine on the built-in tiny model: greedy output identical with and
+without it, rejected proposals leave no blocks and no KV behind (cached blocks hold exactly the KV a
+plain engine computes), random aborts leak nothing, config errors are clear."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+def repetitive_prompts(engine: LLMEngine, n: int = 4, seed: int = 0) -> list[list[int]]:
+    """Prompts whose continuation repeats earlier text (as a code edit repeats the code it was shown):
+    a passage, the model's own continuation of it, the passage again. Plus one random prompt."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    bases = [torch.randint(3, vocab, (int(torch.randint(8, 40, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n)]
+    conts = engine.generate(bases, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    return [b + c.token_ids + b for b, c in zip(bases, conts)] + [torch.randint(3, vocab, (50,), generator=g).tolist()]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    return LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256))
+
+
+@pytest.fixture(scope="module")
+def prompts(plain):
+    return repetitive_prompts(plain)
+
+
+def _all_free(engine: LLMEngine) -> bool:
+    return engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("config", [{}, {"num_speculative_tokens": 1}, {"num_speculative_tokens": 7,
+                                                                           "max_num_batched_tokens": 16}],
+                         ids=["k4", "k1", "k7-small-chunks"])
+def test_ngram_greedy_equals_plain_decode(tiny_model_dir, plain, prompts, config):
+    want = [c.token_ids for c in plain.generate(prompts, GREEDY)]
+    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="ngram", **config))
+    got = [c.token_ids for c in spec.generate(prompts, GREEDY)]
+    assert got == want
+    s = spec.stats()
+    # proposals were made, some accepted and some rejected: both paths ran
+    assert s["spec_accepted_tokens"] > 0 and s["spec_proposed_tokens"] > s["spec_accepted_tokens"], s
+    assert s["num_generation_tokens"] == sum(map(len, got))
+    assert _all_free(spec)
+
+
+def test_cached_blocks_hold_only_accepted_kv(tiny_model_dir, prompts):
+    """Every block in the prefix-cache index after speculative decoding holds the KV a plain engine
+    computes for the same tokens (a rejected proposal's KV in one of them would differ by far)."""
+    cfg = dict(model=str(tiny_model_dir), num_kv_blocks=256, block_size=4)  # small blocks: many fill during decode
+    spec = LLMEngine(EngineConfig(speculative="ngram", **cfg))
+    ref = LLMEngine(EngineConfig(**cfg))
+    assert [c.token_ids for c in spec.generate(prompts, GREEDY)] == [c.token_ids for c in ref.generate(prompts, GREEDY)]
+    assert spec.stats()["spec_proposed_tokens"] > spec.stats()["spec_accepted_tokens"] > 0
+    hashes = spec.block_manager.hash_to_block_id
+    assert set(hashes) == set(ref.block_manager.hash_to_block_id)  # the same full blocks, prompt and generated
+    assert len(hashes) > sum(len(p) // 4 for p in prompts)  # generated blocks among them
+    for layer in range(spec.model_config.num_layers):
+        for a, b in zip(spec.kv_cache.layer_blocks(layer), ref.kv_cache.layer_blocks(layer)):
+            for h, block in hashes.items():
+                torch.testing.assert_close(a[block], b[ref.block_manager.hash_to_block_id[h]], rtol=1e-4, atol=1e-4)
+    # and a follow-up turn served from those blocks continues exactly as the plain engine does
+    follow = [p + c.token_ids for p, c in zip(prompts, ref.generate(prompts, GREEDY))]
+    got = spec.generate(follow, GREEDY)
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref.generate(follow, GREEDY)]
+    assert all(c.num_cached_tokens > len(p) for c, p in zip(got, prompts))
+
+
+def test_random_aborts_leak_no_blocks(tiny_model_dir, prompts):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, speculative="ngram"))
+    rng = random.Random(7)
+    live: list[str] = []
+    for i in range(60):
+        if rng.random() < 0.5 and len(live) < 6:
+            rid = f"r{i}"
+            params = SamplingParams(max_tokens=rng.randint(1, 30), temperature=rng.choice([0.0, 0.8]),
+                                    ignore_eos=True)
+            engine.add_request(rid, rng.choice(prompts), params)
+            live.append(rid)
+        if live and rng.random() < 0.3:
+            engine.abort_request(live.pop(rng.randrange(len(live))))
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+        live = [r for r in live if r in engine.requests]
+    assert engine.stats()["spec_drafts"] > 0
+    for rid in live:
+        engine.abort_request(rid)
+    assert not engine.has_unfinished() and not engine.requests
+    assert _all_free(engine)
+
+
+def test_sampled_output_reproduces_with_a_seed(tiny_model_dir, prompts):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="ngram"))
+    p = SamplingParams(max_tokens=30, temperature=0.8, seed=42, ignore_eos=True)
+    a = engine.generate(prompts[:2], p)
+    b = engine.generate(prompts[:2], p)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert all(len(c.token_ids) == 30 for c in a)
+
+
+def test_logprobs_and_stop_tokens_inside_accepted_runs(tiny_model_dir, plain, prompts):
+    want = plain.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=True))
+    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="ngram"))
+    got = spec.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=True))
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
+    # a stop token in the middle of an accepted run ends the request right there
+    stop_at = want[0].token_ids[25]
+    out = spec.generate(prompts[:1], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                    stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == want[0].token_ids[:want[0].token_ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop"
+    assert _all_free(spec)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"speculative": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be in [1, 16]"),
+    ({"speculative": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens must be in [1, 16]"),
+    ({"speculative": "eagle"}, "speculative must be off, ngram or draft"),
+    ({"speculative": "ngram", "speculative_ngram_min": 3, "speculative_ngram_max": 2}, "ngram-min"),
+    ({"draft_model": "/x"}, "only with --speculative draft"),
+])
+def test_bad_config_is_a_clear_error(kwargs, needle):
+    with pytest.raises(ValueError, match=None) as err:
+        EngineConfig(**kwargs)
+    assert needle in str(err.value)
