@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,6 +22,7 @@ from pdserve.engine.block_hash import BlockHash, chain_block_hashes
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.errors import InvalidRequest, KVTransferError, Overloaded, PeerUnavailable, RequestAborted
+from pdserve.planner.signals import FinishedRequest
 from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.proto import pdserve_pb2 as pb
@@ -100,6 +101,7 @@ class Dispatcher:
         self.num_rejected = 0
         self.kv_bytes_moved = 0  # KV bytes prefill workers pushed to decode workers for this router's requests
         self.policy = RoutingPolicy(config, meta.block_size)  # every decision of where a request goes
+        self.finished_listeners: list[Callable[[FinishedRequest], None]] = []  # the planner's signals
         self._store_channel = rpc.channel(config.kvstore_master) if config.kvstore_master else None
         self._store = kpb_grpc.KVStoreMasterStub(self._store_channel) if self._store_channel else None
 
@@ -169,8 +171,13 @@ class Dispatcher:
         usage = pb.Usage(prompt_tokens=len(prompt_ids))
         started_at, started_unix_s = time.monotonic(), time.time()
         workers = ("", "")  # (prefill, decode) of the attempt that streamed
+        token_times: list[float] = []  # when the first, second and latest token arrived
         try:
             async for ev in self._route(state, prompt_ids, params, deadline, usage):
+                if ev.token_ids:
+                    now = time.monotonic()
+                    token_times[2:] = []
+                    token_times.append(now)
                 if ev.timing is not None:  # a worker's parts of the final attempt
                     state.timing.CopyFrom(_added(state.timing, ev.timing))
                 if ev.decode_worker:
@@ -189,6 +196,8 @@ class Dispatcher:
                     ev.timing = finish_timing(state.timing, time.monotonic() - started_at)
                     if self.tracer is not None:
                         self.tracer.record(req_id, started_unix_s, ev.timing, *workers, ev.finish_reason)
+                    if self.finished_listeners and token_times:
+                        self._tell_finished(started_at, token_times, usage, workers)
                     if not detokenize:
                         ev.text = ""
                     yield ev
@@ -199,6 +208,19 @@ class Dispatcher:
         finally:
             self._unpend(state)
             self.active.pop(req_id, None)
+
+    def _tell_finished(self, started_at: float, token_times: list[float], usage: pb.Usage,
+                       workers: tuple[str, str]) -> None:
+        n = usage.completion_tokens
+        first, last = token_times[0], token_times[-1]
+        gap1 = token_times[1] - first if len(token_times) > 1 else 0.0
+        tpot = (last - first) / (n - 1) if n > 1 else 0.0
+        gaps = (last - token_times[1]) / (n - 2) if n > 2 and len(token_times) > 2 else tpot
+        done = FinishedRequest(finished_at=last, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                               output_tokens=n, ttft_s=first - started_at, tpot_s=tpot, gap1_s=gap1, gaps_s=gaps,
+                               remote=workers[0] != workers[1])
+        for listener in self.finished_listeners:
+            listener(done)
 
     def _unpend(self, state: RequestState) -> None:
         """The request's prompt is now counted on a worker's queue (or the request ended)."""

@@ -56,6 +56,31 @@ class _WorkerViewCollector:
                                   value=self.dispatcher.num_retries)
 
 
+class _PlannerCollector:
+    """The planner's decisions (by action), the split it sees and its latest prediction."""
+
+    def __init__(self, planner) -> None:
+        self.planner = planner
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.planner
+        decisions = CounterMetricFamily("pdserve:planner_decisions", "Planner decisions by action (hold, switch, "
+                                        "switched, unreachable, switch_failed, scale_up, scale_down).",
+                                        labels=["action"])
+        for action in ("hold", "switch", "switched", "unreachable", "switch_failed", "scale_up", "scale_down"):
+            decisions.add_metric([action], p.num_decisions.get(action, 0))
+        yield decisions
+        split = GaugeMetricFamily("pdserve:planner_split_workers", "Workers per role the planner sees now.",
+                                  labels=["role"])
+        now = p.current_split()
+        for role, n in (("prefill", now.num_prefill), ("decode", now.num_decode), ("colocated", now.num_colocated)):
+            split.add_metric([role], n)
+        yield split
+        snap = p.last_snapshot
+        yield GaugeMetricFamily("pdserve:planner_arrival_rate", "Requests/s the planner saw over its window.",
+                                value=snap.arrival_rate if snap else 0.0)
+
+
 class RouterMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -97,6 +122,9 @@ class RouterMetrics:
 
     def watch_workers(self, registry: WorkerRegistry, dispatcher: Dispatcher) -> None:
         self.registry.register(_WorkerViewCollector(registry, dispatcher))
+
+    def watch_planner(self, planner) -> None:
+        self.registry.register(_PlannerCollector(planner))
 
     async def track(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         """Pass `events` through, observing latencies and counts; closing this closes `events`."""

@@ -101,9 +101,10 @@ class RoutingPolicy:
 
     # ---- the decisions --------------------------------------------------------------------------
     def decode_candidates(self, workers: Iterable[WorkerView], excluded: set[str] = frozenset()) -> list[WorkerView]:
-        """Healthy decode and colocated workers, least loaded first (ties by address)."""
-        return sorted((w for w in workers if routable(w) and w.role in (pb.DECODE, pb.COLOCATED)
-                       and w.address not in excluded), key=lambda w: (w.load(), w.address))
+        """Healthy decode and colocated workers, least loaded first (ties by address); draining ones only
+        when no other is left (a draining worker still serves: its drain just lasts longer)."""
+        healthy = [w for w in workers if w.healthy and w.role in (pb.DECODE, pb.COLOCATED) and w.address not in excluded]
+        return sorted([w for w in healthy if not w.draining] or healthy, key=lambda w: (w.load(), w.address))
 
     def choose_prefill(self, workers: Iterable[WorkerView], num_prompt_tokens: int, hashes: Sequence[BlockHash],
                        stored_blocks: int, excluded: set[str] = frozenset()) -> tuple[WorkerView, PrefillChoice] | None:

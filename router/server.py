@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pdserve.membership import EtcdConfig
+from pdserve.planner.config import PlannerConfig
 from pdserve.router.config import RouterConfig
 from pdserve.settings import add_config_arguments, config_from_args
 
@@ -20,13 +21,17 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, RouterConfig, title="router")
+    add_config_arguments(parser, PlannerConfig, title="planner")
     add_config_arguments(parser, EtcdConfig, title="etcd")
 
 
 class RouterApp:
     """The router's parts, built and torn down together (also used in-process by tests)."""
 
-    def __init__(self, config: RouterConfig, etcd_config: EtcdConfig | None = None) -> None:
+    def __init__(self, config: RouterConfig, etcd_config: EtcdConfig | None = None,
+                 planner_config: PlannerConfig | None = None) -> None:
+        self.planner_config = planner_config or PlannerConfig()
+        self.planner = None  # planner.Planner with --planner throughput|slo
         self.etcd_config = etcd_config if etcd_config is not None and etcd_config.etcd else None
         self.etcd = None  # membership.Etcd while discovering workers there
         if not config.model:
@@ -72,6 +77,12 @@ class RouterApp:
         tracer = RequestTracer(c.trace_requests, c.otlp_endpoint) if c.trace_requests else None
         self.dispatcher = MeteredDispatcher(c, self.registry, tokenizer, meta, metrics=self.metrics, tracer=tracer)
         self.metrics.watch_workers(self.registry, self.dispatcher)
+        if self.planner_config.planner != "off":
+            from pdserve.planner.planner import Planner
+
+            self.planner = Planner(self.planner_config, self.registry, self.dispatcher.policy)
+            self.dispatcher.finished_listeners.append(self.planner.observe)
+            self.metrics.watch_planner(self.planner)
         self.server, self.health = rpc.create_server(["pdserve.v1.Router"], max_receive_bytes=c.max_request_bytes)
         self.limits = FrontDoorLimits(c)  # one count of streams per client across gRPC and HTTP
         auth = ApiKeyAuth(c.api_key)
@@ -85,6 +96,9 @@ class RouterApp:
             await self.http.start(c.host, c.http_port)
             self.http_address = self.http.address
         self.registry.start()
+        if self.planner is not None:
+            self.planner.start()
+            logger.info("planner on (%s mode): the split follows the load", self.planner_config.planner)
         if self.etcd_config is not None:
             await self._discover()
         await rpc.set_serving(self.health, ["pdserve.v1.Router"], True)
@@ -121,6 +135,8 @@ class RouterApp:
         self.etcd.watch(self.etcd_config.key("workers") + "/", on_put, on_delete)
 
     async def stop(self) -> None:
+        if self.planner is not None:
+            await self.planner.close()
         if self.etcd is not None:
             await self.etcd.close()
         if self.http is not None:
@@ -133,8 +149,9 @@ class RouterApp:
             await self.dispatcher.close()
 
 
-async def serve(config: RouterConfig, etcd_config: EtcdConfig | None = None) -> None:
-    app = RouterApp(config, etcd_config)
+async def serve(config: RouterConfig, etcd_config: EtcdConfig | None = None,
+                planner_config: PlannerConfig | None = None) -> None:
+    app = RouterApp(config, etcd_config, planner_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -147,5 +164,6 @@ async def serve(config: RouterConfig, etcd_config: EtcdConfig | None = None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(RouterConfig, args), config_from_args(EtcdConfig, args)))
+    asyncio.run(serve(config_from_args(RouterConfig, args), config_from_args(EtcdConfig, args),
+                      config_from_args(PlannerConfig, args)))
     return 0

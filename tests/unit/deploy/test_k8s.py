@@ -187,3 +187,27 @@ def test_gpu_overlay_asks_for_gpus_and_the_gpu_image():
     assert worker_config["PDSERVE_DEVICE"] == "cuda"
     assert worker_config["PDSERVE_KVSTORE_MASTER"] == CONFIGMAPS["pdserve-worker"]["PDSERVE_KVSTORE_MASTER"]  # merged
     check_pdserve_command(["pdserve", "decode"], set(worker_config), where="gpu ConfigMap pdserve-worker")
+
+
+PLANNER_DIR = K8S_DIR / "overlays" / "planner"
+
+
+def test_planner_overlay_runs_one_planning_router_that_may_scale_the_worker_deployments():
+    docs = render(PLANNER_DIR)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kust = _kustomization(PLANNER_DIR)
+    for entry in [*kust["resources"], *(p["path"] for p in kust["patches"]),
+                  *(f for g in kust["configMapGenerator"] for f in g["files"])]:
+        assert (PLANNER_DIR / entry).exists(), entry
+    router = next(d for d in docs if _key(d) == ("Deployment", "pdserve-router"))
+    assert router["spec"]["replicas"] == 1 and router["spec"]["template"]["spec"]["serviceAccountName"] == "pdserve-planner"
+    container = router["spec"]["template"]["spec"]["containers"][0]
+    check_pdserve_command(container["args"], _env_names(container), where="planner router")
+    assert flag_value(container["args"], "--planner") == "slo"
+    hook = flag_value(container["args"], "--planner-scale-hook").split()[-1]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "planner-hook")
+    assert hook.startswith(mount["mountPath"]) and (PLANNER_DIR / Path(hook).name).exists()
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert set(role["rules"][0]["resourceNames"]) == {"pdserve-prefill", "pdserve-decode"}
+    assert {"pdserve-prefill", "pdserve-decode"} <= {d["metadata"]["name"] for d in BASE if d["kind"] == "Deployment"}

@@ -147,4 +147,6 @@ def test_a_draining_worker_gets_nothing_new():
     p1, p2 = FakeWorker("p1", pb.PREFILL, draining=True), FakeWorker("p2", pb.PREFILL, queued_prompt_tokens=900)
     r = policy.route([d1, d2, p1, p2], 300, hashes(300))
     assert r.decode is d2 and r.prefill is p2 and r.decode_fallbacks == []
-    assert policy.route([d1, p2], 300, hashes(300)) is None
+    policy.prefill_done(r)
+    r = policy.route([d1, p2], 300, hashes(300))  # the only decode worker is draining: it still serves
+    assert r.decode is d1 and r.prefill is p2

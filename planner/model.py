@@ -1,0 +1,134 @@
+"""The planner's cost model: for a candidate prefill/decode split and the observed load, the predicted
+TTFT, TPOT, capacity and goodput. Also the worker step-time model (`StepModel`) that the simulator's
+workers run on, calibrated on real workers (planner/calibrate.py) or learnt from the router's
+measurements.
+
+The model, per worker (rates in requests/s, times in seconds; P = computed prompt tokens per request,
+O = output tokens per request):
+
+    step(B, T) = fixed_s + per_seq_s * B + per_token_s * T      B decode sequences, T prefill tokens
+    disaggregated (np prefill, nd decode workers):
+        prefill: rho_p = (lam/np) P per_token_s        TTFT = P per_token_s / (1 - rho_p) + fixed_s
+        decode:  B = (lam/nd) O TPOT (Little)          TPOT = (fixed_s + handoff_s/(O-1)) / (1 - per_seq_s (lam/nd) O)
+    colocated (N workers): a worker's decode steps also carry its prefills, and a request's first decode step
+    waits behind the prompts queued on its worker (stall_s, measured as the first gap's excess):
+        rho_p = (lam/N) P per_token_s                  TPOT = (fixed_s/(1-rho_p) + stall_s/(O-1)) / (1 - per_seq_s (lam/N) O/(1-rho_p))
+        TTFT = P per_token_s / (1 - rho_p - per_seq_s (lam/N) O) + fixed_s
+    share meeting a target (the predictions are typical values): 1 / (1 + (predicted/target)^4); 1/2 at it.
+
+What it leaves out (and the simulator does not): chunk boundaries, preemption, KV capacity, bursts beyond
+what stall_s captures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StepModel:
+    """Seconds one engine step takes: fixed + per decode sequence + per prefill token (+ per context token)."""
+
+    fixed_s: float = 1.5e-3
+    per_seq_s: float = 1.5e-3
+    per_token_s: float = 1.2e-4
+    per_context_token_s: float = 0.0  # attention reads: per token of context of each decode sequence
+
+    def step_s(self, num_decode_seqs: int, num_prefill_tokens: int, num_context_tokens: int = 0) -> float:
+        return (self.fixed_s + self.per_seq_s * num_decode_seqs + self.per_token_s * num_prefill_tokens
+                + self.per_context_token_s * num_context_tokens)
+
+    def scaled(self, factor: float) -> "StepModel":
+        """The same worker `factor` times slower (a heterogeneous pool's device)."""
+        return StepModel(self.fixed_s * factor, self.per_seq_s * factor, self.per_token_s * factor,
+                         self.per_context_token_s * factor)
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    num_prefill: int
+    num_decode: int
+    num_colocated: int = 0
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_prefill + self.num_decode + self.num_colocated
+
+    def __str__(self) -> str:
+        parts = []
+        if self.num_prefill or self.num_decode:
+            parts.append(f"{self.num_prefill}P:{self.num_decode}D")
+        if self.num_colocated:
+            parts.append(f"{self.num_colocated} colocated")
+        return "+".join(parts) or "no workers"
+
+
+def candidate_splits(num_workers: int) -> list[Split]:
+    """All colocated, then every p prefill : (N - p) decode."""
+    if num_workers < 1:
+        return []
+    return [Split(0, 0, num_workers)] + [Split(p, num_workers - p) for p in range(1, num_workers)]
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What the planner observed over its window."""
+
+    arrival_rate: float  # requests/s
+    prompt_tokens: float  # mean computed (not cached) prompt tokens per request
+    output_tokens: float  # mean output tokens per request
+    step: StepModel  # the workers' step times (learnt or calibrated)
+    stall_s: float = 0.0  # colocated: a request's first decode step waits this long behind queued prompts
+    handoff_s: float = 0.01  # disaggregated: KV tail and decode admission between first and second token
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    split: Split
+    ttft_s: float
+    tpot_s: float
+    capacity_rps: float  # arrival rate at which a queue grows without bound
+    goodput_rps: float  # predicted requests/s meeting both targets
+    utilization: float  # arrival rate / capacity
+
+    def describe(self) -> str:
+        return (f"{self.split}: TTFT {_ms(self.ttft_s)}, TPOT {_ms(self.tpot_s)}, capacity {self.capacity_rps:.1f}/s, "
+                f"goodput {self.goodput_rps:.2f}/s")
+
+
+def _ms(s: float) -> str:
+    return "inf" if math.isinf(s) else f"{1e3 * s:.0f} ms"
+
+
+def share_meeting(predicted_s: float, target_s: float) -> float:
+    if math.isinf(predicted_s):
+        return 0.0
+    return 1.0 / (1.0 + (predicted_s / target_s) ** 4)
+
+
+def predict(split: Split, load: Load, ttft_target_s: float, tpot_target_s: float) -> Prediction:
+    lam, p, o, st = load.arrival_rate, max(1.0, load.prompt_tokens), max(1.0, load.output_tokens), load.step
+    inf = math.inf
+    if split.num_colocated:
+        n = split.num_colocated
+        r = lam / n
+        rho_p = r * p * st.per_token_s
+        rho_d = r * o * st.per_seq_s
+        capacity = n / (p * st.per_token_s + o * st.per_seq_s)
+        if rho_p + rho_d >= 1:
+            ttft = tpot = inf
+        else:
+            ttft = p * st.per_token_s / (1 - rho_p - rho_d) + st.fixed_s
+            tpot = (st.fixed_s / (1 - rho_p) + load.stall_s / max(1.0, o - 1)) / (1 - rho_d / (1 - rho_p))
+    else:
+        np_, nd = split.num_prefill, split.num_decode
+        if np_ < 1 or nd < 1:
+            return Prediction(split, inf, inf, 0.0, 0.0, inf)
+        rho_p = lam / np_ * p * st.per_token_s
+        rho_d = lam / nd * o * st.per_seq_s
+        capacity = min(np_ / (p * st.per_token_s), nd / (o * st.per_seq_s))
+        ttft = inf if rho_p >= 1 else p * st.per_token_s / (1 - rho_p) + st.fixed_s
+        tpot = inf if rho_d >= 1 else (st.fixed_s + load.handoff_s / max(1.0, o - 1)) / (1 - rho_d)
+    meet = min(share_meeting(ttft, ttft_target_s), share_meeting(tpot, tpot_target_s))
+    return Prediction(split, ttft, tpot, capacity, lam * meet, lam / capacity if capacity > 0 else inf)
