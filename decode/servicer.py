@@ -6,12 +6,14 @@ requests that prefill locally.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import grpc
 
 from pdserve.convert import check_token_ids, layout_to_proto, sampling_from_proto
+from pdserve.decode.block_publisher import GeneratedBlockPublisher
 from pdserve.decode.reservations import ReservationTable
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.engine.connector import check_block_hashes
@@ -48,6 +50,16 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         # prefill workers do (the same StorePrefix); None without a store
         self.store_prefix = StorePrefix(runtime.engine, runtime.store, publish=runtime.config.store_publish) \
             if runtime.store is not None else None
+        # generated blocks go to the store as they fill (the engine thread stages them), so a failover
+        # elsewhere resumes from stored KV instead of recomputing the stream
+        self.publisher = None
+        if runtime.store is not None and runtime.config.store_publish_generated:
+            assert runtime.engine is not None
+            self.publisher = GeneratedBlockPublisher(runtime.store, self.llm.config.block_size,
+                                                     asyncio.get_running_loop(),
+                                                     runtime.config.store_publish_queue_blocks)
+            hook = self.publisher.on_full_blocks
+            runtime.engine.submit(lambda e: setattr(e, "full_block_hook", hook))
         self.num_local_prefills = 0
         self.num_remote_prefills = 0
         runtime.stats_parts.append(self._add_stats)
@@ -114,15 +126,6 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             def add(e: LLMEngine):
                 return e.add_request(req_id, prompt, params, block_hashes=hashes)
 
-        publish = self.runtime.store is not None and self.runtime.config.store_publish_generated
-        if publish:
-            add_inner = add
-
-            def add(e: LLMEngine):  # noqa: F811 - hold the blocks past the finish to publish them
-                seq = add_inner(e)
-                seq.keep_blocks = True
-                return seq
-
         landed_at = time.monotonic()  # remote prefills: the last KV bytes are in
         seqs = []  # the engine's Sequence, for its timestamps
         add_untimed = add
@@ -143,39 +146,20 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                     first_out_at = time.monotonic()
                     if prefix is not None:  # admitted and computed: its blocks hold their own references now
                         self.store_prefix.release(prefix)
-                        publish_prompt = not publish  # (with publish, the whole sequence goes at the finish)
+                        publish_prompt = True
                 if out.finished and seqs:
                     msg.timing.CopyFrom(decode_timing(seqs[0], request.prefilled, arrived_at, landed_at, first_out_at))
                 yield msg
                 if publish_prompt:  # after the first token went out, so it never waits for this
                     publish_prompt = False
                     self.store_prefix.publish(prefix, await self._block_table(req_id))
-                if out.finished and publish:
-                    await self._publish_generated(req_id)
         finally:
             if prefix is not None:
                 self.store_prefix.release(prefix)
-            if publish:
-                self.runtime.engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
 
     async def _block_table(self, req_id: str) -> list[int]:
         return await self.runtime.engine.call(
             lambda e: list(e.requests[req_id].block_table) if req_id in e.requests else [])
-
-    async def _publish_generated(self, req_id: str) -> None:
-        """Give the store every full block of the finished sequence (prompt and generated text)."""
-        def snapshot(e: LLMEngine):
-            seq = e.requests.get(req_id)
-            if seq is None:
-                return [], []
-            num_full = seq.num_computed_tokens // e.config.block_size
-            e.scheduler.update_block_hashes(seq)  # hashes only the blocks not hashed yet (the prompt's came along)
-            return list(seq.block_hashes[:num_full]), list(seq.block_table[:num_full])
-
-        assert self.runtime.engine is not None and self.runtime.store is not None
-        hashes, block_ids = await self.runtime.engine.call(snapshot)
-        if hashes:
-            self.runtime.store.publish(hashes, block_ids)
 
     @map_errors
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStats:

@@ -101,6 +101,10 @@ class LLMEngine:
         # Called as hook(layer_index, batch) once a layer's K/V for the step are in the cache
         # (prefill workers push KV from here while later layers still compute).
         self.layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
+        # Called as hook(seq, first) right after a step made blocks seq.block_table[first:seq.num_registered_blocks]
+        # full: every token's KV in them is final (computed, and accepted where tokens are speculated), and the
+        # blocks are still the sequence's (decode publishes its generated blocks to the store from here).
+        self.full_block_hook: Callable[[Sequence, int], None] | None = None
         self._logits: dict[str, list[torch.Tensor]] = {}
         logger.info("engine ready: %s, %d layers, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d, "
                     "%d thread(s), attention %s, linear %s", mc.architecture, mc.num_layers, num_blocks,
@@ -226,7 +230,10 @@ class LLMEngine:
                 self._logits.setdefault(seq.req_id, []).extend(r.clone() for r in logits[row:row + len(tokens)])
             row += n_rows
             seq.num_computed_tokens += item.num_new_tokens - len(item.spec_token_ids) + num_accepted
-            self.scheduler.register_full_blocks(seq)
+            num_full_before = seq.num_registered_blocks
+            self.scheduler.register_full_blocks(seq)  # accepted tokens only: their KV is final
+            if self.full_block_hook is not None and seq.num_registered_blocks > num_full_before:
+                self.full_block_hook(seq, num_full_before)
             if not tokens:
                 continue
             self.num_generation_tokens += len(tokens)

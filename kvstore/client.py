@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,14 @@ class KVStoreClientStats:
     num_bad_claims: int = 0  # a node claimed something other than what the master recorded
 
 
+@dataclass(frozen=True, slots=True)
+class StagedBlocks:
+    """Blocks copied into the client's staging buffer, waiting for `put_staged`."""
+
+    hashes: tuple[BlockHash, ...]
+    slots: tuple[int, ...]  # staging slots holding them, in the same order
+
+
 class KVStoreClient:
     def __init__(self, master_address: str, transport: KVTransport, kv_cache: PagedKVCache, fingerprint: bytes, *,
                  buffer_name: str = "kv", timeout_s: float = 5.0, staging_blocks: int = 256) -> None:
@@ -69,6 +78,8 @@ class KVStoreClient:
         self._staging = torch.empty((staging_blocks, *shape), dtype=kv_cache.kv.dtype)
         self._staging_name = f"{buffer_name}-kvstore-staging"
         self._free_staging = list(reversed(range(staging_blocks)))
+        # `stage` may run on the engine thread (decode's generated blocks) while puts free slots on the loop
+        self._staging_lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._master: grpc.aio.Channel | None = None
         self._master_stub: kpb_grpc.KVStoreMasterStub | None = None
@@ -230,21 +241,40 @@ class KVStoreClient:
 
         Call it from the event loop thread. Blocks beyond free staging space are dropped.
         """
+        staged = self.stage(hashes, block_ids)
+        if staged is not None:
+            self.put_staged(staged)
+
+    def stage(self, hashes: list[BlockHash], block_ids: list[int]) -> StagedBlocks | None:
+        """Copies the blocks into free staging slots now (any thread; the blocks may be reused as soon as it
+        returns); blocks beyond free staging space are dropped. None when nothing was staged; never raises."""
+        slots: list[int] = []
         try:
-            n = min(len(hashes), len(block_ids), len(self._free_staging))
-            self.stats.num_dropped_blocks += min(len(hashes), len(block_ids)) - n
-            if n == 0:
-                return
-            loop = asyncio.get_running_loop()
-            slots = [self._free_staging.pop() for _ in range(n)]
+            with self._staging_lock:
+                n = min(len(hashes), len(block_ids), len(self._free_staging))
+                self.stats.num_dropped_blocks += min(len(hashes), len(block_ids)) - n
+                slots = [self._free_staging.pop() for _ in range(n)]
+            if not slots:
+                return None
             src = self.kv_cache.read_blocks(block_ids[:n])  # [n, L, 2, bs, H, D]: already the stored layout
             self._staging.index_copy_(0, torch.tensor(slots), src.to("cpu"))
-            task = loop.create_task(self._put(list(hashes[:n]), slots))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            return StagedBlocks(tuple(hashes[:n]), tuple(slots))
         except Exception:  # noqa: BLE001 - publishing is best effort
+            self._free_slots(slots)
             self.stats.num_failures += 1
             logger.exception("kvstore publish failed")
+            return None
+
+    def put_staged(self, staged: StagedBlocks) -> asyncio.Task:
+        """Stores staged blocks in the background (event loop thread); the task never raises."""
+        task = asyncio.get_running_loop().create_task(self._put(list(staged.hashes), list(staged.slots)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _free_slots(self, slots: list[int]) -> None:
+        with self._staging_lock:
+            self._free_staging.extend(slots)
 
     async def _put(self, hashes: list[BlockHash], slots: list[int]) -> None:
         deadline = asyncio.get_running_loop().time() + self.timeout_s
@@ -286,7 +316,7 @@ class KVStoreClient:
             self.stats.num_failures += 1
             logger.exception("kvstore put failed")
         finally:
-            self._free_staging.extend(slots)
+            self._free_slots(slots)
             if put_id and not committed:
                 try:
                     await self._master_stub.PutAbort(kpb.PutAbortRequest(put_id=put_id), timeout=self.timeout_s)

@@ -38,8 +38,12 @@ class WorkerConfig:
     store_publish: bool = field(default=True, metadata=_h(
         "with a store: publish newly computed full prompt blocks (prefill, and decode's local prefills) so other "
         "workers reuse them"))
-    store_publish_generated: bool = field(default=False, metadata=_h(
-        "decode: also publish full blocks of generated text, so a follow-up turn reuses its whole history"))
+    store_publish_generated: bool = field(default=True, metadata=_h(
+        "decode: with a store, publish each block of generated text as soon as it is full (in the background), "
+        "so a failover elsewhere resumes from stored KV and a follow-up turn reuses its whole history"))
+    store_publish_queue_blocks: int = field(default=64, metadata=_h(
+        "decode: generated blocks staged for the store and not yet stored, at most; beyond it blocks are "
+        "dropped (counted), never waited for"))
     kv_push: str = field(default="chunk", metadata=_h(
         "prefill: when KV goes to decode: per layer as each is computed, per chunk (all layers of a "
         "prefill chunk, while the next chunk computes), or once per request after the last chunk",
@@ -75,5 +79,7 @@ class WorkerConfig:
             raise ValueError("drain_timeout_s must be > 0")
         if self.transfer_lanes < 1:
             raise ValueError("transfer_lanes must be >= 1")
+        if self.store_publish_queue_blocks < 1:
+            raise ValueError("store_publish_queue_blocks must be >= 1")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("give both tls_cert_file and tls_key_file, or neither")

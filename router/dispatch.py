@@ -67,7 +67,7 @@ class Event:
     usage: pb.Usage | None = None
     prefill_worker: str = ""
     decode_worker: str = ""
-    cached_tokens: int | None = None  # set once, by whichever worker computed the prompt
+    cached_tokens: int | None = None  # on an attempt's first event: its prompt tokens the worker did not compute
     timing: pb.RequestTiming | None = None  # on the final event: where the request's time went
 
 
@@ -98,6 +98,8 @@ class Dispatcher:
         self.active: dict[str, RequestState] = {}  # req_id -> live request
         self.num_requests = 0
         self.num_retries = 0
+        self.num_failovers = 0  # streams moved to another worker after their decode worker failed mid-stream
+        self.num_failover_recomputed_tokens = 0  # prompt + streamed tokens those moves computed again
         self.num_rejected = 0
         self.kv_bytes_moved = 0  # KV bytes prefill workers pushed to decode workers for this router's requests
         self.policy = RoutingPolicy(config, meta.block_size)  # every decision of where a request goes
@@ -182,7 +184,7 @@ class Dispatcher:
                     state.timing.CopyFrom(_added(state.timing, ev.timing))
                 if ev.decode_worker:
                     workers = (ev.prefill_worker, ev.decode_worker)
-                if ev.cached_tokens is not None:
+                if ev.cached_tokens is not None and usage.completion_tokens == 0:  # the first attempt's prompt
                     usage.cached_tokens = ev.cached_tokens
                 usage.completion_tokens += len(ev.token_ids)
                 if detok is not None and ev.token_ids:
@@ -261,8 +263,12 @@ class Dispatcher:
         while True:
             attempt_prompt = prompt_ids + generated
             attempt_params = params.continued(len(generated))
+            resumed = bool(generated)  # a failover mid-stream: decode published the streamed tokens' full blocks
             try:
                 async for ev in self._attempt(state, attempt_prompt, attempt_params, deadline, usage, excluded):
+                    if resumed and ev.cached_tokens is not None:
+                        resumed = False
+                        self.observe_failover(state.req_id, len(attempt_prompt) - ev.cached_tokens)
                     generated.extend(ev.token_ids)
                     yield ev
                 return
@@ -281,6 +287,13 @@ class Dispatcher:
                     await asyncio.wait(state.releases, timeout=min(5.0, self._remaining(deadline)))
                     state.releases.clear()
                 await self._wait_for_candidates(excluded, deadline)
+
+    def observe_failover(self, req_id: str, num_recomputed_tokens: int) -> None:
+        """A stream continued elsewhere computed `num_recomputed_tokens` of its prompt + streamed tokens again
+        (the rest came from the new worker's prefix cache or the store)."""
+        self.num_failovers += 1
+        self.num_failover_recomputed_tokens += num_recomputed_tokens
+        logger.info("[%s] failover recomputed %d tokens", req_id, num_recomputed_tokens)
 
     async def _wait_for_candidates(self, excluded: set[str], deadline: float) -> None:
         """Before a retry: if every healthy decode-capable worker is excluded, forget the exclusions
@@ -396,10 +409,8 @@ class Dispatcher:
             state.timing.prefill_queue_s += resp.queue_seconds
             state.timing.prefill_compute_s += resp.prefill_seconds
             self.policy.record_prefill(prefill.address, hashes, prefill.stats.num_kv_blocks)
-            if usage.completion_tokens == 0:
-                usage.cached_tokens = resp.num_cached_tokens
             first = Event(token_ids=[resp.first_token_id], prefill_worker=prefill.worker_id,
-                          decode_worker=decode.worker_id)
+                          decode_worker=decode.worker_id, cached_tokens=resp.num_cached_tokens)
             if params.logprobs and resp.HasField("first_logprob"):
                 first.logprobs = [resp.first_logprob]
             req = pb.DecodeRequest(request_id=state.req_id, prompt_token_ids=prompt_ids,

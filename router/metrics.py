@@ -24,6 +24,7 @@ TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                   40.0, 80.0)
 E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                  480.0, 960.0, 1920.0, 7680.0)
+RECOMPUTE_BUCKETS_TOKENS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536)
 FINISH_REASONS = ("stop", "length", "abort")
 HTTP_STATUSES = ("200", "400", "429", "503")  # the ones an operator's panels show from the start
 
@@ -114,6 +115,11 @@ class RouterMetrics:
                                  "prefill_compute, kv_transfer_tail, decode_admission, decode); the phases of a "
                                  "request add up to its end-to-end latency.", [*m, "phase"], registry=r,
                                  buckets=TTFT_BUCKETS_S)
+        self.failover_recomputed_tokens = Histogram(
+            "pdserve:failover_recomputed_tokens", "Tokens of prompt + streamed output computed again when a stream "
+            "moved to another worker after its decode worker failed mid-stream (the rest was loaded from a prefix "
+            "cache or the KV store), one sample per failover.", m, registry=r,
+            buckets=RECOMPUTE_BUCKETS_TOKENS).labels(model_name)
         self._phases = {name: self.phase_s.labels(model_name, name.removesuffix("_s")) for name in PHASES}
         self.model_name = model_name
         # Children made now, at 0: a series born at its first increment loses that increment to rate().
@@ -178,3 +184,7 @@ class MeteredDispatcher(Dispatcher):
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, **kwargs) -> AsyncIterator[Event]:
         return self.metrics.track(super().generate(prompt_ids, params, **kwargs))
+
+    def observe_failover(self, req_id: str, num_recomputed_tokens: int) -> None:
+        super().observe_failover(req_id, num_recomputed_tokens)
+        self.metrics.failover_recomputed_tokens.observe(num_recomputed_tokens)
