@@ -7,7 +7,9 @@ random allocate/free operations first, blocks still held scattered through the p
 blocks are allocated by the real BlockManager and pushed in one push() from the sender's pool into
 the receiver's, with regions from the pools' layouts. A third table, checkerboard (every other block
 held: no two free blocks adjacent), is the worst case for any allocator. Side by side, the same bytes addressed the
-pre-block-major way (layer-major pool, least-recently-freed allocation, last blocks freed first).
+pre-block-major way (layer-major pool, least-recently-freed allocation, last blocks freed first), and
+the all-cached table with the eviction before run-aware eviction (cached blocks one at a time, least
+recently freed first).
 Prints sends per request (pieces the UCX backend sends), GB/s, and the push time as a share of an
 estimated prefill time of that prompt on this machine (8B-model FLOPs / measured GEMM FLOP/s).
 Not a test; every wait is bounded.
@@ -31,6 +33,7 @@ from collections import OrderedDict
 import torch
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+LRU_CACHED = "churned, all cached, LRU eviction (before)"
 HIDDEN, NUM_PARAMS = 4096, 8.03e9  # Llama-3-8B
 
 
@@ -77,6 +80,17 @@ class OldAllocator:
     def free(self, block_ids: list[int]) -> None:
         for b in reversed(block_ids):
             self.free_ids[b] = None
+
+
+def lru_eviction_block_manager(num_blocks: int):
+    """The block manager as it was before run-aware eviction (for the side-by-side row): when no empty block is
+    left, cached blocks are evicted one at a time, least recently freed first, whatever their neighbours."""
+    from pdserve.engine.block_manager import BlockManager
+
+    class LRUEviction(BlockManager):
+        def _evict(self, n: int) -> list[int]:
+            return [self._cached_free.popitem(last=False)[0] for _ in range(n)]
+    return LRUEviction(num_blocks, BLOCK_SIZE)
 
 
 def churned(allocator, num_ops: int, keep_free: int, seed: int, cache: bool = False):
@@ -170,12 +184,14 @@ async def run(args: argparse.Namespace) -> dict:
         for num_tokens in args.tokens:
             n = -(-num_tokens // BLOCK_SIZE)
             for layout_name in ("block-major", "layer-major (before)"):
-                for state in ("fresh", "churned", "churned, all cached", "checkerboard"):
+                for state in ("fresh", "churned", "churned, all cached", LRU_CACHED, "checkerboard"):
                     if state == "checkerboard" and 2 * n > args.pool_blocks:
                         continue
-                    if state == "churned, all cached" and layout_name != "block-major":
+                    if state in ("churned, all cached", LRU_CACHED) and layout_name != "block-major":
                         continue  # the old allocator had one tier: the same as churned
-                    if layout_name == "block-major":
+                    if state == LRU_CACHED:
+                        sides = [lru_eviction_block_manager(args.pool_blocks) for _ in range(2)]
+                    elif layout_name == "block-major":
                         sides = [BlockManager(args.pool_blocks, BLOCK_SIZE) for _ in range(2)]
                     else:
                         sides = [OldAllocator(args.pool_blocks) for _ in range(2)]

@@ -5,10 +5,11 @@ reused, so a later request with the same prefix skips that compute. Free blocks 
 empty ones (no cached KV) as runs of consecutive ids, and cached ones in least-recently-freed order.
 Allocation is contiguity-first within the empty tier: the smallest run that fits (best fit, lowest
 ids first, ascending), else the longest runs, and a growing sequence extends its last block's run
-in place when it can; only when empty blocks run out are cached ones evicted, oldest first, in the
-order they were freed (ascending within a request, so a request's runs survive into the next).
-In the block-major KV layout a run is one byte region, so a request's KV moves in about as many
-sends after churn as on a fresh pool (docs/kv_fragmentation.md). Owns block ids and counts; never
+in place when it can; only when empty blocks run out are cached ones evicted, a run at a time: the
+least recently freed block together with its free cached neighbours, so a request that evicts
+several earlier requests' blocks still gets few runs. In the block-major KV layout a run is one
+byte region, so a request's KV moves in about as many sends after churn as on a fresh pool, also
+when every free block is cached (docs/kv_fragmentation.md). Owns block ids and counts; never
 touches KV memory.
 """
 
@@ -100,8 +101,8 @@ class BlockManager:
             want = num_blocks - len(block_ids)
             start = self._best_run(want)
             block_ids.extend(self._take_free_range(start, min(want, self._run_len[start])))
-        while len(block_ids) < num_blocks:  # evict cached blocks, least recently freed first
-            block_ids.append(self._cached_free.popitem(last=False)[0])
+        if len(block_ids) < num_blocks:
+            block_ids.extend(self._evict(num_blocks - len(block_ids)))
         for b in block_ids:
             old = self.block_hashes[b]
             if old is not None:
@@ -122,6 +123,27 @@ class BlockManager:
                     self._add_free(b)
                 else:
                     self._cached_free[b] = None
+
+    def _evict(self, n: int) -> list[int]:
+        """`n` cached free blocks, a run at a time: the least recently freed block together with the free
+        cached blocks adjacent to it (ascending), so a request evicting several earlier requests' blocks
+        still gets few runs. It costs a little LRU order (a run's younger neighbours go with its oldest
+        block), never a block in use."""
+        out: list[int] = []
+        cached = self._cached_free
+        while len(out) < n:
+            oldest = next(iter(cached))
+            lo, hi = oldest, oldest
+            while lo - 1 in cached:
+                lo -= 1
+            while hi + 1 in cached:
+                hi += 1
+            want = n - len(out)
+            start = max(lo, min(oldest, hi + 1 - want))  # a window of the run holding the oldest block
+            for b in range(start, min(hi + 1, start + want)):
+                del cached[b]
+                out.append(b)
+        return out
 
     # ---- free runs ------------------------------------------------------------------------------
     def _best_run(self, want: int) -> int:

@@ -180,3 +180,38 @@ def test_empty_blocks_are_used_before_cached_ones_are_evicted():
     assert bm.allocate(12) == list(range(4, 16))  # the empty run, not the cached prefix
     assert bm.match_prefix(h) == ids
     assert bm.allocate(2) == ids[:2]  # then the cached ones, least recently freed first
+
+
+def _cache_all(bm: BlockManager, ids: list[int], tag: int) -> None:
+    for i, b in enumerate(ids):
+        bm.register(b, BlockHash(bytes([tag, i]) * 8))
+
+
+def test_eviction_takes_the_oldest_blocks_run_whole():
+    """Cached blocks freed by different requests but adjacent in the pool are evicted as one run, starting
+    from the least recently freed block: one region instead of one per earlier request."""
+    bm = BlockManager(12, 16)
+    a, b, c = bm.allocate(4), bm.allocate(4), bm.allocate(4)  # [0..3], [4..7], [8..11]
+    for tag, ids in enumerate((a, b, c)):
+        _cache_all(bm, ids, tag)
+    bm.free(b)  # oldest
+    bm.free(c)
+    bm.free(a)  # youngest
+    # LRU alone would take 4..7 then 8, 9 (two runs); run-aware takes the oldest block's run 4..9 in one
+    assert bm.allocate(6) == [4, 5, 6, 7, 8, 9]
+    assert bm.match_prefix([bm.block_hashes[x] for x in a]) == a  # the youngest request's blocks survive
+    # then the next oldest (10, 11: the rest of c), then a's run from its oldest block
+    assert bm.allocate(3) == [10, 11, 0]
+
+
+def test_eviction_window_holds_the_oldest_block_and_never_a_used_one():
+    bm = BlockManager(10, 16)
+    ids = bm.allocate(10)
+    _cache_all(bm, ids, 1)
+    bm.free(ids[6:])  # 6..9 oldest
+    bm.free(ids[:5])  # 0..4; block 5 stays in use
+    got = bm.allocate(3)
+    assert got == [6, 7, 8]  # the oldest block's run (6..9), from the oldest block
+    got2 = bm.allocate(3)
+    assert got2 == [9, 0, 1] and 5 not in got + got2
+    assert bm.ref_counts[5] == 1 and bm.num_free_blocks == 3
