@@ -34,13 +34,16 @@ class PublisherStats:
 
 class GeneratedBlockPublisher:
     def __init__(self, store: KVStoreClient, block_size: int, loop: asyncio.AbstractEventLoop,
-                 max_pending_blocks: int = 64) -> None:
-        if max_pending_blocks < 1:
-            raise ValueError("max_pending_blocks must be >= 1")
+                 max_pending_blocks: int = 64, gather_s: float = 0.02) -> None:
+        if max_pending_blocks < 1 or gather_s < 0:
+            raise ValueError("max_pending_blocks must be >= 1 and gather_s >= 0")
         self.store = store
         self.block_size = block_size
         self.loop = loop
         self.max_pending_blocks = max_pending_blocks
+        # a put waits this long for more blocks first: the sequences of a batch fill their blocks at about the
+        # same step, and one put of many blocks costs the loop (and the store) far less than many of one each
+        self.gather_s = gather_s
         self.stats = PublisherStats()
         # sequence -> leading blocks already handed on (engine thread only; a finished sequence drops out)
         self._done: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
@@ -96,6 +99,8 @@ class GeneratedBlockPublisher:
     async def _flush(self) -> None:
         """One put at a time, each carrying everything queued when it starts (a batch under load)."""
         while self._queue:
+            if self.gather_s:
+                await asyncio.sleep(self.gather_s)
             batch = list(self._queue)
             self._queue.clear()
             merged = StagedBlocks(tuple(h for s in batch for h in s.hashes), tuple(x for s in batch for x in s.slots))
