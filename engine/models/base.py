@@ -154,6 +154,24 @@ class Decoder:
         return self.lm_head(hidden).float()
 
 
+def build_decoder(config: ModelConfig, ckpt: Checkpoint, opts: BuildOptions, attention_name: str,
+                  attn: Callable[[int, str], LayerPart], mlp: Callable[[int, str], LayerPart],
+                  rope: Rope | None = None) -> Decoder:
+    """The decoder stack with the Hugging Face layer names: `attn(i, prefix)` and `mlp(i, prefix)` build
+    layer i's parts (prefix 'model.layers.{i}.'); `rope` defaults to the config's frequencies."""
+    c = config
+    layers = []
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        layers.append(DecoderLayer(input_norm=ckpt.take(p + "input_layernorm.weight", (c.hidden_size,)),
+                                   attn=attn(i, p),
+                                   post_norm=ckpt.take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
+                                   mlp=mlp(i, p)))
+    embed, norm, lm_head = embeddings_and_head(c, ckpt, opts.linear)
+    rope = rope or Rope(c.inv_freq(), opts.max_positions, embed.device)
+    return Decoder(c, embed, layers, norm, lm_head, rope, attention_name)
+
+
 def embeddings_and_head(config: ModelConfig, ckpt: Checkpoint, linear: Callable[..., Linear]
                         ) -> tuple[torch.Tensor, torch.Tensor, Linear]:
     """(embedding [vocab, hidden], final norm [hidden], LM head), the head tied to the embedding when configured."""

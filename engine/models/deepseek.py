@@ -23,8 +23,8 @@ from pdserve.engine.attention import Attention, make_attention
 from pdserve.engine.linear import Linear
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.model_config import ConfigReader, KVSpec, ModelConfig
-from pdserve.engine.models.base import (BuildOptions, Decoder, DecoderLayer, ModelFamily, Rope, StepContext,
-                                        apply_rope, embeddings_and_head, rms_norm)
+from pdserve.engine.models.base import (BuildOptions, Decoder, ModelFamily, Rope, StepContext, apply_rope,
+                                        build_decoder, rms_norm)
 from pdserve.engine.models.layers import load_dense_mlp
 from pdserve.engine.models.moe import MoEConfig, Router, SparseMoE, load_experts, moe_fields
 
@@ -246,21 +246,17 @@ def build(config: ModelConfig, ckpt: Checkpoint, opts: BuildOptions) -> Decoder:
     c = config
     assert isinstance(c, DeepseekConfig)
     spec = c.kv_spec
-    attention = make_attention(opts.attention_backend, ckpt.device, c.num_heads, spec.num_kv_heads, spec.head_dim)
-    layers = []
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        mlp = (load_moe(c, ckpt, p, opts) if c.sparse_layers[i]
-               else load_dense_mlp(ckpt, p + "mlp.", c.hidden_size, c.intermediate_size, opts.linear))
-        layers.append(DecoderLayer(
-            input_norm=ckpt.take(p + "input_layernorm.weight", (c.hidden_size,)),
-            attn=load_mla(c, ckpt, p, attention, opts),
-            post_norm=ckpt.take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
-            mlp=mlp,
-        ))
-    embed, norm, lm_head = embeddings_and_head(c, ckpt, opts.linear)
-    rope = Rope(c.inv_freq(), opts.max_positions, embed.device, scale=c.rope_attention_factor)
-    return Decoder(c, embed, layers, norm, lm_head, rope, attention.name)
+    # The C++ kernel vectorises head_dim 64 and 128 only; on the latent (576 for DeepSeek, 288 in
+    # benchmarks/mla_vs_mha.py) its scalar path prefilled 1024 tokens 3.2x slower than the reference
+    # (SDPA) on this CPU, so `auto` means the reference here until the kernel covers the latent.
+    backend = "reference" if opts.attention_backend == "auto" else opts.attention_backend
+    attention = make_attention(backend, ckpt.device, c.num_heads, spec.num_kv_heads, spec.head_dim)
+    rope = Rope(c.inv_freq(), opts.max_positions, torch.device(ckpt.device), scale=c.rope_attention_factor)
+    return build_decoder(
+        c, ckpt, opts, attention.name, rope=rope,
+        attn=lambda i, p: load_mla(c, ckpt, p, attention, opts),
+        mlp=lambda i, p: (load_moe(c, ckpt, p, opts) if c.sparse_layers[i] else
+                          load_dense_mlp(ckpt, p + "mlp.", c.hidden_size, c.intermediate_size, opts.linear)))
 
 
 FAMILY = ModelFamily(

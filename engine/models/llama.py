@@ -7,9 +7,9 @@ sliding window is not supported: a config that sets one fails at load).
 from __future__ import annotations
 
 from pdserve.engine.attention import make_attention
+from pdserve.engine.loader import Checkpoint
 from pdserve.engine.model_config import ConfigReader, ModelConfig
-from pdserve.engine.models.base import (BuildOptions, Checkpoint, Decoder, DecoderLayer, ModelFamily, Rope,
-                                        embeddings_and_head)
+from pdserve.engine.models.base import BuildOptions, Decoder, ModelFamily, build_decoder
 from pdserve.engine.models.layers import load_dense_mlp, load_gqa
 
 
@@ -31,18 +31,10 @@ def build_dense(config: ModelConfig, ckpt: Checkpoint, opts: BuildOptions, qk_no
     """A dense GQA decoder (this family; Qwen3 with `qk_norm`)."""
     c = config
     attention = make_attention(opts.attention_backend, ckpt.device, c.num_heads, c.num_kv_heads, c.head_dim)
-    layers = []
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        layers.append(DecoderLayer(
-            input_norm=ckpt.take(p + "input_layernorm.weight", (c.hidden_size,)),
-            attn=load_gqa(c, ckpt, p, attention, opts.linear, qk_norm=qk_norm),
-            post_norm=ckpt.take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
-            mlp=load_dense_mlp(ckpt, p + "mlp.", c.hidden_size, c.intermediate_size, opts.linear),
-        ))
-    embed, norm, lm_head = embeddings_and_head(c, ckpt, opts.linear)
-    rope = Rope(c.inv_freq(), opts.max_positions, embed.device)
-    return Decoder(c, embed, layers, norm, lm_head, rope, attention.name)
+    return build_decoder(c, ckpt, opts, attention.name,
+                         attn=lambda i, p: load_gqa(c, ckpt, p, attention, opts.linear, qk_norm=qk_norm),
+                         mlp=lambda i, p: load_dense_mlp(ckpt, p + "mlp.", c.hidden_size, c.intermediate_size,
+                                                         opts.linear))
 
 
 FAMILY = ModelFamily(

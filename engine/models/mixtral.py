@@ -6,7 +6,7 @@ from __future__ import annotations
 from pdserve.engine.attention import make_attention
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.model_config import ConfigReader, ModelConfig
-from pdserve.engine.models.base import BuildOptions, Decoder, DecoderLayer, ModelFamily, Rope, embeddings_and_head
+from pdserve.engine.models.base import BuildOptions, Decoder, ModelFamily, build_decoder
 from pdserve.engine.models.layers import load_gqa
 from pdserve.engine.models.llama import check_no_sliding_window
 from pdserve.engine.models.moe import MoEConfig, Router, SparseMoE, load_experts, moe_fields
@@ -23,23 +23,16 @@ def build(config: ModelConfig, ckpt: Checkpoint, opts: BuildOptions) -> Decoder:
     c = config
     assert isinstance(c, MoEConfig)
     attention = make_attention(opts.attention_backend, ckpt.device, c.num_heads, c.num_kv_heads, c.head_dim)
-    layers = []
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        moe = p + "block_sparse_moe."
-        router = Router(ckpt.take_float32(moe + "gate.weight", (c.num_experts, c.hidden_size)), c.num_experts_per_tok,
+
+    def moe(i: int, p: str) -> SparseMoE:
+        p += "block_sparse_moe."
+        router = Router(ckpt.take_float32(p + "gate.weight", (c.num_experts, c.hidden_size)), c.num_experts_per_tok,
                         normalize=True)
-        experts = load_experts(ckpt, moe + "experts.", c.num_experts, c.hidden_size, c.intermediate_size, opts.linear,
-                               names=("w1", "w3", "w2"))
-        layers.append(DecoderLayer(
-            input_norm=ckpt.take(p + "input_layernorm.weight", (c.hidden_size,)),
-            attn=load_gqa(c, ckpt, p, attention, opts.linear),
-            post_norm=ckpt.take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
-            mlp=SparseMoE(router, experts),
-        ))
-    embed, norm, lm_head = embeddings_and_head(c, ckpt, opts.linear)
-    return Decoder(c, embed, layers, norm, lm_head, Rope(c.inv_freq(), opts.max_positions, embed.device),
-                   attention.name)
+        return SparseMoE(router, load_experts(ckpt, p + "experts.", c.num_experts, c.hidden_size, c.intermediate_size,
+                                              opts.linear, names=("w1", "w3", "w2")))
+
+    return build_decoder(c, ckpt, opts, attention.name, attn=lambda i, p: load_gqa(c, ckpt, p, attention, opts.linear),
+                         mlp=moe)
 
 
 FAMILY = ModelFamily(

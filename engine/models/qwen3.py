@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from pdserve.engine.loader import Checkpoint
 from pdserve.engine.model_config import ConfigReader, ModelConfig
 from pdserve.engine.models.base import BuildOptions, Decoder, ModelFamily
-from pdserve.engine.loader import Checkpoint
 from pdserve.engine.models.llama import build_dense, check_no_sliding_window
 
 

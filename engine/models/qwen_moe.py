@@ -7,8 +7,8 @@ from __future__ import annotations
 from pdserve.engine.attention import make_attention
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.model_config import ConfigReader, ModelConfig
-from pdserve.engine.models.base import BuildOptions, Decoder, DecoderLayer, ModelFamily, Rope, embeddings_and_head
-from pdserve.engine.models.layers import load_dense_mlp, load_gqa
+from pdserve.engine.models.base import BuildOptions, Decoder, ModelFamily, build_decoder
+from pdserve.engine.models.layers import DenseMLP, load_dense_mlp, load_gqa
 from pdserve.engine.models.llama import check_no_sliding_window
 from pdserve.engine.models.moe import MoEConfig, Router, SparseMoE, load_experts, moe_fields
 
@@ -33,31 +33,23 @@ def build(config: ModelConfig, ckpt: Checkpoint, opts: BuildOptions) -> Decoder:
     c = config
     assert isinstance(c, MoEConfig)
     attention = make_attention(opts.attention_backend, ckpt.device, c.num_heads, c.num_kv_heads, c.head_dim)
-    layers = []
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        if c.sparse_layers[i]:
-            router = Router(ckpt.take_float32(p + "mlp.gate.weight", (c.num_experts, c.hidden_size)),
-                            c.num_experts_per_tok, normalize=c.norm_topk_prob)
-            experts = load_experts(ckpt, p + "mlp.experts.", c.num_experts, c.hidden_size, c.moe_intermediate_size,
-                                   opts.linear)
-            shared = gate = None
-            if c.shared_expert_intermediate_size:
-                shared = load_dense_mlp(ckpt, p + "mlp.shared_expert.", c.hidden_size,
-                                        c.shared_expert_intermediate_size, opts.linear)
-                gate = ckpt.take(p + "mlp.shared_expert_gate.weight", (1, c.hidden_size))
-            mlp = SparseMoE(router, experts, shared, gate)
-        else:
-            mlp = load_dense_mlp(ckpt, p + "mlp.", c.hidden_size, c.intermediate_size, opts.linear)
-        layers.append(DecoderLayer(
-            input_norm=ckpt.take(p + "input_layernorm.weight", (c.hidden_size,)),
-            attn=load_gqa(c, ckpt, p, attention, opts.linear, qk_norm=c.qk_norm),
-            post_norm=ckpt.take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
-            mlp=mlp,
-        ))
-    embed, norm, lm_head = embeddings_and_head(c, ckpt, opts.linear)
-    return Decoder(c, embed, layers, norm, lm_head, Rope(c.inv_freq(), opts.max_positions, embed.device),
-                   attention.name)
+
+    def mlp(i: int, p: str) -> SparseMoE | DenseMLP:
+        if not c.sparse_layers[i]:
+            return load_dense_mlp(ckpt, p + "mlp.", c.hidden_size, c.intermediate_size, opts.linear)
+        router = Router(ckpt.take_float32(p + "mlp.gate.weight", (c.num_experts, c.hidden_size)),
+                        c.num_experts_per_tok, normalize=c.norm_topk_prob)
+        experts = load_experts(ckpt, p + "mlp.experts.", c.num_experts, c.hidden_size, c.moe_intermediate_size,
+                               opts.linear)
+        shared = gate = None
+        if c.shared_expert_intermediate_size:
+            shared = load_dense_mlp(ckpt, p + "mlp.shared_expert.", c.hidden_size, c.shared_expert_intermediate_size,
+                                    opts.linear)
+            gate = ckpt.take(p + "mlp.shared_expert_gate.weight", (1, c.hidden_size))
+        return SparseMoE(router, experts, shared, gate)
+
+    return build_decoder(c, ckpt, opts, attention.name, mlp=mlp,
+                         attn=lambda i, p: load_gqa(c, ckpt, p, attention, opts.linear, qk_norm=c.qk_norm))
 
 
 FAMILY = ModelFamily(

@@ -14,6 +14,31 @@ def start_cluster(spec: ClusterSpec, timeout_s: float = 180.0) -> Cluster:
     return _start_cluster(spec, timeout_s=timeout_s)
 
 
+def hf_greedy_logprobs(model_dir, prompts: list[list[int]], num_new: int) -> list[tuple[list[int], list[float]]]:
+    """transformers' greedy tokens and their logprobs for each prompt (the parity reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    refs = []
+    for p in prompts:
+        out = hf.generate(torch.tensor([p]), max_new_tokens=num_new, min_new_tokens=num_new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, len(p):].tolist()
+        refs.append((tokens, [torch.log_softmax(lg[0], -1)[t].item() for lg, t in zip(out.logits, tokens)]))
+    return refs
+
+
+async def complete_all(address: str, prompts: list[list[int]], num_new: int) -> list:
+    """Greedy completions (with logprobs) of all prompts at once through the router at `address`."""
+    from pdserve.client import Client
+
+    async with Client(address) as client:
+        return await asyncio.gather(*(
+            client.complete(p, max_tokens=num_new, temperature=0.0, ignore_eos=True, logprobs=True, timeout_s=120)
+            for p in prompts))
+
+
 def replace_prefill_worker(cluster: Cluster) -> str:
     """Kill the prefill worker and start a fresh one (empty local prefix cache); returns its address."""
     import signal

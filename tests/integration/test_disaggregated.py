@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from integration_helpers import all_blocks_free, wait_until  # noqa: F401  (see conftest)
+from integration_helpers import all_blocks_free, complete_all, hf_greedy_logprobs, wait_until  # noqa: F401  (see conftest)
 from pdserve.client import Client
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
@@ -31,24 +31,11 @@ def _prompts(seed: int = 3) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def hf_reference(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    refs = []
-    for p in _prompts():
-        out = hf.generate(torch.tensor([p]), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW, do_sample=False,
-                          eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        tokens = out.sequences[0, len(p):].tolist()
-        logprobs = [torch.log_softmax(l[0], -1)[t].item() for l, t in zip(out.logits, tokens)]
-        refs.append((tokens, logprobs))
-    return refs
+    return hf_greedy_logprobs(tiny_model_dir, _prompts(), NUM_NEW)
 
 
 async def _complete_all(address: str) -> list:
-    async with Client(address) as client:
-        return await asyncio.gather(*(
-            client.complete(p, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=True, timeout_s=120)
-            for p in _prompts()))
+    return await complete_all(address, _prompts(), NUM_NEW)
 
 
 def test_token_parity_disaggregated_colocated_transformers(disagg_cluster, colocated_cluster, hf_reference,

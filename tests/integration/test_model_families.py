@@ -16,7 +16,8 @@ import shutil
 import pytest
 import torch
 
-from integration_helpers import replace_prefill_worker, start_cluster, wait_until
+from integration_helpers import (complete_all, hf_greedy_logprobs, replace_prefill_worker, start_cluster,
+                                 wait_until)
 from pdserve import rpc
 from pdserve.client import Client
 from pdserve.cluster import ClusterSpec
@@ -34,26 +35,6 @@ FAMILIES = ["qwen3-moe", "mixtral", "deepseek-v2", "deepseek-v3"]
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(5)
     return [torch.randint(3, 512, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-def _hf_reference(model_dir) -> list[tuple[list[int], list[float]]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    refs = []
-    for p in _prompts():
-        out = hf.generate(torch.tensor([p]), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW, do_sample=False,
-                          eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        tokens = out.sequences[0, len(p):].tolist()
-        refs.append((tokens, [torch.log_softmax(lg[0], -1)[t].item() for lg, t in zip(out.logits, tokens)]))
-    return refs
-
-
-async def _complete_all(address: str) -> list:
-    async with Client(address) as client:
-        return await asyncio.gather(*(
-            client.complete(p, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=True, timeout_s=120)
-            for p in _prompts()))
 
 
 async def _stats(address: str):
@@ -78,7 +59,7 @@ def test_family_disaggregated_with_store_matches_transformers(kind, hf_model_dir
     shutil.copytree(hf_model_dirs[kind], model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, model_dir / name)
-    refs = _hf_reference(model_dir)
+    refs = hf_greedy_logprobs(model_dir, _prompts(), NUM_NEW)
     offline = LLMEngine(EngineConfig(model=str(model_dir))).generate(
         _prompts(), SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=True))
     _assert_matches(offline, refs)
@@ -90,7 +71,7 @@ def test_family_disaggregated_with_store_matches_transformers(kind, hf_model_dir
                        log_dir=str(tmp_path / "logs"))
     cluster = start_cluster(spec)
     try:
-        first = asyncio.run(_complete_all(cluster.router_address))
+        first = asyncio.run(complete_all(cluster.router_address, _prompts(), NUM_NEW))
         _assert_matches(first, refs)
         assert all(c.prefill_worker.startswith("prefill@") and c.decode_worker.startswith("decode@") for c in first)
         prefill_stats = next(s for s in asyncio.run(_stats(cluster.router_address)).values() if s.role == 1)
@@ -101,7 +82,8 @@ def test_family_disaggregated_with_store_matches_transformers(kind, hf_model_dir
         sent = prefill_stats.kv_bytes_sent
         assert sent >= blocks * layout.block_nbytes and sent % layout.layer_block_nbytes == 0
 
-        again = asyncio.run(_complete_all(cluster.router_address))  # the prefill worker's own prefix cache
+        # the prefill worker's own prefix cache
+        again = asyncio.run(complete_all(cluster.router_address, _prompts(), NUM_NEW))
         _assert_matches(again, refs)
         hits = [((n - 1) // 16) * 16 for n in PROMPT_LENS]
         assert [c.usage.cached_tokens for c in again] == hits
@@ -110,7 +92,7 @@ def test_family_disaggregated_with_store_matches_transformers(kind, hf_model_dir
         asyncio.run(wait_until(lambda: _stored_at_least(cluster.store_address, full_blocks), timeout_s=30,
                                what="prompt blocks published to the store"))
         replace_prefill_worker(cluster)  # empty local cache: hits now come from the store
-        from_store = asyncio.run(_complete_all(cluster.router_address))
+        from_store = asyncio.run(complete_all(cluster.router_address, _prompts(), NUM_NEW))
         _assert_matches(from_store, refs)
         assert [c.usage.cached_tokens for c in from_store] == hits
     finally:
