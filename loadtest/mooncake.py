@@ -27,14 +27,20 @@ class TraceRow:
 
 
 def load_trace(path: str, start_s: float = 0.0, end_s: float | None = None, limit: int | None = None) -> list[TraceRow]:
-    """Rows in arrival order whose timestamp (from the trace's first) lies in [start_s, end_s)."""
+    """Rows in arrival order whose timestamp (from the trace's first) lies in [start_s, end_s). A line
+    that is not a trace row raises ValueError naming the file, the line number and what is wrong."""
     rows: list[TraceRow] = []
     with open(path) as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
-                d = json.loads(line)
-                rows.append(TraceRow(float(d["timestamp"]), int(d["input_length"]), int(d["output_length"]),
-                                     tuple(int(h) for h in d["hash_ids"])))
+                try:
+                    d = json.loads(line)
+                    rows.append(TraceRow(float(d["timestamp"]), int(d["input_length"]), int(d["output_length"]),
+                                         tuple(int(h) for h in d["hash_ids"])))
+                except (ValueError, KeyError, TypeError) as exc:
+                    what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+                    raise ValueError(f"{path}:{lineno}: not a Mooncake trace row ({what}): {line.strip()[:80]!r}"
+                                     ) from None
     rows.sort(key=lambda r: r.timestamp_ms)
     if not rows:
         return rows

@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kvstore-master": ("pdserve.kvstore.master", "run the KV cache store master (which node holds which block)"),
     "kvstore-node": ("pdserve.kvstore.node", "run a KV cache store node (a memory pool served over UCX)"),
     "bench": ("pdserve.loadtest.cli", "load-test pdserve or any OpenAI-compatible server (TTFT, TPOT, goodput)"),
+    "simulate": ("pdserve.planner.simulate_cmd", "simulate a cluster: the real routing policy and planner against "
+                 "calibrated simulated workers, replaying bench datasets and Mooncake traces"),
     "healthcheck": ("pdserve.healthcheck", "check a pdserve server's gRPC health (exit 0 when SERVING)"),
 }
 

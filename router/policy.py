@@ -37,6 +37,14 @@ class WorkerView(Protocol):
     def load(self) -> float: ...
 
 
+def worker_load(stats: pb.WorkerStats, inflight: int) -> float:
+    """Lower is better: batch occupancy (running, waiting and routed-but-unfinished requests over the batch
+    size) plus KV occupancy."""
+    seqs = (stats.num_running + stats.num_waiting + inflight) / max(1, stats.max_num_seqs or 64)
+    kv = 1.0 - (stats.num_free_kv_blocks / stats.num_kv_blocks if stats.num_kv_blocks else 1.0)
+    return seqs + kv
+
+
 def routable(worker: WorkerView) -> bool:
     return worker.healthy and not worker.draining
 

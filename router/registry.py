@@ -18,6 +18,7 @@ from pdserve import rpc
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.config import RouterConfig
+from pdserve.router.policy import worker_load
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,7 @@ class Worker:
         return pb.WorkerRole.Name(self.role).lower()
 
     def load(self) -> float:
-        """Lower is better: batch occupancy plus KV occupancy."""
-        s = self.stats
-        seqs = (s.num_running + s.num_waiting + self.inflight) / max(1, s.max_num_seqs or 64)
-        kv = 1.0 - (s.num_free_kv_blocks / s.num_kv_blocks if s.num_kv_blocks else 1.0)
-        return seqs + kv
+        return worker_load(self.stats, self.inflight)
 
 
 class WorkerRegistry:

@@ -1,0 +1,90 @@
+"""The cluster simulator (planner/simulator.py) runs the real RoutingPolicy and planner decision:
+every request finishes on every split, remote prefills move KV and local ones do not, repeated
+prefixes hit, the planner switches roles in the loop, slower workers are slower, and a malformed
+trace line is named (loadtest/mooncake.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.planner.config import PlannerConfig
+from pdserve.planner.model import Split
+from pdserve.planner.simulator import Calibration, SimRequest, Simulation
+from pdserve.router.config import RouterConfig
+
+
+def requests(n: int, prompt_len: int, output_len: int, rate: float, shared_blocks: int = 0) -> list[SimRequest]:
+    out = []
+    for i in range(n):
+        blocks = prompt_len // 16
+        hashes = tuple(b"s%d" % j if j < shared_blocks else b"r%d-%d" % (i, j) for j in range(blocks))
+        out.append(SimRequest(f"r{i}", i / rate, prompt_len, output_len, hashes))
+    return out
+
+
+ROUTER = RouterConfig()
+
+
+def test_every_request_finishes_on_every_split_and_routes_as_the_policy_says():
+    reqs = requests(60, prompt_len=512, output_len=16, rate=10)
+    coloc = Simulation(reqs, Split(0, 0, 2), Calibration(), ROUTER).run()
+    split = Simulation(reqs, Split(1, 1), Calibration(), ROUTER).run()
+    assert coloc.num_finished == split.num_finished == 60
+    assert coloc.local_prefill_share == 1.0 and coloc.kv_bytes_moved == 0
+    assert split.local_prefill_share == 0.0 and split.kv_bytes_moved == 60 * 512 * Calibration().kv_bytes_per_token
+    assert coloc.ttft_s["p50"] > 0 and split.tpot_s["p50"] > 0
+
+
+def test_shared_prefixes_hit_and_goodput_counts_the_slo():
+    reqs = requests(40, prompt_len=512, output_len=8, rate=5, shared_blocks=24)
+    r = Simulation(reqs, Split(1, 1), Calibration(), ROUTER, slo_tpot_s=1e-6).run()
+    assert r.prefix_hit_ratio > 0.6 and r.goodput_rps == 0.0  # nobody meets a 1 us TPOT
+    r = Simulation(reqs, Split(1, 1), Calibration(), ROUTER, slo_tpot_s=10.0).run()
+    assert r.goodput_rps == pytest.approx(r.throughput_rps)
+
+
+def test_the_planner_switches_roles_in_the_loop():
+    reqs = requests(400, prompt_len=32, output_len=128, rate=12)
+    planner = PlannerConfig(planner="slo", planner_interval_s=1, planner_window_s=5, planner_hold_s=2,
+                            planner_tpot_slo_ms=20)
+    r = Simulation(reqs, Split(1, 1), Calibration(), ROUTER, planner, slo_tpot_s=0.02).run()
+    assert r.num_finished == 400 and r.final_split == "2 colocated"
+    assert any(d[1] == "switched" for d in r.decisions)
+
+
+def test_slower_workers_and_shared_cores_are_slower():
+    reqs = requests(30, prompt_len=512, output_len=8, rate=2)
+    fast = Simulation(reqs, Split(0, 0, 2), Calibration(), ROUTER).run()
+    slow = Simulation(reqs, Split(0, 0, 2), Calibration(), ROUTER, speed_factors=[2.0]).run()
+    assert slow.ttft_s["p50"] > 1.5 * fast.ttft_s["p50"]
+    busy = requests(30, prompt_len=512, output_len=8, rate=50)
+    own = Simulation(busy, Split(0, 0, 4), Calibration(), ROUTER).run()
+    shared = Simulation(busy, Split(0, 0, 4), Calibration(), ROUTER, num_cores=1).run()
+    assert shared.ttft_s["p90"] > own.ttft_s["p90"]
+
+
+def test_a_malformed_trace_line_is_named(tmp_path):
+    from pdserve.loadtest.mooncake import load_trace
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n'
+                    '{"timestamp": 1, "input_length": 10}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: not a Mooncake trace row \(missing field 'output_length'\)"):
+        load_trace(str(path))
+
+
+def test_pdserve_simulate_prints_every_split_and_writes_results_and_plots(tmp_path, capsys):
+    import json
+
+    from pdserve.cli import main
+
+    rc = main(["simulate", "--workers", "3", "--dataset", "random", "--num-prompts", "40", "--request-rate", "5",
+               "--random-input-len", "128", "--random-output-len", "16", "--slo-tpot-ms", "50",
+               "--out-dir", str(tmp_path), "--planner-window-s", "5", "--planner-min-requests", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for split in ("3 colocated", "1P:2D", "2P:1D"):
+        assert f"| {split} | off | 40/40 |" in out
+    assert "| slo |" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 4 and (tmp_path / "simulate_splits.png").stat().st_size > 0
