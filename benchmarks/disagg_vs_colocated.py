@@ -140,7 +140,8 @@ def format_table(rows: list[dict], workload: str) -> str:
     for r in sorted((r for r in rows if r["workload"] == workload), key=lambda r: (r["rate"], r["deployment"])):
         workers = " ".join(f"{k.split('-')[0][:5]}{v:.2f}" for k, v in r["cpu"].items()
                            if k not in ("router", "bench-client", "idle"))
-        out.append([f"{r['rate']:.2f}", r["deployment"], str(r["sent"]), str(r["ok"]), str(r["failed"]),
+        deploy = f"planner ({r['split']})" if r["deployment"] == "planner" else r["deployment"]
+        out.append([f"{r['rate']:.2f}", deploy, str(r["sent"]), str(r["ok"]), str(r["failed"]),
                     f"{r['req_s']:.2f}", f"{r['goodput_tpot']:.2f}", f"{r['goodput_both']:.2f}",
                     f"{r['ttft_p50']:.0f}", f"{r['ttft_p99']:.0f}", f"{r['tpot_p50']:.1f}", f"{r['tpot_p90']:.1f}",
                     f"{r['tpot_p99']:.1f}", f"{r['gap1_p50']:.1f}", f"{r['gaps_p50']:.1f}",
@@ -152,14 +153,16 @@ def format_table(rows: list[dict], workload: str) -> str:
     return "\n".join(lines)
 
 
-def ratios(rows: list[dict], workload: str, key: str) -> tuple[float, float, list[tuple[float, float]]]:
-    """(peak goodput disagg / peak colocated, peak colocated, per-rate ratios)."""
+def ratios(rows: list[dict], workload: str, key: str, versus: str = "disagg"
+           ) -> tuple[float, float, list[tuple[float, float]]]:
+    """(peak goodput `versus` / peak colocated, peak colocated, per-rate ratios)."""
+    deployments = ("colocated", versus)
     by = {d: {r["rate"]: r[key] for r in rows if r["workload"] == workload and r["deployment"] == d}
-          for d in DEPLOYMENTS}
-    peak = {d: max(by[d].values(), default=0.0) for d in DEPLOYMENTS}
-    per_rate = [(rate, by["disagg"][rate] / by["colocated"][rate] if by["colocated"][rate] else math.nan)
-                for rate in sorted(by["colocated"]) if rate in by["disagg"]]
-    return (peak["disagg"] / peak["colocated"] if peak["colocated"] else math.inf), peak["colocated"], per_rate
+          for d in deployments}
+    peak = {d: max(by[d].values(), default=0.0) for d in deployments}
+    per_rate = [(rate, by[versus][rate] / by["colocated"][rate] if by["colocated"][rate] else math.nan)
+                for rate in sorted(by["colocated"]) if rate in by[versus]]
+    return (peak[versus] / peak["colocated"] if peak["colocated"] else math.inf), peak["colocated"], per_rate
 
 
 def fmt_ratios(per_rate: list[tuple[float, float]]) -> str:
@@ -173,10 +176,10 @@ def plot(rows: list[dict], slos: dict[str, dict], img_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     img_dir.mkdir(parents=True, exist_ok=True)
-    colors = {"colocated": "tab:orange", "disagg": "tab:blue"}
+    colors = {"colocated": "tab:orange", "disagg": "tab:blue", "planner": "tab:green"}
     fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(6 * len(WORKLOADS), 4.2))
     for ax, workload in zip(axes, WORKLOADS):
-        for d in DEPLOYMENTS:
+        for d in [d for d in colors if any(r["deployment"] == d for r in rows)]:
             pts = sorted((r["rate"], r["goodput_tpot"], r["goodput_both"]) for r in rows
                          if r["workload"] == workload and r["deployment"] == d)
             if pts:
@@ -222,6 +225,15 @@ def plot(rows: list[dict], slos: dict[str, dict], img_dir: Path) -> list[Path]:
     return paths
 
 
+async def split_of_cluster(cluster: Cluster) -> str:
+    """The cluster's workers by role, as the router sees them now ("1P:1D", "2 colocated")."""
+    from pdserve.client import Client
+    from pdserve.planner.planner import split_of
+
+    async with Client(cluster.router_address) as client:
+        return str(split_of(w.role for w in await client.workers() if w.healthy))
+
+
 # ---- main -------------------------------------------------------------------------------------
 async def calibrate(cluster: Cluster, workload: str, args: argparse.Namespace, log: list[str]) -> dict:
     config = base_config(workload, cluster, args)
@@ -263,6 +275,11 @@ def main() -> None:
     ap.add_argument("--model-size", default="tiny", choices=["tiny", "small"])
     ap.add_argument("--worker-args", default="", help="extra flags for every worker")
     ap.add_argument("--router-args", default="", help="extra router flags")
+    ap.add_argument("--planner", default="off", choices=["off", "throughput", "slo"],
+                    help="also run a third deployment: 1 prefill + 1 decode with the router's planner in this mode, "
+                         "its targets the workload's SLO (started per workload, after calibration)")
+    ap.add_argument("--planner-args", default="--planner-interval-s 1 --planner-window-s 10 --planner-hold-s 5 "
+                    "--planner-confirm 2 --planner-min-requests 8", help="extra router flags of the planner deployment")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write every run's numbers here")
     ap.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
@@ -293,21 +310,34 @@ def main() -> None:
         for workload in args.workloads:
             slo = slos[workload]
             slo_tpot, slo_both = SLO(tpot_ms=slo["tpot_ms"]), SLO(ttft_ms=slo["ttft_ms"], tpot_ms=slo["tpot_ms"])
+            deployments = DEPLOYMENTS
+            if args.planner != "off":  # its targets are this workload's SLO, so it starts now
+                spec = cluster_spec("disagg", model, worker_args, router_args + [
+                    "--planner", args.planner, "--planner-tpot-slo-ms", str(slo["tpot_ms"]),
+                    "--planner-ttft-slo-ms", str(slo["ttft_ms"]), *shlex.split(args.planner_args)])
+                clusters["planner"] = start_cluster(spec, attempts=3)
+                asyncio.run(run_at(clusters["planner"], base_config("random", clusters["planner"], args), math.inf,
+                                   args.seed + 999, 2, num_prompts=4))  # warm-up
+                deployments = (*DEPLOYMENTS, "planner")
             for i, rate in enumerate(slo["rates"]):
-                for deployment in (DEPLOYMENTS if i % 2 == 0 else DEPLOYMENTS[::-1]):  # alternate who goes first
+                k = i % len(deployments)
+                for deployment in deployments[k:] + deployments[:k]:  # rotate who goes first
                     cluster = clusters[deployment]
-                    idle = next(c for d, c in clusters.items() if d != deployment)
-                    idle0 = sum(cpu_seconds(idle).values()) - sum(os.times()[:2])
+                    idle = [c for d, c in clusters.items() if d != deployment]
+                    idle0 = sum(sum(cpu_seconds(c).values()) - sum(os.times()[:2]) for c in idle)
                     result, cpu = asyncio.run(run_at(cluster, base_config(workload, cluster, args), rate, args.seed + i,
                                                      args.run_s, slo_tpot_ms=slo["tpot_ms"], slo_ttft_ms=slo["ttft_ms"]))
-                    idle1 = sum(cpu_seconds(idle).values()) - sum(os.times()[:2])
+                    idle1 = sum(sum(cpu_seconds(c).values()) - sum(os.times()[:2]) for c in idle)
                     cpu["idle"] = (idle1 - idle0) / result.summary.duration_s if result.summary.duration_s else 0.0
                     row = run_row(deployment, workload, rate, result, cpu, slo_tpot, slo_both)
+                    row["split"] = asyncio.run(split_of_cluster(cluster))
                     rows.append(row)
                     print(f"{deployment:9s} {workload:8s} rate {rate:6.2f}: ok {row['ok']}/{row['sent']}, goodput "
                           f"{row['goodput_tpot']:.2f} (TPOT) {row['goodput_both']:.2f} (+TTFT), TPOT p50 "
                           f"{row['tpot_p50']:.1f} ms, TTFT p50 {row['ttft_p50']:.0f} ms, cores {row['cpu']}, "
-                          f"load {os.getloadavg()[0]:.1f}", flush=True)
+                          f"split after {row['split']}, load {os.getloadavg()[0]:.1f}", flush=True)
+            if "planner" in clusters:
+                clusters.pop("planner").stop()
     finally:
         for cluster in clusters.values():
             cluster.stop()
@@ -324,6 +354,14 @@ def main() -> None:
                 f"{slos[workload]['ttft_ms']} ms too: {peak_both:.2f}x (per rate: "
                 f"{fmt_ratios(per_rate_both)})")
         summary_lines.append(line)
+        if args.planner != "off":
+            p_ratio, _, p_rates = ratios(rows, workload, "goodput_tpot", versus="planner")
+            p_both, _, p_rates_both = ratios(rows, workload, "goodput_both", versus="planner")
+            summary_lines.append(f"{workload}: peak goodput planner ({args.planner})/colocated = {p_ratio:.2f}x at TPOT "
+                                 f"(per rate: {fmt_ratios(p_rates)}); with TTFT too: {p_both:.2f}x (per rate: "
+                                 f"{fmt_ratios(p_rates_both)}); splits after each rate: "
+                                 + ", ".join(r["split"] for r in rows if r["workload"] == workload
+                                             and r["deployment"] == "planner"))
         print(f"\n{workload} (latencies in ms; CPU = cores used per process, averaged over the run)")
         print(tables[workload])
     print()

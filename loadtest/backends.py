@@ -230,6 +230,8 @@ class PdserveGrpcBackend(Backend):
             async for msg in self._client.generate(request.prompt, timeout_s=self.config.request_timeout_s,
                                                    max_tokens=request.max_tokens, model=self.model or "",
                                                    **self._sampling):
+                if msg.decode_worker and result.prefilled_remotely is None:
+                    result.prefilled_remotely = msg.prefill_worker != msg.decode_worker
                 if msg.token_ids:
                     result.chunk_times.append(time.perf_counter())
                     result.output_len += len(msg.token_ids)
@@ -240,6 +242,7 @@ class PdserveGrpcBackend(Backend):
                     result.usage_prompt_tokens = msg.usage.prompt_tokens
                     result.usage_completion_tokens = msg.usage.completion_tokens
                     result.usage_cached_tokens = msg.usage.cached_tokens
+                    result.kv_bytes_moved = msg.kv_bytes_moved
                     if msg.HasField("timing"):
                         result.phase_s = {f.name.removesuffix("_s"): getattr(msg.timing, f.name)
                                           for f in msg.timing.DESCRIPTOR.fields}

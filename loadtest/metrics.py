@@ -75,6 +75,27 @@ def prefix_hits(results: list[RequestResult]) -> PrefixHits:
 
 
 @dataclass(slots=True)
+class PrefillRoutes:
+    """Where the server computed prompts (pdserve's gRPC API says, per request): on a prefill worker
+    (remote) or on the decode worker itself (local), and the KV bytes remote prefills moved."""
+
+    num_reporting: int
+    num_local: int
+    num_remote: int
+    local_share: float
+    kv_bytes_moved: int
+
+
+def prefill_routes(results: list[RequestResult]) -> PrefillRoutes | None:
+    reporting = [r for r in results if r.success and r.prefilled_remotely is not None]
+    if not reporting:
+        return None
+    remote = sum(1 for r in reporting if r.prefilled_remotely)
+    return PrefillRoutes(len(reporting), len(reporting) - remote, remote, (len(reporting) - remote) / len(reporting),
+                         sum(r.kv_bytes_moved or 0 for r in reporting))
+
+
+@dataclass(slots=True)
 class PhaseBreakdown:
     """Where the server says requests' time went (its per-request timing), against the E2E latency
     this client measured for the same requests."""
@@ -124,6 +145,7 @@ class Summary:
     errors: dict[str, int] = field(default_factory=dict)  # error_kind -> count
     prefix_hits: PrefixHits | None = None
     phases: PhaseBreakdown | None = None
+    prefill_routes: PrefillRoutes | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +205,7 @@ def summarize(results: list[RequestResult], num_requests: int, duration_s: float
         latency={name: latency_stats(values[name], percentiles) for name in LATENCY_METRICS},
         errors=dict(Counter(r.error_kind or "unknown" for r in results if not r.success)),
         prefix_hits=prefix_hits(results),
+        prefill_routes=prefill_routes(results),
         phases=phase_breakdown(results),
     )
 

@@ -67,6 +67,11 @@ def format_summary(result: BenchResult) -> str:
         _row("Output token throughput (tok/s):", f"{s.output_throughput:.2f}"),
         _row("Total token throughput (tok/s):", f"{s.total_token_throughput:.2f}"),
     ]
+    if (routes := s.prefill_routes) is not None:
+        lines.append(f"{'Prefill routes (pdserve)':-^{WIDTH}}")
+        lines.append(_row("Prefilled locally / remotely:", f"{routes.num_local} / {routes.num_remote}"))
+        lines.append(_row("Local prefill share:", f"{routes.local_share:.3f}"))
+        lines.append(_row("KV bytes moved (MiB):", f"{routes.kv_bytes_moved / 2**20:.2f}"))
     if (hits := s.prefix_hits) is not None and (hits.hit_ratio is not None or hits.ideal_unbounded is not None):
         lines.append(f"{'Prefix cache':-^{WIDTH}}")
         lines.append(_row("Cached prompt tokens (server usage):",

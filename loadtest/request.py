@@ -35,6 +35,8 @@ class RequestResult:
     usage_completion_tokens: int | None = None
     usage_cached_tokens: int | None = None  # prompt tokens the server took from a cache (usage details)
     phase_s: dict[str, float] | None = None  # the server's timing of this request: phase -> seconds (pdserve)
+    prefilled_remotely: bool | None = None  # pdserve gRPC: prompt computed on a prefill worker (not its decode one)
+    kv_bytes_moved: int | None = None  # pdserve gRPC: KV bytes pushed from prefill to decode for it
 
     @property
     def ttft_s(self) -> float | None:

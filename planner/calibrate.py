@@ -1,14 +1,14 @@
 """Calibration of the simulator's workers on the real engine (`pdserve simulate --calibrate FILE`):
 the step time of prefill chunks of several sizes and of decode batches of several sizes and contexts,
 measured on an LLMEngine built exactly as a worker builds it (same EngineConfig flags, its threads),
-fitted by least squares to StepModel (fixed + per decode sequence + per prefill token + per context
+(the fastest of a few repeats: the engine's own cost, without other processes' contention, which
+the simulator models apart with --num-cores) fitted by least squares to StepModel (fixed + per decode sequence + per prefill token + per context
 token), plus the KV bytes per token of its cache layout. Written as JSON (planner/simulator.py
 Calibration)."""
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import numpy as np
@@ -25,7 +25,7 @@ BATCHES = (1, 2, 4, 8, 16)
 CONTEXTS = (32, 256)
 
 
-def calibrate(engine_config: EngineConfig, repeats: int = 3, transfer_bytes_per_s: float = 1e9) -> tuple[
+def calibrate(engine_config: EngineConfig, repeats: int = 5, transfer_bytes_per_s: float = 1e9) -> tuple[
         Calibration, list[dict]]:
     """(the fitted calibration, every measured sample)."""
     from pdserve.engine.llm_engine import LLMEngine
@@ -55,7 +55,7 @@ def calibrate(engine_config: EngineConfig, repeats: int = 3, transfer_bytes_per_
             times.append(timed_step())
             while llm.has_unfinished():
                 llm.step()
-        samples.append({"decode_seqs": 0, "prefill_tokens": chunk, "context_tokens": 0, "step_s": statistics.median(times)})
+        samples.append({"decode_seqs": 0, "prefill_tokens": chunk, "context_tokens": 0, "step_s": min(times)})
     for ctx in CONTEXTS:
         for batch in BATCHES:
             ids = [f"d{n}-{i}" for i in range(batch)]
@@ -65,7 +65,7 @@ def calibrate(engine_config: EngineConfig, repeats: int = 3, transfer_bytes_per_
                 llm.step()
             times = [timed_step() for _ in range(repeats)]
             samples.append({"decode_seqs": batch, "prefill_tokens": 0, "context_tokens": batch * ctx,
-                            "step_s": statistics.median(times)})
+                            "step_s": min(times)})
             for rid in ids:
                 llm.abort_request(rid)
             while llm.has_unfinished():

@@ -105,8 +105,11 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
                 engine.submit(lambda e: e.connector.release(req_id))
         self.num_prefills += 1
         # compute time only (queueing excluded): the router's TTFT predictor learns seconds per token from it
+        # the KV this request moves: every prompt block, all layers (the pushes may still be draining)
+        layout = llm.kv_cache.layout()
+        kv_bytes = -(-len(prompt) // layout.block_size) * layout.num_layers * layout.layer_block_nbytes
         resp = pb.PrefillResponse(first_token_id=first.new_token_ids[0], num_cached_tokens=first.num_cached_tokens,
-                                  prefill_seconds=compute_s, queue_seconds=queue_s)
+                                  prefill_seconds=compute_s, queue_seconds=queue_s, kv_bytes_sent=kv_bytes)
         if first.new_logprobs:
             resp.first_logprob = first.new_logprobs[0]
         return resp

@@ -54,6 +54,7 @@ class RequestState:
     peer_failed: str = ""  # set when the router cancelled its calls because a peer died (retriable)
     timing: pb.RequestTiming = field(default_factory=pb.RequestTiming)  # summed over attempts
     pending_tokens: int = 0  # prompt tokens admitted and not yet routed (RoutingPolicy.pending_prefill_tokens)
+    kv_bytes_moved: int = 0  # KV bytes prefill workers pushed for it, over its attempts
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Event:
     decode_worker: str = ""
     cached_tokens: int | None = None  # on an attempt's first event: its prompt tokens the worker did not compute
     timing: pb.RequestTiming | None = None  # on the final event: where the request's time went
+    kv_bytes_moved: int = 0  # on the final event: KV bytes prefill workers pushed for it
 
 
 PHASES = [f.name for f in pb.RequestTiming.DESCRIPTOR.fields]  # "router_s", "reserve_s", ...
@@ -195,6 +197,7 @@ class Dispatcher:
                     if detok is not None and not detok.stopped:
                         ev.text += detok.flush()
                     ev.usage = usage
+                    ev.kv_bytes_moved = state.kv_bytes_moved
                     ev.timing = finish_timing(state.timing, time.monotonic() - started_at)
                     if self.tracer is not None:
                         self.tracer.record(req_id, started_unix_s, ev.timing, *workers, ev.finish_reason)
@@ -406,6 +409,7 @@ class Dispatcher:
             self.policy.observe_prefill(prefill.address, len(prompt_ids) - resp.num_cached_tokens,
                                         resp.prefill_seconds)
             self.kv_bytes_moved += resp.kv_bytes_sent
+            state.kv_bytes_moved += resp.kv_bytes_sent
             state.timing.prefill_queue_s += resp.queue_seconds
             state.timing.prefill_compute_s += resp.prefill_seconds
             self.policy.record_prefill(prefill.address, hashes, prefill.stats.num_kv_blocks)

@@ -63,6 +63,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                     yield pb.GenerateResponse(request_id=req_id, token_ids=ev.token_ids, text=ev.text,
                                               logprobs=ev.logprobs, finish_reason=ev.finish_reason, usage=ev.usage,
                                               prefill_worker=ev.prefill_worker, decode_worker=ev.decode_worker,
+                                              kv_bytes_moved=ev.kv_bytes_moved,
                                               timing=ev.timing if request.return_timing else None)
             except asyncio.TimeoutError as exc:
                 raise DeadlineExceeded(f"[{req_id}] request deadline exceeded") from exc

@@ -298,6 +298,35 @@ def test_bench_prefix_hits_equal_the_routers_counters(cluster, tmp_path):
     assert "Prefix-hit ratio" in proc.stdout and "Trace ideal, unbounded cache" in proc.stdout
 
 
+@pytest.mark.parametrize("which", ["cluster", "disagg_cluster"])
+def test_bench_reports_local_and_remote_prefills_and_kv_bytes_as_the_router_counts_them(which, request, tmp_path):
+    """pdserve bench over gRPC: the share of prompts prefilled locally vs remotely and the KV bytes moved
+    (from each response) equal the router's own counters over the same run (colocated: all local, no
+    bytes; disaggregated with every prompt remote: all remote, bytes moved)."""
+    cluster = request.getfixturevalue(which)
+    before = scrape(f"{cluster.http_url}/metrics")
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdserve", "bench", "--base-url", f"grpc://{cluster.router_address}",
+         "--backend", "pdserve-grpc", "--dataset", "random", "--num-prompts", "8", "--random-input-len", "256",
+         "--random-range-ratio", "0.9", "--random-output-len", "4", "--max-concurrency", "1",
+         "--max-duration-s", "60", "--no-progress", "--result-json", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = scrape(f"{cluster.http_url}/metrics")
+    routes = json.loads(out.read_text())["summary"]["prefill_routes"]
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+    assert routes["num_reporting"] == 8
+    assert (routes["num_local"], routes["num_remote"]) == (delta("pdserve:router_prefills_total", where="local"),
+                                                           delta("pdserve:router_prefills_total", where="remote"))
+    assert routes["kv_bytes_moved"] == delta("pdserve:router_kv_bytes_moved_total")
+    assert routes["num_remote"] == (8 if which == "disagg_cluster" else 0)
+    assert (routes["kv_bytes_moved"] > 0) == (which == "disagg_cluster")
+    assert "Local prefill share" in proc.stdout and "KV bytes moved" in proc.stdout
+
+
 # ---- a router with no workers -----------------------------------------------------------------
 
 async def test_no_workers_is_503():

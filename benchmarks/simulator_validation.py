@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Does `pdserve simulate` predict real runs? Calibrates the engine on this machine (planner/calibrate.py),
+then for each configuration (2 workers: 1P:1D and 2 colocated; 4 workers: 2P:2D and 4 colocated) starts the
+real cluster, runs the bench's random dataset at a fixed rate, and simulates the very same requests and
+arrivals (same BenchConfig, same seed) with the calibration and the machine's cores shared by the
+workers. Prints measured vs simulated goodput and TTFT p50 and their ratios; --json writes them.
+
+    python benchmarks/simulator_validation.py --json /tmp/simval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from datetime import datetime, timezone
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+from pdserve.cluster import ClusterSpec, start_cluster  # noqa: E402
+from pdserve.engine.builtin_model import ensure_builtin_model  # noqa: E402
+from pdserve.engine.config import EngineConfig  # noqa: E402
+from pdserve.loadtest import BenchConfig, run_benchmark  # noqa: E402
+from pdserve.planner.calibrate import calibrate  # noqa: E402
+from pdserve.planner.model import Split  # noqa: E402
+from pdserve.planner.simulate_cmd import sim_requests  # noqa: E402
+from pdserve.planner.simulator import Simulation  # noqa: E402
+from pdserve.router.config import RouterConfig  # noqa: E402
+from pdserve.engine.threads import available_cpus  # noqa: E402
+
+CONFIGS = {"1P:1D": Split(1, 1), "2 colocated": Split(0, 0, 2), "2P:2D": Split(2, 2), "4 colocated": Split(0, 0, 4)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="1P:1D,2 colocated,2P:2D,4 colocated")
+    ap.add_argument("--rate", type=float, default=4.0)
+    ap.add_argument("--num-prompts", type=int, default=60)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--slo-tpot-ms", type=float, default=30.0)
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    model = str(ensure_builtin_model("tiny"))
+    cores = available_cpus()
+    load0 = os.getloadavg()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cal, _ = calibrate(EngineConfig(model=model, num_threads=1))
+    print(f"calibration: {cal.step}")
+    rows = []
+    for name in [c.strip() for c in args.configs.split(",")]:
+        split = CONFIGS[name]
+        spec = ClusterSpec(model=model, num_prefill=split.num_prefill, num_decode=split.num_decode,
+                           num_colocated=split.num_colocated, log_level="warning")
+        cluster = start_cluster(spec)
+        try:
+            bench = BenchConfig(base_url=f"grpc://{cluster.router_address}", backend="pdserve-grpc", progress=False,
+                                dataset="random", random_input_len=args.input_len, random_output_len=args.output_len,
+                                random_range_ratio=0.5, request_rate=args.rate, num_prompts=args.num_prompts,
+                                seed=args.seed, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
+                                max_duration_s=120, tokenizer=model)
+            t0 = time.monotonic()
+            measured = asyncio.run(run_benchmark(bench)).summary
+            wall = time.monotonic() - t0
+        finally:
+            cluster.stop()
+        threads = max(1, cores // split.num_workers)
+        reqs = sim_requests(dataclasses.replace(bench), cal.block_size)
+        sim = Simulation(reqs, split, cal, RouterConfig(), slo_ttft_s=args.slo_ttft_ms / 1e3,
+                         slo_tpot_s=args.slo_tpot_ms / 1e3, num_cores=cores / threads).run()
+        m_ttft = measured.latency["ttft"].percentiles_ms["p50"]
+        row = {"config": name, "measured_goodput": measured.goodput, "sim_goodput": sim.goodput_rps,
+               "measured_ttft_p50_ms": m_ttft, "sim_ttft_p50_ms": 1e3 * sim.ttft_s["p50"],
+               "measured_tpot_p50_ms": measured.latency["tpot"].percentiles_ms["p50"],
+               "sim_tpot_p50_ms": 1e3 * sim.tpot_s["p50"], "completed": measured.num_completed, "wall_s": wall}
+        row["goodput_ratio"] = row["sim_goodput"] / row["measured_goodput"] if row["measured_goodput"] else None
+        row["ttft_ratio"] = row["sim_ttft_p50_ms"] / m_ttft if m_ttft else None
+        rows.append(row)
+        print(json.dumps(row))
+    load1 = os.getloadavg()
+    print(f"\nrandom {args.input_len}/{args.output_len} +-50% at {args.rate}/s, {args.num_prompts} prompts, SLO TPOT "
+          f"{args.slo_tpot_ms} ms TTFT {args.slo_ttft_ms} ms; {started}; load {load0} -> {load1}")
+    print("| config | goodput measured | simulated | sim/meas | TTFT p50 measured | simulated | sim/meas | "
+          "TPOT p50 measured | simulated |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['config']} | {r['measured_goodput']:.2f} | {r['sim_goodput']:.2f} | {r['goodput_ratio']:.2f} | "
+              f"{r['measured_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | {r['ttft_ratio']:.2f} | "
+              f"{r['measured_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "calibration": cal.to_dict(), "rows": rows, "load": [load0, load1],
+                       "date": started}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
