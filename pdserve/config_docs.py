@@ -34,7 +34,7 @@ ENV_PREFIX = "PDSERVE_"
 # Subcommands that are tools or launchers, not long-running components. Every other subcommand is
 # a component that compose and Kubernetes start alone, so each of its flags must take a PDSERVE_*
 # variable (tests/unit/test_config_docs.py checks it; new subcommands are components by default).
-TOOLS = frozenset({"make-model", "generate", "bench", "up", "healthcheck"})
+TOOLS = frozenset({"make-model", "generate", "bench", "simulate", "up", "healthcheck"})
 
 
 @dataclass(frozen=True)
