@@ -45,7 +45,13 @@ class UpConfig:
     log_dir: str = field(default="", metadata=_h("where process logs go (empty: a new temp dir)"))
     worker_args: str = field(default="", metadata=_h(
         "extra flags for every worker, shell-quoted, e.g. '--kv-cache-memory-mb 256'", metavar="ARGS"))
-    router_args: str = field(default="", metadata=_h("extra flags for the router, shell-quoted", metavar="ARGS"))
+    prefill_args: str = field(default="", metadata=_h(
+        "extra flags for the prefill workers only (after --worker-args): a heterogeneous pool, e.g. "
+        "'--device cuda --dtype bfloat16 --num-threads 8 --kv-cache-memory-mb 1024'", metavar="ARGS"))
+    decode_args: str = field(default="", metadata=_h(
+        "extra flags for the decode (and colocated) workers only, e.g. '--kv-cache-memory-mb 8192'", metavar="ARGS"))
+    router_args: str = field(default="", metadata=_h(
+        "extra flags for the router, shell-quoted, e.g. '--planner slo' (docs/planner.md)", metavar="ARGS"))
     timeout_s: float = field(default=180.0, metadata=_h("seconds to wait for the cluster to be ready"))
     restart_backoff_s: float = field(default=0.5, metadata=_h(
         "a process that exits is started again after this delay, doubled per exit within --restart-window-s"))
@@ -103,19 +109,27 @@ def store_capacity_line(c: UpConfig, model_dir: str) -> str:
             f"{ssd} (a worker's default KV cache: {worker_mb} MiB = {tokens(worker_mb)})")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pdserve.cluster import Cluster, ClusterSpec
-    from pdserve.supervisor import CrashLoop, Supervisor
+def cluster_spec(c: UpConfig, log_dir: str, log_level: str):
+    """The processes `pdserve up` runs for `c` (per-role worker flags included: heterogeneous pools)."""
+    from pdserve.cluster import ClusterSpec
 
-    c = config_from_args(UpConfig, args)
-    log_dir = c.log_dir or tempfile.mkdtemp(prefix="pdserve-")
-    spec = ClusterSpec(model=c.model, num_prefill=0 if c.colocated else c.prefill,
+    return ClusterSpec(model=c.model, num_prefill=0 if c.colocated else c.prefill,
                        num_decode=0 if c.colocated else c.decode, num_colocated=c.workers if c.colocated else 0,
                        num_store_nodes=0 if c.colocated else c.store_nodes,
                        store_args=store_node_args(c, log_dir), host=c.host, router_port=c.port,
                        http_port=c.http_port, log_dir=log_dir, worker_args=shlex.split(c.worker_args),
-                       router_args=shlex.split(c.router_args), log_level=args.log_level, num_routers=c.routers,
+                       prefill_args=shlex.split(c.prefill_args), decode_args=shlex.split(c.decode_args),
+                       router_args=shlex.split(c.router_args), log_level=log_level, num_routers=c.routers,
                        num_store_masters=c.store_masters, etcd=c.etcd_url or ("start" if c.etcd else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.cluster import Cluster
+    from pdserve.supervisor import CrashLoop, Supervisor
+
+    c = config_from_args(UpConfig, args)
+    log_dir = c.log_dir or tempfile.mkdtemp(prefix="pdserve-")
+    spec = cluster_spec(c, log_dir, args.log_level)
     cluster = Cluster(spec)
     print(f"starting pdserve ({'colocated' if c.colocated else 'disaggregated'}), logs in {cluster.log_dir} ...",
           file=sys.stderr)
