@@ -277,9 +277,11 @@ class StoreNode:
         return token, claims, offsets
 
     async def finish_read(self, token: bytes) -> None:
-        """The reader is done: its frames may move or be reused now. The token itself lives to its deadline
-        (cancelling it would abort the lane that just served it, which the reader's next pull reuses), so
-        only that reader could still pull under it, and would get whatever the frames hold by then."""
+        """The reader is done: no pull under its token is accepted any more (retired, not cancelled: cancelling
+        would abort the lane that just served it, which the reader's next pull reuses), and its frames may
+        move or be reused now."""
+        if self.transport is not None:
+            self.transport.retire(token)
         self._end_read(token)
 
     def _end_read(self, token: bytes) -> None:

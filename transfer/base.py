@@ -92,6 +92,10 @@ class KVTransport(Protocol):
         """Drops the expectation or exposure of `token`; once this returns no byte lands under it (a backend whose
         writes cannot be cut off waits here for the ones in flight)."""
 
+    def retire(self, token: bytes) -> None:
+        """Ends an exposure once its reader is done: later pulls under `token` are rejected, reads already
+        moving are not cut off (unlike `cancel`, which aborts them)."""
+
     async def push(self, peer: str, token: bytes, src_buffer: str, src_regions: Sequence[Region],
                    dst_regions: Sequence[Region], *, timeout_s: float | None = None) -> int:
         """Writes src regions of a local buffer into the peer's dst regions under `token`; returns bytes sent.

@@ -188,6 +188,9 @@ class MooncakeTransport(TransportCore):
         self._registry.cancel(token)
         await self._drain([token])
 
+    def retire(self, token: bytes) -> None:
+        self._registry.retire(token)  # engine calls in flight finish by themselves
+
     async def _drain(self, tokens: list[bytes]) -> None:
         calls = [call.future for token in tokens for call in self._inflight.get(token, ())]
         if calls:

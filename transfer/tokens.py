@@ -146,6 +146,16 @@ class TokenRegistry:
         if timer is not None:
             timer.cancel()
 
+    def retire(self, token: bytes) -> None:
+        """Forgets an exposure without cutting off reads already moving under it (their lanes stay, to be reused):
+        any later read under `token` is rejected. Unknown or expired tokens are ignored."""
+        exposure = self._exposures.pop(token, None)
+        if exposure is not None:
+            exposure.closed = True
+        timer = self._timers.pop(token, None) if exposure is not None else None
+        if timer is not None:
+            timer.cancel()
+
     def close(self, reason: str) -> None:
         for token in list(self._expectations):
             self.finish_expectation(token, KVTransferError(reason))

@@ -137,6 +137,9 @@ class UCXTransport(TransportCore):
         which cancels the receives posted into the buffer), later requests rejected."""
         self._registry.cancel(token)
 
+    def retire(self, token: bytes) -> None:
+        self._registry.retire(token)
+
     # ---- sender side -----------------------------------------------------------------------------
     def _pool(self, peer: str) -> LanePool:
         pool = self._pools.get(peer)

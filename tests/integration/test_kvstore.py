@@ -359,3 +359,41 @@ async def test_unusable_ssd_directory_leaves_a_dram_only_node(tmp_path):
         assert log.count("SSD tier off") == 1
     finally:
         store.stop()
+
+
+async def test_finish_read_ends_the_read_token():
+    """After FinishRead (the reader is done) the node refuses any further pull under that token, so nobody can read
+    frames the node has since reused; the connection that served the read keeps working."""
+    from pdserve.kvstore.messages import location_from_pb, value_to_pb
+    from pdserve.kvstore.values import StoredValue
+    from pdserve.transfer.base import TransferRejected
+
+    store = await start_store(1)
+    try:
+        async with Worker(store.master_address, seed=5) as w:
+            hashes = prompt_hashes(2, salt=7)
+            w.client.publish(hashes, [0, 1])
+            await w.client.wait_published()
+            async with rpc.channel(store.master_address) as mch:
+                got = await kpb_grpc.KVStoreMasterStub(mch).GetStart(
+                    kpb.GetStartRequest(keys=hashes, model_fingerprint=FP), timeout=5)
+            locations = [location_from_pb(loc) for loc in got.locations]
+            node = locations[0].node
+            values = [value_to_pb(StoredValue(loc.key, loc.offset, loc.meta)) for loc in locations]
+            nbytes = locations[0].meta.nbytes
+            async with rpc.channel(node.address) as nch:
+                stub = kpb_grpc.KVStoreNodeStub(nch)
+                read = await stub.PrepareRead(kpb.PrepareReadRequest(values=values, timeout_s=30), timeout=5)
+                dst = w.kv_cache.regions([5])
+                src = [(read.offsets[0], nbytes)]
+                assert await w.agent.pull(node.transfer_address, bytes(read.token), "kv", dst, src) == nbytes
+                await stub.FinishRead(kpb.FinishReadRequest(token=read.token), timeout=5)
+                with pytest.raises(TransferRejected):
+                    await w.agent.pull(node.transfer_address, bytes(read.token), "kv", dst, src)
+                again = await stub.PrepareRead(kpb.PrepareReadRequest(values=values, timeout_s=30), timeout=5)
+                assert await w.agent.pull(node.transfer_address, bytes(again.token), "kv", dst, src) == nbytes
+                await stub.FinishRead(kpb.FinishReadRequest(token=again.token), timeout=5)
+            async with rpc.channel(store.master_address) as mch:
+                await kpb_grpc.KVStoreMasterStub(mch).GetDone(kpb.GetDoneRequest(lease_id=got.lease_id), timeout=5)
+    finally:
+        store.stop()

@@ -194,6 +194,28 @@ async def test_pull_exposed_regions(agents) -> None:
         await receiver.pull(sender.address, tok, "local", [(0, 4096)], [(0, 4096)])
 
 
+async def test_retired_exposure_rejects_later_pulls_and_keeps_the_lanes(agents) -> None:
+    """retire (a store node's FinishRead): the reader that was served is done; a later pull under the token is
+    rejected, and the connection that served it is not aborted: the next token's pull goes through."""
+    sender, receiver, src, _ = agents
+    local = np.zeros(1 << 20, dtype=np.uint8)
+    receiver.register_buffer("retire-local", local)
+    tok = token()
+    sender.expose(tok, "src", [(0, 1 << 20)], timeout_s=5)
+    assert await receiver.pull(sender.address, tok, "retire-local", [(0, 1 << 20)], [(0, 1 << 20)]) == 1 << 20
+    sender.retire(tok)
+    sender.retire(tok)  # twice, or for an unknown token: nothing happens
+    sender.retire(token())
+    with pytest.raises(TransferRejected):
+        await receiver.pull(sender.address, tok, "retire-local", [(0, 4096)], [(0, 4096)])
+    local[:] = 0
+    nxt = token()
+    sender.expose(nxt, "src", [(1 << 20, 1 << 20)], timeout_s=5)
+    assert await receiver.pull(sender.address, nxt, "retire-local", [(0, 1 << 20)], [(1 << 20, 1 << 20)]) == 1 << 20
+    assert np.array_equal(local, src[1 << 20:2 << 20])
+    await sender.cancel(nxt)
+
+
 async def test_torch_bfloat16_buffers(agents) -> None:
     sender, receiver, _, _ = agents
     src = torch.randn(4, 1024, dtype=torch.bfloat16)
