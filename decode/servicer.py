@@ -174,4 +174,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         stats.num_remote_prefills = self.num_remote_prefills
         stats.num_expired_reservations = self.reservations.num_expired
         stats.num_reservation_renewals = self.reservations.num_renewals
+        if self.publisher is not None:
+            stats.store_generated_blocks = self.publisher.stats.num_staged_blocks
+            stats.store_generated_blocks_dropped = self.publisher.stats.num_dropped_blocks
         stats.num_requests_active += len(self.reservations.reservations)

@@ -43,6 +43,10 @@ _STATS_METRICS: list[tuple[str, str, str, str]] = [
     ("pdserve:expired_reservations", "num_expired_reservations", "counter",
      "Reservations freed by their deadline (decode)."),
     ("pdserve:store_hit_tokens", "store_hit_tokens", "counter", "Prompt tokens loaded from the KV store."),
+    ("pdserve:store_generated_blocks", "store_generated_blocks", "counter",
+     "Generated blocks decode handed to the KV store as they filled (a failover resumes from them)."),
+    ("pdserve:store_generated_blocks_dropped", "store_generated_blocks_dropped", "counter",
+     "Generated blocks decode did not publish: its publish queue or staging was full."),
 ]
 
 # kvstore TransferStats attribute -> direction label of pdserve:kv_transfer_seconds_total.

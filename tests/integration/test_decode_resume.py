@@ -99,6 +99,11 @@ async def test_decode_killed_mid_stream_resumes_from_stored_kv(cluster, tiny_mod
         num_streamed = len(tokens)
         cluster.kill(victim.name)
         await asyncio.wait_for(stream, 120)
+        survivor = next(w for w in await client.workers(refresh=True)
+                        if w.healthy and w.worker_id == decode_workers[1])
+        # the survivor published the rest of the stream's blocks as they filled, dropping none
+        assert survivor.stats.store_generated_blocks >= (MAX_TOKENS - num_streamed) // BLOCK - 1
+        assert survivor.stats.store_generated_blocks_dropped == 0
 
     assert len(decode_workers) == 2, f"the stream did not move to another decode worker: {decode_workers}"
     assert tokens == expected.token_ids and finish == ["length"]
