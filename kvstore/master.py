@@ -47,7 +47,9 @@ class MasterServicer(kpb_grpc.KVStoreMasterServicer):
 
     @rpc.map_errors
     async def Heartbeat(self, request: kpb.HeartbeatRequest, context) -> kpb.HeartbeatResponse:
-        if not self.state.heartbeat(request.node_id, request.tiers if request.HasField("tiers") else None):
+        if not self.state.heartbeat(request.node_id, request.tiers if request.HasField("tiers") else None,
+                                    [key_of(k) for k in request.ssd_keys],
+                                    [key_of(k) for k in request.dram_keys]):
             raise NotFound(f"unknown node {request.node_id!r}: register again")
         return kpb.HeartbeatResponse()
 

@@ -37,6 +37,13 @@ class _Node:
     pending_slots: set[int] = field(default_factory=set)
     lru: OrderedDict[BlockHash, int] = field(default_factory=OrderedDict)  # committed key -> slot, oldest first
     tiers: object = None  # the node's last reported kpb.NodeTiers (opaque here)
+    ssd_keys: set[BlockHash] = field(default_factory=set)  # committed copies the node reported on its SSD tier
+
+    @property
+    def dram_full(self) -> bool:
+        """The node's last heartbeat said its DRAM tier had no free frame (a write there first demotes to SSD)."""
+        dram = getattr(self.tiers, "dram", None)
+        return dram is not None and dram.num_slots > 0 and dram.num_values >= dram.num_slots
 
     @property
     def num_slots(self) -> int:
@@ -163,14 +170,18 @@ class MasterState:
             return "metadata differs from another copy"
         return ""
 
-    def heartbeat(self, node_id: str, tiers: object = None) -> bool:
-        """False for an unknown (e.g. declared dead, or after a master restart) node: it must re-register."""
+    def heartbeat(self, node_id: str, tiers: object = None, ssd_keys: Sequence[BlockHash] = (),
+                  dram_keys: Sequence[BlockHash] = ()) -> bool:
+        """False for an unknown (e.g. declared dead, or after a master restart) node: it must re-register.
+        `ssd_keys` / `dram_keys`: its values that moved to SSD / back to DRAM since its last heartbeat."""
         node = self._nodes.get(node_id)
         if node is None:
             return False
         node.last_seen = self._clock()
         if tiers is not None:
             node.tiers = tiers
+        node.ssd_keys.update(k for k in ssd_keys if k in node.lru)
+        node.ssd_keys.difference_update(dram_keys)
         return True
 
     def _drop_node(self, node_id: str, why: str) -> None:
@@ -217,7 +228,9 @@ class MasterState:
             entry = self._stored(key, fingerprint)
             if entry is None:
                 break
-            node_id = min(entry.replicas, key=lambda n: (entry.replicas[n], self._nodes[n].num_used, n))
+            # the least-leased copy, then one in DRAM (an SSD copy is read back first), then the least full node
+            node_id = min(entry.replicas, key=lambda n: (entry.replicas[n], key in self._nodes[n].ssd_keys,
+                                                         self._nodes[n].num_used, n))
             entry.replicas[node_id] += 1
             replicas.append((key, node_id))
             node = self._nodes[node_id]
@@ -275,8 +288,10 @@ class MasterState:
         return PutPlan(put_id if pending.slots else "", placements, already, refused, self.config.put_timeout_s)
 
     def _place(self, key: BlockHash, meta: ValueMeta, pending: _PendingPut) -> list[Location]:
+        # nodes with a free DRAM frame first (a write elsewhere waits for a demotion to SSD), then the least full
         candidates = sorted((n for n in self._nodes.values() if n.can_hold(meta.nbytes)),
-                            key=lambda n: (n.num_used / n.num_slots if n.num_slots else 0.0, n.info.node_id))
+                            key=lambda n: (n.dram_full, n.num_used / n.num_slots if n.num_slots else 0.0,
+                                           n.info.node_id))
         copies: list[Location] = []
         for node in candidates:
             if len(copies) == self.config.replication:
@@ -309,6 +324,7 @@ class MasterState:
             if not entry.replicas:
                 del self._entries[key]
             node.free_slots.append(node.lru.pop(key))
+            node.ssd_keys.discard(key)
             self.counters.num_evictions += 1
 
     def put_commit(self, put_id: str, failed_node_ids: Sequence[str] = ()) -> int:
@@ -343,6 +359,7 @@ class MasterState:
                 continue
             entry.replicas[node_id] = 0
             node.lru[key] = slot
+            node.ssd_keys.discard(key)  # a write lands in DRAM
             num_committed += 1
         self.counters.num_committed_copies += num_committed
         return num_committed

@@ -183,13 +183,18 @@ class StoreNode:
                         node=node_to_pb(self.info()), inventory=[value_to_pb(v) for v in self.pool.inventory()]),
                         timeout=5.0)
                     self.pool.drop([bytes(k) for k in resp.rejected_keys])
+                    self.pool.report_all_tiers()  # the master assumes DRAM: the next heartbeat says what is not
                     interval_s = resp.heartbeat_interval_s or interval_s
                     registered = True
                     logger.info("registered with master %s (%d values, %d refused)", self.config.master,
                                 self.pool.num_values, len(resp.rejected_keys))
                 else:
-                    await stub.Heartbeat(kpb.HeartbeatRequest(node_id=self.node_id, tiers=self.tiers.stats()),
-                                         timeout=interval_s * 2)
+                    changes = self.pool.tier_changes()
+                    await stub.Heartbeat(kpb.HeartbeatRequest(
+                        node_id=self.node_id, tiers=self.tiers.stats(),
+                        ssd_keys=[k for k, on_ssd in changes.items() if on_ssd],
+                        dram_keys=[k for k, on_ssd in changes.items() if not on_ssd]), timeout=interval_s * 2)
+                    self.pool.ack_tier_changes(changes)
                 warned = False
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:

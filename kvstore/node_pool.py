@@ -77,6 +77,8 @@ class NodePool:
         self._slot_keys: dict[int, BlockHash] = {}  # slot -> committed key in it
         self._dram_of: dict[int, int] = {}  # slot -> DRAM frame (committed values and writes in flight)
         self._ssd_of: dict[int, tuple[int, int]] = {}  # slot -> (SSD frame, crc) of committed values on SSD
+        # key -> on SSD now, for the values that changed tier since the master last heard (heartbeats carry it)
+        self._tier_changes: dict[BlockHash, bool] = {}
         self._dram_lru: OrderedDict[int, None] = OrderedDict()  # slots of committed DRAM values, oldest first
         self._free_dram: list[int] = []
         self._free_ssd: list[int] = []
@@ -261,6 +263,7 @@ class NodePool:
             self._dram_lru.pop(move.slot, None)
             self._ssd_of[move.slot] = (move.ssd_frame, crcs[i])
             self._free_dram_frame(move.dram_frame)
+            self._tier_changes[move.key] = True
             self.counters.num_demotions += 1
 
     def drop_for_room(self, n: int) -> list[BlockHash]:
@@ -305,9 +308,25 @@ class NodePool:
                 continue
             self._free_ssd.append(self._ssd_of.pop(move.slot)[0])
             self._dram_lru[move.slot] = None
+            self._tier_changes[move.key] = False
             self.counters.num_promotions += 1
             pinned.append(move.dram_frame)
         return pinned
+
+    # ---- tier residency for the master -----------------------------------------------------------
+    def tier_changes(self) -> dict[BlockHash, bool]:
+        """A snapshot of the values that changed tier since the last `ack_tier_changes`: key -> on SSD now."""
+        return dict(self._tier_changes)
+
+    def ack_tier_changes(self, sent: dict[BlockHash, bool]) -> None:
+        """The master took `sent`; changes made since stay queued."""
+        for key, on_ssd in sent.items():
+            if self._tier_changes.get(key) is on_ssd:
+                del self._tier_changes[key]
+
+    def report_all_tiers(self) -> None:
+        """After (re)registering: the master assumes DRAM for everything, so queue every SSD value."""
+        self._tier_changes = {self._slot_keys[slot]: True for slot in self._ssd_of if slot in self._slot_keys}
 
     # ---- inventory --------------------------------------------------------------------------------
     def _forget(self, key: BlockHash | None, evicted: bool = False) -> None:

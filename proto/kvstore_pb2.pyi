@@ -61,12 +61,16 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, rejected_keys: _Optional[_Iterable[bytes]] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "tiers")
+    __slots__ = ("node_id", "tiers", "ssd_keys", "dram_keys")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    SSD_KEYS_FIELD_NUMBER: _ClassVar[int]
+    DRAM_KEYS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tiers: NodeTiers
-    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Union[NodeTiers, _Mapping]] = ...) -> None: ...
+    ssd_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    dram_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Union[NodeTiers, _Mapping]] = ..., ssd_keys: _Optional[_Iterable[bytes]] = ..., dram_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("num_slots", "num_values", "num_hits", "num_evictions", "bytes_read", "bytes_written", "read_seconds", "write_seconds", "off_reason", "num_pinned")

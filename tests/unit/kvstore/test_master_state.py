@@ -273,3 +273,35 @@ def test_reregistering_node_replaces_old_record():
     state.register_node(node("n0"), [])  # restarted node, empty pool
     assert state.lookup([key(0)], FP) == 0
     assert used(state)["n0"][0] == 0
+
+
+def test_get_prefers_a_dram_copy_the_nodes_reported():
+    """With replicas on two nodes, a get takes the copy its node last reported in DRAM (an SSD copy must be read
+    back before it is served); a promotion reported later makes that copy eligible again."""
+    state, _ = make(num_nodes=2, replication=2)
+    keys = [key(i) for i in range(3)]
+    put(state, keys)
+    first = {loc.key: loc.node.node_id for loc in state.get_start(keys, FP).locations}
+    assert set(first.values()) == {"n0"}  # equal otherwise: the lower id
+    for lease in list(state._leases):
+        state.get_done(lease)
+    assert state.heartbeat("n0", ssd_keys=[keys[0], keys[2]])
+    got = {loc.key: loc.node.node_id for loc in state.get_start(keys, FP).locations}
+    assert got == {keys[0]: "n1", keys[1]: "n0", keys[2]: "n1"}
+    for lease in list(state._leases):
+        state.get_done(lease)
+    assert state.heartbeat("n0", dram_keys=[keys[0]])
+    got = {loc.key: loc.node.node_id for loc in state.get_start(keys, FP).locations}
+    assert got[keys[0]] == "n0" and got[keys[2]] == "n1"
+
+
+def test_placement_prefers_nodes_with_free_dram():
+    from types import SimpleNamespace
+
+    state, _ = make(num_nodes=2)
+    full = SimpleNamespace(dram=SimpleNamespace(num_slots=4, num_values=4))
+    roomy = SimpleNamespace(dram=SimpleNamespace(num_slots=4, num_values=1))
+    state.heartbeat("n0", tiers=full)
+    state.heartbeat("n1", tiers=roomy)
+    plan = put(state, [key(i) for i in range(3)])
+    assert {c.node.node_id for copies in plan.placements for c in copies} == {"n1"}

@@ -121,3 +121,22 @@ def test_no_ssd_tier_drops_lru_values_for_room() -> None:
     p = pool(2, 0)
     write(p, value(0, 0), value(1, 1))
     assert p.drop_for_room(1) == [key(0)] and p.num_free_dram_frames == 1
+
+
+def test_tier_changes_queue_for_the_master_until_acknowledged() -> None:
+    p = pool(1, 2)
+    write(p, value(0, 0))
+    assert p.tier_changes() == {}
+    p.finish_demotion(p.begin_demotion(p.demotion_candidates(1)), [5])
+    sent = p.tier_changes()
+    assert sent == {key(0): True}
+    pinned = p.finish_promotion(p.begin_promotion([key(0)]), [5])  # changes again before the ack
+    p.unpin(pinned)
+    p.ack_tier_changes(sent)
+    assert p.tier_changes() == {key(0): False}  # the newer change stays queued
+    p.ack_tier_changes(p.tier_changes())
+    assert p.tier_changes() == {}
+    p.finish_demotion(p.begin_demotion(p.demotion_candidates(1)), [6])
+    p.ack_tier_changes(p.tier_changes())
+    p.report_all_tiers()  # re-registered: the master assumes DRAM again
+    assert p.tier_changes() == {key(0): True}
