@@ -132,9 +132,11 @@ ROWS: tuple[Row, ...] = (
               "from the KV store instead of computing them.",
               (Query(f"sum({_per_worker(_rate('pdserve:store_hit_tokens_total'))})", "tokens/s"),)),
         Panel("Failovers and transfer faults", "Requests retried on another worker (a prefill died, a decode "
-              "died mid-stream: the stream continues), KV transfers that failed or timed out, and reservations "
-              "freed by their deadline because no KV ever came. Any of these above zero deserves a look at the logs.",
+              "died mid-stream: the stream continues, its KV loaded from the store but for what it recomputed), KV "
+              "transfers that failed or timed out, and reservations freed by their deadline because no KV ever "
+              "came. Any of these above zero deserves a look at the logs.",
               (Query(f"sum(rate(pdserve:router_retries_total[{RATE}]))", "retries/s"),
+               Query(f"sum(rate(pdserve:failover_recomputed_tokens_sum[{RATE}]))", "tokens recomputed/s"),
                Query(f"sum({_per_worker(_rate('pdserve:kv_transfer_failures_total', WORKERS))})",
                      "failed transfers/s"),
                Query(f"sum({_per_worker(_rate('pdserve:expired_reservations_total'))})",
