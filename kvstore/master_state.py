@@ -40,12 +40,6 @@ class _Node:
     ssd_keys: set[BlockHash] = field(default_factory=set)  # committed copies the node reported on its SSD tier
 
     @property
-    def dram_full(self) -> bool:
-        """The node's last heartbeat said its DRAM tier had no free frame (a write there first demotes to SSD)."""
-        dram = getattr(self.tiers, "dram", None)
-        return dram is not None and dram.num_slots > 0 and dram.num_values >= dram.num_slots
-
-    @property
     def num_slots(self) -> int:
         return self.info.num_slots(self.slot_nbytes)
 
@@ -288,10 +282,8 @@ class MasterState:
         return PutPlan(put_id if pending.slots else "", placements, already, refused, self.config.put_timeout_s)
 
     def _place(self, key: BlockHash, meta: ValueMeta, pending: _PendingPut) -> list[Location]:
-        # nodes with a free DRAM frame first (a write elsewhere waits for a demotion to SSD), then the least full
         candidates = sorted((n for n in self._nodes.values() if n.can_hold(meta.nbytes)),
-                            key=lambda n: (n.dram_full, n.num_used / n.num_slots if n.num_slots else 0.0,
-                                           n.info.node_id))
+                            key=lambda n: (n.num_used / n.num_slots if n.num_slots else 0.0, n.info.node_id))
         copies: list[Location] = []
         for node in candidates:
             if len(copies) == self.config.replication:

@@ -294,14 +294,3 @@ def test_get_prefers_a_dram_copy_the_nodes_reported():
     got = {loc.key: loc.node.node_id for loc in state.get_start(keys, FP).locations}
     assert got[keys[0]] == "n0" and got[keys[2]] == "n1"
 
-
-def test_placement_prefers_nodes_with_free_dram():
-    from types import SimpleNamespace
-
-    state, _ = make(num_nodes=2)
-    full = SimpleNamespace(dram=SimpleNamespace(num_slots=4, num_values=4))
-    roomy = SimpleNamespace(dram=SimpleNamespace(num_slots=4, num_values=1))
-    state.heartbeat("n0", tiers=full)
-    state.heartbeat("n1", tiers=roomy)
-    plan = put(state, [key(i) for i in range(3)])
-    assert {c.node.node_id for copies in plan.placements for c in copies} == {"n1"}
