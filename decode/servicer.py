@@ -123,8 +123,12 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                 prefix = await self.store_prefix.load(
                     req_id, prompt, hashes or chain_block_hashes(prompt, self.llm.config.block_size, self.llm.fingerprint))
 
+            # with a store, the blocks outlive a short request's finish until its prompt blocks are published
+            # (after the first token went out), then the finally below releases them
+            hold = prefix is not None and self.store_prefix.publish_enabled
+
             def add(e: LLMEngine):
-                return e.add_request(req_id, prompt, params, block_hashes=hashes)
+                return e.add_request(req_id, prompt, params, block_hashes=hashes, keep_blocks=hold)
 
         landed_at = time.monotonic()  # remote prefills: the last KV bytes are in
         seqs = []  # the engine's Sequence, for its timestamps
@@ -136,6 +140,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
 
         first = True
         publish_prompt = False
+        hold = not request.prefilled and prefix is not None and self.store_prefix.publish_enabled
         try:
             async for out in self.runtime.engine.generate(req_id, add):
                 msg = pb.DecodeResponse(token_ids=out.new_token_ids, logprobs=out.new_logprobs or [],
@@ -156,6 +161,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         finally:
             if prefix is not None:
                 self.store_prefix.release(prefix)
+            if hold:
+                self.runtime.engine.submit(lambda e: e.release(req_id) if req_id in e.requests else None)
 
     async def _block_table(self, req_id: str) -> list[int]:
         return await self.runtime.engine.call(
