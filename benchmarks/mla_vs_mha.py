@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--kv-lora-rank", type=int, default=256, help="MLA latent rank (DeepSeek-V2: 4 x head_dim)")
     ap.add_argument("--rope-dim", type=int, default=32, help="MLA decoupled rope dims (DeepSeek-V2: head_dim / 2)")
-    ap.add_argument("--worker-args", default="--kv-cache-memory-mb 256", help="extra flags for every worker")
+    ap.add_argument("--worker-args", default="--kv-cache-memory-mb 256 --num-threads 1",
+                    help="extra flags for every worker (one torch thread each: the same compute for both configurations)")
     ap.add_argument("--request-timeout-s", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--doc", default=str(DOC_PATH))
