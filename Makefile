@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,mooncake]'
-	-$(PY) -m pdserve.engine.attention  # build the C++ paged attention kernel once (cached; falls back if it cannot)
+	-$(PY) -m pdserve.engine.kernels  # build the C++ CPU kernels once (cached; falls back if they cannot)
 	@touch $@
 
 test: install  ## the whole suite

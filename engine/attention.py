@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: the step's metadata and the two implementations.
 
 `PagedAttention` runs every sequence of a step (decodes and prefill chunks) in one call of a
-C++/OpenMP kernel (`csrc/paged_attention.cpp`) that reads K/V in place through block tables.
+C++/OpenMP kernel (`csrc/paged_attention.cpp`, built by `kernels.py`) that reads K/V in place through block tables.
 `ReferenceAttention` is plain torch (gather + SDPA), kept as the reference the kernel is tested
 against and as the path for devices and machines the kernel does not cover. Owns attention math;
 never writes the cache (that is `PagedKVCache.write`) and never chooses blocks.
@@ -9,22 +9,17 @@ never writes the cache (that is `PagedKVCache.write`) and never chooses blocks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.kernels import load_kernel
 from pdserve.engine.kv_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
-
-_CSRC = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-
 
 @dataclass(slots=True)
 class PrefillSegment:
@@ -171,42 +166,6 @@ class PagedAttention:
         return out
 
 
-def kernel_build_dir() -> Path:
-    """Where the compiled kernel lives: per torch install, CPU feature set (it is built with
-    -march=native) and source, under $PDSERVE_KERNEL_CACHE or ~/.cache/pdserve/kernels."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    # torch's include paths (so its install prefix) are in the build commands: two environments
-    # sharing one build dir would rebuild it on every alternate load
-    h = hashlib.sha256(f"{torch.__version__}|{Path(torch.__file__).parent}|{flags}|".encode())
-    h.update(_CSRC.read_bytes())
-    key = h.hexdigest()[:16]
-    root = os.environ.get("PDSERVE_KERNEL_CACHE") or Path.home() / ".cache" / "pdserve" / "kernels"
-    return Path(root) / key
-
-
-def load_kernel(verbose: bool = False):
-    """Build (once, cached) and load the C++ kernel module. Raises on any failure."""
-    from torch.utils import cpp_extension
-
-    import fcntl
-
-    build_dir = kernel_build_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # torch's own build lock is a plain file that a killed build leaves behind, after which every
-    # later load waits on it forever. Serialise on an flock instead (the kernel releases it when its
-    # holder dies); holding it, any torch lock file left is stale.
-    with open(build_dir / ".pdserve.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        (build_dir / "lock").unlink(missing_ok=True)
-        return cpp_extension.load(
-            name="pdserve_paged_attention", sources=[str(_CSRC)], build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=verbose)
-
-
 def make_attention(kind: str, device: str, num_heads: int, num_kv_heads: int, head_dim: int) -> Attention:
     """The attention for `--attention-backend` (auto: the kernel where it applies and builds, else the
     reference, with one log line saying why)."""
@@ -226,21 +185,3 @@ def make_attention(kind: str, device: str, num_heads: int, num_kv_heads: int, he
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return reference
     return PagedAttention(module, head_dim)
-
-
-def ensure_kernel_built() -> bool:
-    """Build the kernel now if it is not cached yet (so that workers starting together do not each
-    wait on one build). False, with one log line, when it cannot be built: workers then fall back."""
-    if not (kernel_build_dir() / "pdserve_paged_attention.so").exists():
-        logger.warning("building the paged attention kernel (first start only, about a minute) ...")
-    try:
-        load_kernel()
-    except Exception as exc:  # noqa: BLE001
-        logger.warning("paged attention kernel unavailable (%s); workers use the reference attention",
-                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return False
-    return True
-
-
-if __name__ == "__main__":  # `python -m pdserve.engine.attention`: build the kernel (make install does)
-    raise SystemExit(0 if ensure_kernel_built() else 1)

@@ -240,7 +240,7 @@ class Cluster:
 
             self.spec.model = str(ensure_builtin_model("tiny"))  # once, before any process races to make it
         if self.spec.num_prefill + self.spec.num_decode + self.spec.num_colocated:
-            from pdserve.engine.attention import ensure_kernel_built
+            from pdserve.engine.kernels import ensure_kernel_built
 
             ensure_kernel_built()  # likewise: one build (about 40 s, first start only), not one per worker
         if self.spec.etcd == "start":

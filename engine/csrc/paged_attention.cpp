@@ -1,6 +1,6 @@
 // Paged attention on the CPU: every sequence of a step (decodes and prefill chunks alike) in one
 // call, reading K/V in place from the paged cache through block tables. No gathered copy of a
-// context, no per-sequence Python. engine/attention.py builds it (torch cpp_extension) and keeps
+// context, no per-sequence Python. engine/kernels.py builds it (torch cpp_extension); attention.py keeps
 // the plain-torch SDPA path as the reference every test compares this kernel against.
 //
 // Shapes: q, out [T, num_heads, head_dim] (rows of one sequence are consecutive);
@@ -10,7 +10,8 @@
 // ctx_lens [S] int32 (context length including the new rows). Row i of a sequence with n rows and
 // context c attends to keys 0 .. c - n + i (causal, the new rows last).
 
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -468,8 +469,4 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
       }
     });
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "attention of every sequence of a step over the paged KV cache");
 }

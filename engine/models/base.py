@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.ops import TORCH_OPS, TorchOps, apply_rope, make_ops, rotate_half  # noqa: F401 - re-exported
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.linear import Linear
 from pdserve.engine.loader import Checkpoint
@@ -25,6 +26,8 @@ from pdserve.errors import InvalidModel
 
 LayerCallback = Callable[[int], None]
 
+
+rms_norm = TorchOps.rms_norm  # the reference RMSNorm (layers also use it for q/k norms)
 
 @dataclass(frozen=True, slots=True)
 class BuildOptions:
@@ -61,18 +64,6 @@ class ModelFamily:
     notes: str = ""  # what the README's model table says is not supported
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back (as transformers does for half-precision models)."""
-    xf = x.float()
-    variance = xf.pow(2).mean(-1, keepdim=True)
-    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Rope:
     """Rotary tables for positions [0, max_positions): cos/sin [max_positions, dim] in float32 (the
     half-split layout, as transformers' rotate_half), optionally scaled (yarn's attention factor)."""
@@ -85,11 +76,6 @@ class Rope:
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, dim] in the model's dtype (tables are float32; applied in the model's dtype, as transformers does)."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, dim] rotated (half-split layout)."""
-    return x * cos + rotate_half(x) * sin
 
 
 class LayerPart(Protocol):
@@ -108,6 +94,7 @@ class StepContext:
     meta: AttentionMetadata
     kv_cache: PagedKVCache
     layer: int = 0
+    ops: TorchOps = TORCH_OPS  # the elementwise ops (reference or fused kernels), see engine/ops.py
 
 
 @dataclass(slots=True)
@@ -122,7 +109,7 @@ class Decoder:
     """Pre-norm residual decoder: h += attn(norm(h)); h += mlp(norm(h)), layer by layer."""
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: Linear, rope: Rope, attention_name: str) -> None:
+                 lm_head: Linear, rope: Rope, attention_name: str, ops: TorchOps = TORCH_OPS) -> None:
         self.config = config
         self.embed = embed  # [vocab, hidden]
         self.layers = layers
@@ -130,6 +117,7 @@ class Decoder:
         self.lm_head = lm_head
         self.rope = rope
         self.attention_name = attention_name
+        self.ops = ops
         self.device = embed.device
 
     @torch.inference_mode()
@@ -137,17 +125,20 @@ class Decoder:
                 kv_cache: PagedKVCache, on_layer_done: LayerCallback | None = None) -> torch.Tensor:
         """`on_layer_done(i)` runs once layer i's KV is in the cache (the transfer layer's hook for
         pushing KV while later layers still compute)."""
-        eps = self.config.rms_norm_eps
+        eps, ops = self.config.rms_norm_eps, self.ops
         h = F.embedding(input_ids, self.embed)
         cos, sin = self.rope.lookup(positions, self.embed.dtype)
-        step = StepContext(cos, sin, meta, kv_cache)
+        step = StepContext(cos, sin, meta, kv_cache, ops=ops)
+        # each residual add is fused with the norm after it: h += part(x); x = norm(h)
+        x = ops.rms_norm(h, self.layers[0].input_norm, eps) if self.layers else h
         for i, layer in enumerate(self.layers):
             step.layer = i
-            h = h + layer.attn(rms_norm(h, layer.input_norm, eps), step)
-            h = h + layer.mlp(rms_norm(h, layer.post_norm, eps), step)
+            h, x = ops.add_rms_norm(h, layer.attn(x, step), layer.post_norm, eps)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h, x = ops.add_rms_norm(h, layer.mlp(x, step), next_norm, eps)
             if on_layer_done is not None:
                 on_layer_done(i)
-        return rms_norm(h, self.norm, eps)
+        return x if self.layers else ops.rms_norm(h, self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits whatever the model's dtype, so sampling and logprobs are computed in full precision."""
@@ -169,7 +160,8 @@ def build_decoder(config: ModelConfig, ckpt: Checkpoint, opts: BuildOptions, att
                                    mlp=mlp(i, p)))
     embed, norm, lm_head = embeddings_and_head(c, ckpt, opts.linear)
     rope = rope or Rope(c.inv_freq(), opts.max_positions, embed.device)
-    return Decoder(c, embed, layers, norm, lm_head, rope, attention_name)
+    return Decoder(c, embed, layers, norm, lm_head, rope, attention_name,
+                   ops=make_ops(opts.attention_backend, str(ckpt.device)))
 
 
 def embeddings_and_head(config: ModelConfig, ckpt: Checkpoint, linear: Callable[..., Linear]

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from pdserve.engine.attention import Attention
 from pdserve.engine.linear import Linear
 from pdserve.engine.model_config import ModelConfig
-from pdserve.engine.models.base import Checkpoint, StepContext, apply_rope, rms_norm
+from pdserve.engine.models.base import Checkpoint, StepContext, rms_norm
+from pdserve.engine.ops import TORCH_OPS
 
 
 class GQAttention:
@@ -35,8 +35,7 @@ class GQAttention:
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        q = apply_rope(q, step.cos, step.sin)
-        k = apply_rope(k, step.cos, step.sin)
+        q, k = step.ops.rope(q, k, step.cos, step.sin)
         step.kv_cache.write(step.layer, step.meta.slot_mapping, k, v)
         attn = self.attention(q, k, v, step.layer, step.meta, step.kv_cache)
         return self.o(attn.view(T, self.q_size))
@@ -72,8 +71,7 @@ class DenseMLP:
         self.gate_up, self.down = gate_up, down
 
     def __call__(self, x: torch.Tensor, step: StepContext | None = None) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down((step.ops if step is not None else TORCH_OPS).silu_mul(self.gate_up(x)))
 
 
 def load_dense_mlp(ckpt: Checkpoint, prefix: str, hidden: int, intermediate: int, linear: Callable[..., Linear],

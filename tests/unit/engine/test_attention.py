@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.engine.attention import AttentionMetadata, PagedAttention, ReferenceAttention, load_kernel
+from pdserve.engine.attention import AttentionMetadata, PagedAttention, ReferenceAttention
+from pdserve.engine.kernels import load_kernel
 from pdserve.engine.kv_cache import PagedKVCache
 
 
@@ -98,7 +99,7 @@ def test_a_stale_build_lock_does_not_block_loading(kernel):
     """A build killed mid-way leaves torch's lock file behind; loading must not wait on it."""
     import threading
 
-    from pdserve.engine.attention import kernel_build_dir
+    from pdserve.engine.kernels import kernel_build_dir
 
     (kernel_build_dir() / "lock").write_text("")
     done = threading.Event()
