@@ -89,7 +89,8 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, kv.num_kv_heads, kv.head_dim,
                                      dtype=dtype, device=config.device, num_planes=kv.num_planes)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager, self.fingerprint, build_speculator(config, mc))
+        speculator = build_speculator(config, mc, num_blocks, self.max_model_len)  # None unless --speculative
+        self.scheduler = Scheduler(config, self.block_manager, self.fingerprint, speculator)
         self.connector = SchedulerConnector(self)  # how prefill, decode and the store reach the blocks
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(config.seed)

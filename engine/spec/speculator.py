@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,14 +105,28 @@ class Speculator:
         return {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0, "spec_drafts": 0}
 
 
-def build_speculator(config: EngineConfig, target: ModelConfig) -> Speculator | None:
-    """The speculator `--speculative` asks for (None: off)."""
+def build_speculator(config: EngineConfig, target: ModelConfig, num_blocks: int, max_model_len: int
+                     ) -> Speculator | None:
+    """The speculator `--speculative` asks for (None: off). The draft model's KV pool gets as many
+    blocks as the target's, so it never limits the batch."""
     if config.speculative == "off":
         return None
     if config.speculative == "ngram":
         proposer: Proposer = NgramProposer(config.speculative_ngram_min, config.speculative_ngram_max)
     else:
-        raise ValueError(f"--speculative {config.speculative} is not available in this build yet (use ngram)")
+        from pdserve.engine.builtin_model import builtin_draft_for
+        from pdserve.engine.spec.draft import DraftProposer
+
+        target_dir = Path(config.model)
+        if config.draft_model:
+            draft_dir = Path(config.draft_model)
+        else:
+            draft_dir = builtin_draft_for(target_dir)
+            if draft_dir is None:
+                raise ValueError(f"--speculative draft: give --draft-model DIR (a smaller model with the tokenizer "
+                                 f"of {target_dir}); only the built-in models have a built-in draft")
+        proposer = DraftProposer(config, draft_dir, target_dir, target, num_blocks, max_model_len)
+    logger.info("speculative decoding: %s, %d tokens per step", proposer.name, config.num_speculative_tokens)
     logger.info("speculative decoding: %s, %d tokens per step", proposer.name, config.num_speculative_tokens)
     return Speculator(config, proposer)
 

@@ -1,10 +1,13 @@
-"""Speculative decoding through the engine on the built-in tiny model: greedy output identical with and
-without it, rejected proposals leave no blocks and no KV behind (cached blocks hold exactly the KV a
-plain engine computes), random aborts leak nothing, config errors are clear."""
+"""Speculative decoding through the engine on the built-in tiny model, for both proposers (n-gram, and
+the built-in tiny-draft): greedy output identical with and without it, rejected proposals leave no
+blocks and no KV behind (cached blocks hold exactly the KV a plain engine computes), random aborts
+leak nothing (target pool and draft pool), config errors are clear."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -38,15 +41,23 @@ def prompts(plain):
 
 
 def _all_free(engine: LLMEngine) -> bool:
+    spec = engine.scheduler.speculator
+    draft = getattr(spec.proposer, "bm", None) if spec is not None else None
+    if draft is not None and (draft.num_free_blocks != draft.num_blocks or spec.proposer.states):
+        return False
     return engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+PROPOSERS = ["ngram", "draft"]
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
 @pytest.mark.parametrize("config", [{}, {"num_speculative_tokens": 1}, {"num_speculative_tokens": 7,
                                                                            "max_num_batched_tokens": 16}],
                          ids=["k4", "k1", "k7-small-chunks"])
-def test_ngram_greedy_equals_plain_decode(tiny_model_dir, plain, prompts, config):
+def test_greedy_equals_plain_decode(tiny_model_dir, plain, prompts, proposer, config):
     want = [c.token_ids for c in plain.generate(prompts, GREEDY)]
-    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="ngram", **config))
+    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative=proposer, **config))
     got = [c.token_ids for c in spec.generate(prompts, GREEDY)]
     assert got == want
     s = spec.stats()
@@ -56,11 +67,12 @@ def test_ngram_greedy_equals_plain_decode(tiny_model_dir, plain, prompts, config
     assert _all_free(spec)
 
 
-def test_cached_blocks_hold_only_accepted_kv(tiny_model_dir, prompts):
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_cached_blocks_hold_only_accepted_kv(tiny_model_dir, prompts, proposer):
     """Every block in the prefix-cache index after speculative decoding holds the KV a plain engine
     computes for the same tokens (a rejected proposal's KV in one of them would differ by far)."""
     cfg = dict(model=str(tiny_model_dir), num_kv_blocks=256, block_size=4)  # small blocks: many fill during decode
-    spec = LLMEngine(EngineConfig(speculative="ngram", **cfg))
+    spec = LLMEngine(EngineConfig(speculative=proposer, **cfg))
     ref = LLMEngine(EngineConfig(**cfg))
     assert [c.token_ids for c in spec.generate(prompts, GREEDY)] == [c.token_ids for c in ref.generate(prompts, GREEDY)]
     assert spec.stats()["spec_proposed_tokens"] > spec.stats()["spec_accepted_tokens"] > 0
@@ -78,8 +90,9 @@ def test_cached_blocks_hold_only_accepted_kv(tiny_model_dir, prompts):
     assert all(c.num_cached_tokens > len(p) for c, p in zip(got, prompts))
 
 
-def test_random_aborts_leak_no_blocks(tiny_model_dir, prompts):
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, speculative="ngram"))
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_random_aborts_leak_no_blocks(tiny_model_dir, prompts, proposer):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, speculative=proposer))
     rng = random.Random(7)
     live: list[str] = []
     for i in range(60):
@@ -101,8 +114,9 @@ def test_random_aborts_leak_no_blocks(tiny_model_dir, prompts):
     assert _all_free(engine)
 
 
-def test_sampled_output_reproduces_with_a_seed(tiny_model_dir, prompts):
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="ngram"))
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_sampled_output_reproduces_with_a_seed(tiny_model_dir, prompts, proposer):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative=proposer))
     p = SamplingParams(max_tokens=30, temperature=0.8, seed=42, ignore_eos=True)
     a = engine.generate(prompts[:2], p)
     b = engine.generate(prompts[:2], p)
@@ -137,3 +151,28 @@ def test_bad_config_is_a_clear_error(kwargs, needle):
     with pytest.raises(ValueError, match=None) as err:
         EngineConfig(**kwargs)
     assert needle in str(err.value)
+
+
+def test_a_draft_with_another_vocabulary_or_tokenizer_is_refused(tiny_model_dir, hf_model_dirs, tmp_path):
+    with pytest.raises(ValueError) as err:
+        LLMEngine(EngineConfig(model=str(tiny_model_dir), speculative="draft", draft_model=str(hf_model_dirs["llama"])))
+    assert str(hf_model_dirs["llama"]) in str(err.value) and str(tiny_model_dir) in str(err.value)
+    assert "512" in str(err.value) and "2048" in str(err.value)
+    # same vocabulary size, different tokenizer: two token ids swapped
+    from pdserve.engine.builtin_model import builtin_draft_for
+
+    bad = tmp_path / "bad-draft"
+    shutil.copytree(builtin_draft_for(tiny_model_dir), bad)
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="different tokenizer") as err:
+        LLMEngine(EngineConfig(model=str(tiny_model_dir), speculative="draft", draft_model=str(bad)))
+    assert str(bad) in str(err.value) and str(tiny_model_dir) in str(err.value)
+
+
+def test_draft_needs_a_draft_model_for_other_models(hf_model_dirs):
+    with pytest.raises(ValueError, match="give --draft-model"):
+        LLMEngine(EngineConfig(model=str(hf_model_dirs["llama"]), speculative="draft"))
