@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .request import RequestResult
+from .server_metrics import SpecDecode
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
 CANCELLED = "cancelled"  # error_kind of requests cut off by the run's time limit
@@ -146,9 +147,14 @@ class Summary:
     prefix_hits: PrefixHits | None = None
     phases: PhaseBreakdown | None = None
     prefill_routes: PrefillRoutes | None = None
+    spec_decode: SpecDecode | None = None  # from the server's /metrics, when it reports speculation
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.spec_decode is not None:
+            d["spec_decode"].update(acceptance_rate=self.spec_decode.acceptance_rate,
+                                    mean_acceptance_length=self.spec_decode.mean_acceptance_length)
+        return d
 
 
 def latency_stats(values_s: list[float], percentiles: tuple[float, ...]) -> LatencyStats | None:

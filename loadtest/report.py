@@ -83,6 +83,13 @@ def format_summary(result: BenchResult) -> str:
             lines.append(_row(f"Trace ideal, LRU {hits.ideal_lru_blocks} blocks:", f"{hits.ideal_lru:.3f}"))
         if hits.hit_ratio is not None and hits.ideal_unbounded:
             lines.append(_row("Measured / unbounded ideal:", f"{hits.hit_ratio / hits.ideal_unbounded:.2f}"))
+    if (spec := s.spec_decode) is not None:
+        lines.append(f"{'Speculative decoding (server metrics)':-^{WIDTH}}")
+        lines.append(_row("Drafts / proposed / accepted tokens:",
+                          f"{spec.num_drafts} / {spec.num_draft_tokens} / {spec.num_accepted_tokens}"))
+        lines.append(_row("Acceptance rate:", f"{spec.acceptance_rate:.3f}"))
+        if spec.mean_acceptance_length is not None:
+            lines.append(_row("Mean acceptance length (tokens/step):", f"{spec.mean_acceptance_length:.2f}"))
     if (phases := s.phases) is not None:
         lines.append(f"{'Time per phase (server timing)':-^{WIDTH}}")
         lines.append(_row("Requests reporting:", phases.num_reporting))

@@ -25,6 +25,7 @@ from .datasets import build_requests
 from .metrics import CANCELLED, SLO, PrefixHits, Summary, summarize, throughput_timeline
 from .mooncake import ideal_hit_ratio
 from .request import BenchRequest, RequestResult
+from .server_metrics import scrape_settled_spec_counters, scrape_spec_counters, spec_decode_delta
 from .tokens import TokenCodec
 
 logger = logging.getLogger(__name__)
@@ -97,13 +98,16 @@ async def run_benchmark(config: BenchConfig, backend: Backend | None = None) -> 
                 raise NotFound(f"{config.base_url} lists no models; pass --model")
             backend.model = models[0]
         started_at = datetime.now(timezone.utc).isoformat()
+        spec_before = await scrape_spec_counters(config.base_url)
         t0, results, duration_s = await _send_all(config, backend, requests, offsets)
+        spec_after = await scrape_settled_spec_counters(config.base_url) if spec_before is not None else None
     for r in results:
         _fill_token_counts(r, config, codec, type(backend).exact_token_counts)
     summary = summarize(results, len(requests), duration_s,
                         SLO(config.slo_ttft_ms, config.slo_tpot_ms, config.slo_e2e_ms), config.percentiles)
     if config.dataset == "mooncake" and summary.prefix_hits is not None:
         _fill_ideal_hits(summary.prefix_hits, config, requests, results)
+    summary.spec_decode = spec_decode_delta(spec_before, spec_after)
     result = BenchResult(config, backend.model, started_at, t0, requests, offsets, results, summary,
                          throughput_timeline(results, t0, duration_s, _timeline_bin_s(duration_s)))
     await asyncio.to_thread(_write_outputs, result)

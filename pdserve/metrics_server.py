@@ -47,6 +47,12 @@ _STATS_METRICS: list[tuple[str, str, str, str]] = [
      "Generated blocks decode handed to the KV store as they filled (a failover resumes from them)."),
     ("pdserve:store_generated_blocks_dropped", "store_generated_blocks_dropped", "counter",
      "Generated blocks decode did not publish: its publish queue or staging was full."),
+    ("pdserve:spec_decode_num_drafts", "spec_num_drafts", "counter",
+     "Speculative decode steps that verified at least one proposed token."),
+    ("pdserve:spec_decode_num_draft_tokens", "spec_num_draft_tokens", "counter",
+     "Tokens proposed for speculative decoding (n-gram or draft model)."),
+    ("pdserve:spec_decode_num_accepted_tokens", "spec_num_accepted_tokens", "counter",
+     "Proposed tokens the target model accepted."),
 ]
 
 # kvstore TransferStats attribute -> direction label of pdserve:kv_transfer_seconds_total.
@@ -60,12 +66,18 @@ def worker_stats_families(workers: Iterable[tuple[list[str], pb.WorkerStats]]) -
         for name, _, kind, help_text in _STATS_METRICS]
     usage = GaugeMetricFamily("pdserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
                               labels=WORKER_LABELS)
+    accept_len = GaugeMetricFamily(
+        "pdserve:spec_decode_mean_acceptance_length",
+        "Tokens emitted per speculative step since start: 1 + accepted proposals per draft (1: none accepted).",
+        labels=WORKER_LABELS)
     for labels, stats in workers:
         for family, (_, field_name, _, _) in zip(families, _STATS_METRICS):
             family.add_metric(labels, float(getattr(stats, field_name)))
         if stats.num_kv_blocks:
             usage.add_metric(labels, 1.0 - stats.num_free_kv_blocks / stats.num_kv_blocks)
-    return [*families, usage]
+        if stats.spec_num_drafts:
+            accept_len.add_metric(labels, 1.0 + stats.spec_num_accepted_tokens / stats.spec_num_drafts)
+    return [*families, usage, accept_len]
 
 
 class WorkerCollector:

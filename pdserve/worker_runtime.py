@@ -177,6 +177,8 @@ class WorkerRuntime:
             kv_bytes_received=int(getattr(agent_stats, "bytes_received", 0) or 0),
             num_transfers_failed=int(getattr(agent_stats, "num_failures", 0) or 0),
             draining=self.draining, target_role=self.target_role, num_role_switches=self.num_role_switches,
+            spec_num_drafts=s["spec_drafts"], spec_num_draft_tokens=s["spec_proposed_tokens"],
+            spec_num_accepted_tokens=s["spec_accepted_tokens"],
         )
 
     async def _register_loop(self, router: str) -> None:

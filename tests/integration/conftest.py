@@ -36,3 +36,22 @@ def colocated_cluster(tiny_model_dir):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session", params=["ngram", "draft"])
+def spec_disagg_cluster(request, tiny_model_dir):
+    """Router + 1 prefill + 1 decode worker speculating with the n-gram or the draft proposer (the
+    built-in tiny-draft); every prompt goes through remote prefill, in 64-token chunks."""
+    from pdserve.engine.builtin_model import builtin_draft_for
+
+    builtin_draft_for(tiny_model_dir)  # made here once, beside the model, not at the worker's start
+    spec = ClusterSpec(model=str(tiny_model_dir), num_prefill=1, num_decode=1,
+                       router_args=["--local-prefill-threshold", "0", "--health-interval-s", "0.2"],
+                       decode_args=["--speculative", request.param],
+                       worker_args=["--max-num-batched-tokens", "64", "--kv-cache-memory-mb", "64"])
+    cluster = start_cluster(spec)
+    cluster.proposer = request.param
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

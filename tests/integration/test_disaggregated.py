@@ -81,30 +81,32 @@ def test_seeded_sampling_same_on_both_paths(disagg_cluster, colocated_cluster):
 
 @pytest.mark.parametrize("how", ["abort", "cancel", "deadline"])
 def test_early_end_releases_every_block(disagg_cluster, how):
-    async def scenario():
-        async with Client(disagg_cluster.router_address) as client:
-            req_id = f"early-{how}"
-            stream = client.generate(_prompts()[3], max_tokens=2000, temperature=0.0, ignore_eos=True,
-                                     request_id=req_id, timeout_s=1.5 if how == "deadline" else 60)
-            got = 0
-            aborted = False
-            try:
-                async for msg in stream:
-                    got += len(msg.token_ids)
-                    if got >= 3 and how == "abort" and not aborted:
-                        assert await client.abort(req_id)
-                        aborted = True
-                    if got >= 3 and how == "cancel":
-                        break
-                    if msg.finish_reason:
-                        assert how == "abort" and msg.finish_reason == "abort"
-            except grpc.aio.AioRpcError as exc:
-                assert how == "deadline" and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            finally:
-                await stream.aclose()
-            assert got >= 1
-            await wait_until(lambda: all_blocks_free(client), timeout_s=30, what="all blocks free")
-    asyncio.run(scenario())
+    asyncio.run(_early_end(disagg_cluster.router_address, how))
+
+
+async def _early_end(address: str, how: str, prompt: list[int] | None = None) -> None:
+    async with Client(address) as client:
+        req_id = f"early-{how}"
+        stream = client.generate(prompt or _prompts()[3], max_tokens=2000, temperature=0.0, ignore_eos=True,
+                                 request_id=req_id, timeout_s=1.5 if how == "deadline" else 60)
+        got = 0
+        aborted = False
+        try:
+            async for msg in stream:
+                got += len(msg.token_ids)
+                if got >= 3 and how == "abort" and not aborted:
+                    assert await client.abort(req_id)
+                    aborted = True
+                if got >= 3 and how == "cancel":
+                    break
+                if msg.finish_reason:
+                    assert how == "abort" and msg.finish_reason == "abort"
+        except grpc.aio.AioRpcError as exc:
+            assert how == "deadline" and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            await stream.aclose()
+        assert got >= 1
+        await wait_until(lambda: all_blocks_free(client), timeout_s=30, what="all blocks free")
 
 
 @pytest.mark.parametrize("kwargs, code, needle", [
@@ -184,3 +186,78 @@ async def test_conditional_disaggregation(disagg_cluster, tiny_model_dir):
     busy_outs, busy_local, busy_remote = await run(max_inflight=0)  # as if decode were always busy
     assert (busy_local, busy_remote) == (0, 2)
     assert idle_outs == busy_outs
+
+
+# ---- speculative decoding on the decode worker ------------------------------------------------
+
+def _repetitive_prompts(engine: LLMEngine) -> list[list[int]]:
+    """Prompts whose continuation repeats earlier text, what n-gram lookup exploits: a passage and the
+    model's own 128-token greedy continuation of it (the random model copies nothing from a prompt,
+    but its greedy text falls into loops, which then continue)."""
+    bases = _prompts(seed=11)[:3]
+    conts = engine.generate(bases, SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))
+    return [b + c.token_ids for b, c in zip(bases, conts)]
+
+
+def _spec_counters(workers) -> tuple[int, int, int]:
+    d = [w.stats for w in workers if w.role == 2]
+    return (sum(s.spec_num_drafts for s in d), sum(s.spec_num_draft_tokens for s in d),
+            sum(s.spec_num_accepted_tokens for s in d))
+
+
+def test_speculative_decode_token_parity(spec_disagg_cluster, tiny_model_dir):
+    """Greedy float32 through prefill -> UCX -> a speculating decode worker == the plain offline engine,
+    token for token (logprobs allclose), while proposals really were made, accepted and rejected."""
+    offline = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+    prompts = _prompts() + _repetitive_prompts(offline)
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=True)
+    want = offline.generate(prompts, params)
+
+    async def run():
+        async with Client(spec_disagg_cluster.router_address) as client:
+            got = await asyncio.gather(*(
+                client.complete(p, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=True, timeout_s=120)
+                for p in prompts))
+            await wait_until(lambda: all_blocks_free(client), timeout_s=30, what="all blocks free")
+            return got, _spec_counters(await client.workers())
+    got, (drafts, proposed, accepted) = asyncio.run(run())
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
+        assert g.prefill_worker.startswith("prefill@") and g.decode_worker.startswith("decode@")
+    assert drafts > 0 and proposed > accepted > 0, (drafts, proposed, accepted)
+
+
+@pytest.mark.parametrize("how", ["abort", "cancel"])
+def test_speculative_early_end_releases_every_block(spec_disagg_cluster, tiny_model_dir, how):
+    prompt = _repetitive_prompts(LLMEngine(EngineConfig(model=str(tiny_model_dir))))[0]
+    asyncio.run(_early_end(spec_disagg_cluster.router_address, how, prompt))
+
+
+def test_bench_reports_the_servers_acceptance_rate(spec_disagg_cluster):
+    """`pdserve bench` against the router's HTTP API prints the acceptance the router's /metrics report
+    for the run (the decode worker's counters, differences over the run; the bench reads them again
+    until the router's poll of its workers has caught up)."""
+    from integration_helpers import scrape, total
+    from pdserve.loadtest.config import BenchConfig
+    from pdserve.loadtest.report import format_summary
+    from pdserve.loadtest.runner import run_benchmark
+
+    url = spec_disagg_cluster.http_url
+    before = scrape(f"{url}/metrics")
+    config = BenchConfig(base_url=url, num_prompts=4, random_input_len=48, random_output_len=48, vocab_size=2048,
+                         temperature=0.0, progress=False, seed=4)
+    result = asyncio.run(run_benchmark(config))
+    after = scrape(f"{url}/metrics")
+    assert result.summary.num_completed == 4
+    delta = {k: total(after, f"pdserve:spec_decode_num_{k}_total") - total(before, f"pdserve:spec_decode_num_{k}_total")
+             for k in ("drafts", "draft_tokens", "accepted_tokens")}
+    spec = result.summary.spec_decode
+    if delta["draft_tokens"] == 0:  # n-gram on random prompts may find nothing to propose
+        assert spec is None and spec_disagg_cluster.proposer == "ngram"
+        return
+    assert (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) == (
+        delta["drafts"], delta["draft_tokens"], delta["accepted_tokens"])
+    assert "Acceptance rate:" in format_summary(result)
+    if spec_disagg_cluster.proposer == "draft":
+        assert spec.acceptance_rate > 0.5  # the bfloat16 draft agrees with the model almost always
