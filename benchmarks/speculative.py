@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Speculative decoding: time per output token (TPOT) with and without it, side by side in one run.
+
+In process (no servers), one engine per configuration (off, ngram, draft) over the same model,
+measured round-robin so load drift on a shared machine hits every configuration alike. Workloads:
+  repetitive  code-like: a chunk of the standard library's Python source, twice (an edit request
+              that quotes the code it edits); what n-gram lookup is for
+  random      random token ids
+Batch 1 and batch 8 (all requests at once; TPOT = (last token - first token) / (tokens - 1) per request,
+mean over requests, median over repetitions). Prints TPOT, the speedup (plain TPOT / speculative TPOT),
+the acceptance rate, and, for the draft, what prefilling it on the decode worker costs against the
+target's prefill (the choice docs/speculative.md explains).
+
+    python benchmarks/speculative.py --size small --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from pdserve.engine.builtin_model import builtin_draft_for, ensure_builtin_model
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.engine.sequence import Sequence
+
+CONFIGS = ("off", "ngram", "draft")
+
+
+def code_prompts(model_dir: Path, n: int, length: int) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "copy.py", "abc.py"):
+        ids += tok.encode((stdlib / name).read_text(encoding="utf-8")).ids
+    half = length // 2
+    return [ids[i * 2 * half:i * 2 * half + half] * 2 for i in range(n)]
+
+
+def random_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def tpot_run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> float:
+    """Mean TPOT (s) of `prompts` sent together."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    ids = [f"{tag}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            counts[o.req_id] = counts.get(o.req_id, 0) + len(o.new_token_ids)
+            first.setdefault(o.req_id, now)
+            last[o.req_id] = now
+    return statistics.mean((last[r] - first[r]) / (counts[r] - 1) for r in ids)
+
+
+def draft_prefill_cost(target: LLMEngine, draft_engine: LLMEngine, length: int) -> dict[str, float]:
+    """Seconds for the target's prefill of one prompt vs the draft's catch-up over it (the draft
+    proposer's own runner), and the draft's KV bytes per token against the target's."""
+    proposer = draft_engine.scheduler.speculator.proposer
+    prompt = random_prompts(target.model_config.vocab_size, 1, length, 5)[0]
+    out = {}
+    t = time.perf_counter()
+    target.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+    out["target_prefill_s"] = time.perf_counter() - t
+    seq = Sequence("draft-cost", prompt, SamplingParams(temperature=0.0))
+    seq.block_table = proposer.bm.allocate(proposer.bm.blocks_for_tokens(length))
+    t = time.perf_counter()
+    for start in range(0, length, proposer.chunk_tokens):  # the chunks it runs, one per decode step
+        proposer.runner.execute([ScheduledSeq(seq, min(proposer.chunk_tokens, length - start))])
+        seq.num_computed_tokens = min(length, start + proposer.chunk_tokens)
+    out["draft_prefill_s"] = time.perf_counter() - t
+    proposer.bm.free(seq.block_table)
+    out["draft_kv_bytes_per_token_ratio"] = (proposer.kv_cache.nbytes / proposer.bm.num_blocks) / (
+        target.kv_cache.nbytes / target.block_manager.num_blocks)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small", help="built-in target model (its built-in draft is used)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--json", default="", help="write the numbers here")
+    args = parser.parse_args()
+
+    model = ensure_builtin_model(args.size)
+    builtin_draft_for(model)
+    common = dict(model=str(model), num_threads=args.threads, enable_prefix_caching=False, num_kv_blocks=2048,
+                  num_speculative_tokens=args.num_speculative_tokens)
+    engines = {c: LLMEngine(EngineConfig(speculative=c, **common)) for c in CONFIGS}
+    vocab = engines["off"].model_config.vocab_size
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    workloads = {
+        "repetitive": code_prompts(model, max(batch_sizes), args.prompt_len),
+        "random": random_prompts(vocab, max(batch_sizes), args.prompt_len, 1),
+    }
+    for e in engines.values():  # warm-up (kernels, allocator)
+        tpot_run(e, workloads["random"][:2], 8, "warm")
+    tpot: dict[tuple[str, int, str], list[float]] = {}
+    accept: dict[tuple[str, int, str], list[int]] = {}
+    load_before = os.getloadavg()
+    for rep in range(args.reps):
+        for wname, prompts in workloads.items():
+            for bsz in batch_sizes:
+                for c in CONFIGS if rep % 2 == 0 else reversed(CONFIGS):
+                    e = engines[c]
+                    s0 = e.stats()
+                    tpot.setdefault((wname, bsz, c), []).append(tpot_run(e, prompts[:bsz], args.output_len, c))
+                    s1 = e.stats()
+                    a = accept.setdefault((wname, bsz, c), [0, 0])
+                    a[0] += s1["spec_accepted_tokens"] - s0["spec_accepted_tokens"]
+                    a[1] += s1["spec_proposed_tokens"] - s0["spec_proposed_tokens"]
+    load_after = os.getloadavg()
+    rows = []
+    print(f"model {args.size}, k={args.num_speculative_tokens}, prompt {args.prompt_len}, output {args.output_len}, "
+          f"{args.reps} reps; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(f"{'workload':<11} {'batch':>5} {'config':<6} {'TPOT ms':>8} {'speedup':>8} {'accepted/proposed':>18}")
+    for wname in workloads:
+        for bsz in batch_sizes:
+            base = statistics.median(tpot[(wname, bsz, "off")])
+            for c in CONFIGS:
+                t = statistics.median(tpot[(wname, bsz, c)])
+                acc, prop = accept[(wname, bsz, c)]
+                rate = f"{acc}/{prop} = {acc / prop:.2f}" if prop else "-"
+                print(f"{wname:<11} {bsz:>5} {c:<6} {t * 1000:>8.2f} {base / t:>7.2f}x {rate:>18}")
+                rows.append({"workload": wname, "batch": bsz, "config": c, "tpot_ms": t * 1000, "speedup": base / t,
+                             "tpot_ms_reps": [x * 1000 for x in tpot[(wname, bsz, c)]],
+                             "accepted": acc, "proposed": prop})
+    cost = draft_prefill_cost(engines["off"], engines["draft"], 1024)
+    print(f"draft prefill of a 1024-token prompt on the decode worker: {cost['draft_prefill_s'] * 1000:.0f} ms "
+          f"vs the target's prefill {cost['target_prefill_s'] * 1000:.0f} ms "
+          f"({cost['draft_prefill_s'] / cost['target_prefill_s']:.2f}x); draft KV bytes per token "
+          f"{cost['draft_kv_bytes_per_token_ratio']:.2f}x the target's")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "load_before": load_before,
+                                               "load_after": load_after, "rows": rows, "draft_prefill": cost},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()
