@@ -225,7 +225,9 @@ def test_speculative_decode_token_parity(spec_disagg_cluster, tiny_model_dir):
         assert g.token_ids == w.token_ids
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
         assert g.prefill_worker.startswith("prefill@") and g.decode_worker.startswith("decode@")
-    assert drafts > 0 and proposed > accepted > 0, (drafts, proposed, accepted)
+    assert drafts > 0 and proposed >= accepted > 0, (drafts, proposed, accepted)
+    if spec_disagg_cluster.proposer == "ngram":  # the built-in draft (the target in bfloat16) may agree on every
+        assert proposed > accepted, (drafts, proposed, accepted)  # token; rejections are proven in test_speculator
 
 
 @pytest.mark.parametrize("how", ["abort", "cancel"])
