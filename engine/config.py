@@ -31,8 +31,9 @@ class EngineConfig:
     dtype: str = field(default="float32", metadata=_h("weights and KV dtype", choices=["float32", "bfloat16", "float16"]))
     device: str = field(default="cpu", metadata=_h("torch device (cpu or cuda)"))
     attention_backend: str = field(default="auto", metadata=_h(
-        "attention over the paged cache: paged-cpu (C++/OpenMP kernel, all sequences in one call), reference "
-        "(plain torch gather + SDPA), or auto (the kernel on the CPU when it builds, else the reference)",
+        "attention over the paged cache: paged-cpu (C++/OpenMP kernel, all sequences in one call, with the fused "
+        "norm/RoPE/SiLU kernels), reference (plain torch gather + SDPA and torch ops), or auto (the kernels on the "
+        "CPU when they build, else the reference)",
         choices=["auto", "paged-cpu", "reference"]))
     linear_backend: str = field(default="auto", metadata=_h(
         "linear layers: onednn (weights packed once for oneDNN), torch (F.linear), or auto (onednn on the CPU "
