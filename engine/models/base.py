@@ -17,17 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.attention import AttentionMetadata
-from pdserve.engine.ops import TORCH_OPS, TorchOps, apply_rope, make_ops, rotate_half  # noqa: F401 - re-exported
 from pdserve.engine.kv_cache import PagedKVCache
 from pdserve.engine.linear import Linear
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.model_config import ConfigReader, ModelConfig
+from pdserve.engine.ops import TORCH_OPS, TorchOps, apply_rope, make_ops  # noqa: F401 - apply_rope re-exported
 from pdserve.errors import InvalidModel
 
 LayerCallback = Callable[[int], None]
 
 
 rms_norm = TorchOps.rms_norm  # the reference RMSNorm (layers also use it for q/k norms)
+
 
 @dataclass(frozen=True, slots=True)
 class BuildOptions:

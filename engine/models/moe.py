@@ -20,6 +20,7 @@ from pdserve.engine.loader import Checkpoint
 from pdserve.engine.model_config import ConfigReader, ModelConfig
 from pdserve.engine.models.base import StepContext
 from pdserve.engine.models.layers import DenseMLP, load_dense_mlp
+from pdserve.engine.ops import TORCH_OPS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,8 +68,7 @@ class Experts:
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                gate, up = self.gate_up[e](xs[rows]).chunk(2, dim=-1)
-                ys[rows] = self.down[e](F.silu(gate) * up)
+                ys[rows] = self.down[e](TORCH_OPS.silu_mul(self.gate_up[e](xs[rows])))
                 start += n
         ys = ys * weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
