@@ -32,6 +32,7 @@ from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.threads import available_cpus
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.spec.speculator import Speculator, build_speculator
+from pdserve.engine.step_times import StepTimes
 from pdserve.errors import InvalidRequest, NotFound
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}  # req_id -> live sequence
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (not cache hits)
         self.num_generation_tokens = 0
+        self.step_times = StepTimes()  # measured step seconds by kind: routers learn this worker's speed from them
         self.capture_logits = False  # tests: keep each step's logits on the sequence
         # Called as hook(layer_index, batch) once a layer's K/V for the step are in the cache
         # (prefill workers push KV from here while later layers still compute).
@@ -202,9 +204,11 @@ class LLMEngine:
 
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        num_prompt_tokens = num_decodes = 0
         hook = self.layer_hook
         on_layer_done = None if hook is None else (lambda i: hook(i, batch))
         logits, num_rows = self.runner.execute(batch, on_layer_done)
@@ -215,8 +219,9 @@ class LLMEngine:
         for item, n_rows, (tokens, lps) in zip(batch, num_rows, emitted):
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.num_prompt_tokens_computed += min(item.num_new_tokens,
-                                                       seq.num_prompt_tokens - seq.num_computed_tokens)
+                num_prompt_tokens += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            else:
+                num_decodes += 1
             # the KV of rejected proposals stays in slots past num_computed_tokens, overwritten later
             num_accepted = max(0, len(tokens) - 1)
             reason = None
@@ -250,6 +255,8 @@ class LLMEngine:
                 req_id=seq.req_id, new_token_ids=tokens, new_logprobs=lps, finished=reason is not None,
                 finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
                 num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens))
+        self.num_prompt_tokens_computed += num_prompt_tokens
+        self.step_times.record(num_prompt_tokens, num_decodes, time.perf_counter() - started)
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
@@ -307,5 +314,6 @@ class LLMEngine:
             "prefix_cache_hits": bm.num_prefix_hits,
             "num_prompt_tokens_computed": self.num_prompt_tokens_computed,
             "num_generation_tokens": self.num_generation_tokens,
+            **self.step_times.as_dict(),
             **(self.scheduler.speculator.stats() if self.scheduler.speculator else Speculator.empty_stats()),
         }

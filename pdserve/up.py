@@ -47,7 +47,8 @@ class UpConfig:
         "extra flags for every worker, shell-quoted, e.g. '--kv-cache-memory-mb 256'", metavar="ARGS"))
     prefill_args: str = field(default="", metadata=_h(
         "extra flags for the prefill workers only (after --worker-args): a heterogeneous pool, e.g. "
-        "'--device cuda --dtype bfloat16 --num-threads 8 --kv-cache-memory-mb 1024'", metavar="ARGS"))
+        "'--device cuda --num-threads 8 --kv-cache-memory-mb 1024' (--dtype must match the decode pool's: KV "
+        "blocks are copied byte for byte)", metavar="ARGS"))
     decode_args: str = field(default="", metadata=_h(
         "extra flags for the decode (and colocated) workers only, e.g. '--kv-cache-memory-mb 8192'", metavar="ARGS"))
     router_args: str = field(default="", metadata=_h(

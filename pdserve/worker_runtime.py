@@ -20,6 +20,7 @@ from pdserve import rpc
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.step_times import StepTimes
 from pdserve.membership import Etcd, EtcdConfig
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -179,6 +180,7 @@ class WorkerRuntime:
             draining=self.draining, target_role=self.target_role, num_role_switches=self.num_role_switches,
             spec_num_drafts=s["spec_drafts"], spec_num_draft_tokens=s["spec_proposed_tokens"],
             spec_num_accepted_tokens=s["spec_accepted_tokens"],
+            **{k: s[k] for k in StepTimes.fields()},
         )
 
     async def _register_loop(self, router: str) -> None:

@@ -125,11 +125,11 @@ class SplitChooser:
 
 def assign_roles(workers: list, target: Split, prefill_speed) -> list[tuple[object, int]]:
     """(worker, new role) for the workers that must switch to reach `target`, keeping as many as possible
-    where they are; the fastest prefill workers (lowest `prefill_speed(address)` s/token) take prefill
+    where they are; the fastest prefill workers (lowest `prefill_speed(worker)` s/token) take prefill
     slots. Order: prefill workers gaining decode first (they drain no decode work), then decode-capable
     ones, those becoming prefill last, so a decode-capable worker stays routable through every drain."""
     needs = {pb.PREFILL: target.num_prefill, pb.DECODE: target.num_decode, pb.COLOCATED: target.num_colocated}
-    by_speed = sorted(workers, key=lambda w: (prefill_speed(w.address), w.address))
+    by_speed = sorted(workers, key=lambda w: (prefill_speed(w), w.address))
     movers = []
     for w in by_speed:
         if needs.get(w.role, 0) > 0:

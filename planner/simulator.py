@@ -4,7 +4,8 @@
 A simulated worker is a continuous-batching engine: each step runs every running decode sequence
 and as many prefill tokens as the chunk budget leaves (`--max-num-batched-tokens` minus the decodes),
 and takes StepModel.step_s(decodes, prefill tokens, context tokens) seconds, the model calibrated on
-real workers (planner/calibrate.py). A remote prefill's KV reaches its decode worker after
+real workers (planner/calibrate.py). Each worker counts its steps as a real engine does (StepTimes) and the
+policy learns every worker's speed from them at the router's poll interval, as the router does. A remote prefill's KV reaches its decode worker after
 latency + bytes / bandwidth; it joins the decode batch at its next step. Each worker has an LRU prefix
 cache of its KV pool's size; a store (optional) holds every published prompt block. Does not simulate
 preemption, KV exhaustion or failures.
@@ -19,6 +20,7 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from pdserve.engine.step_times import StepTimes
 from pdserve.planner.config import PlannerConfig
 from pdserve.planner.model import Split, StepModel
 from pdserve.planner.planner import SplitChooser, assign_roles, split_of
@@ -26,6 +28,7 @@ from pdserve.planner.signals import FinishedRequest, SignalWindow
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
 from pdserve.router.policy import RoutingPolicy, worker_load
+from pdserve.router.worker_speed import WorkerSpeed
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ class SimWorker:
     busy: bool = False
     cache: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None (LRU prefix cache)
     busy_s: float = 0.0
+    step_times: StepTimes = field(default_factory=StepTimes)  # what a real worker reports in its stats
+    speed: WorkerSpeed = field(default_factory=WorkerSpeed)  # what the router learns from them
 
     def __post_init__(self) -> None:
         self.worker_id = self.worker_id or self.address
@@ -167,6 +172,7 @@ class Simulation:
         self.num_busy = 0
         self.requests = requests
         self.cal = cal
+        self.poll_interval_s = router_config.health_interval_s
         self.policy = RoutingPolicy(router_config, cal.block_size)
         self.planner_config = planner_config or PlannerConfig()
         self.chooser = SplitChooser(self.planner_config)
@@ -195,6 +201,7 @@ class Simulation:
             self.at(r.arrival_s, self._arrive, r)
         if self.planner_config.planner != "off":
             self.at(self.planner_config.planner_interval_s, self._plan)
+        self.at(0.0, self._poll)
         last_arrival = self.requests[-1].arrival_s if self.requests else 0.0
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
@@ -255,6 +262,7 @@ class Simulation:
             step_s *= max(1.0, self.num_busy / self.num_cores)
         w.busy = True
         w.busy_s += step_s
+        w.step_times.record(sum(t for _, t in chunks), len(decodes), step_s)
         self.at(self.now + step_s, self._step_done, w, list(decodes), chunks)
 
     def _step_done(self, w: SimWorker, decodes: list, chunks: list) -> None:
@@ -296,7 +304,7 @@ class Simulation:
             else:
                 w.running.append(seq)
             return
-        self.policy.observe_prefill(w.address, computed, self.now - seq.computed_started_s)
+        self.policy.observe_prefill(computed, self.now - seq.computed_started_s)
         self.policy.record_prefill(w.address, seq.req.hashes, w.cal.num_kv_blocks)
         nbytes = computed * w.cal.kv_bytes_per_token
         self.kv_bytes_moved += nbytes
@@ -326,6 +334,13 @@ class Simulation:
             ttft_s=t[0] - seq.req.arrival_s, tpot_s=tpot, gap1_s=(t[1] - t[0]) if n > 1 else 0.0, gaps_s=gaps,
             remote=not seq.route.local, decode_batch=len(w.running)))
         self._maybe_switch(seq.route.decode)
+
+    def _poll(self) -> None:
+        """The router's stats poll: every worker's speed learnt from its step counters."""
+        for w in self.workers:
+            w.speed.observe(w.step_times.copy())
+        if len(self.finished) + self.lost < len(self.requests):
+            self.at(self.now + self.poll_interval_s, self._poll)
 
     # ---- the planner ------------------------------------------------------------------------------
     def _plan(self) -> None:

@@ -151,7 +151,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens", "num_reservation_renewals", "store_generated_blocks", "store_generated_blocks_dropped", "draining", "target_role", "num_role_switches", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")
+    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens", "num_reservation_renewals", "store_generated_blocks", "store_generated_blocks_dropped", "draining", "target_role", "num_role_switches", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens", "num_decode_steps", "decode_step_seconds", "decode_step_seqs", "num_prefill_steps", "prefill_step_seconds", "prefill_step_tokens", "prefill_step_decode_seqs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,13 @@ class WorkerStats(_message.Message):
     SPEC_NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     SPEC_NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPEC_NUM_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_SEQS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_STEP_DECODE_SEQS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_running: int
@@ -216,7 +223,14 @@ class WorkerStats(_message.Message):
     spec_num_drafts: int
     spec_num_draft_tokens: int
     spec_num_accepted_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., num_reservation_renewals: _Optional[int] = ..., store_generated_blocks: _Optional[int] = ..., store_generated_blocks_dropped: _Optional[int] = ..., draining: _Optional[bool] = ..., target_role: _Optional[_Union[WorkerRole, str]] = ..., num_role_switches: _Optional[int] = ..., spec_num_drafts: _Optional[int] = ..., spec_num_draft_tokens: _Optional[int] = ..., spec_num_accepted_tokens: _Optional[int] = ...) -> None: ...
+    num_decode_steps: int
+    decode_step_seconds: float
+    decode_step_seqs: int
+    num_prefill_steps: int
+    prefill_step_seconds: float
+    prefill_step_tokens: int
+    prefill_step_decode_seqs: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., num_reservation_renewals: _Optional[int] = ..., store_generated_blocks: _Optional[int] = ..., store_generated_blocks_dropped: _Optional[int] = ..., draining: _Optional[bool] = ..., target_role: _Optional[_Union[WorkerRole, str]] = ..., num_role_switches: _Optional[int] = ..., spec_num_drafts: _Optional[int] = ..., spec_num_draft_tokens: _Optional[int] = ..., spec_num_accepted_tokens: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_step_seqs: _Optional[int] = ..., num_prefill_steps: _Optional[int] = ..., prefill_step_seconds: _Optional[float] = ..., prefill_step_tokens: _Optional[int] = ..., prefill_step_decode_seqs: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "transfer_address", "model_fingerprint", "healthy", "stats")

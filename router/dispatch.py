@@ -406,8 +406,7 @@ class Dispatcher:
             finally:
                 prefill.inflight -= 1
                 self.policy.prefill_done(route)
-            self.policy.observe_prefill(prefill.address, len(prompt_ids) - resp.num_cached_tokens,
-                                        resp.prefill_seconds)
+            self.policy.observe_prefill(len(prompt_ids) - resp.num_cached_tokens, resp.prefill_seconds)
             self.kv_bytes_moved += resp.kv_bytes_sent
             state.kv_bytes_moved += resp.kv_bytes_sent
             state.timing.prefill_queue_s += resp.queue_seconds

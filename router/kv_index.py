@@ -13,8 +13,8 @@ conductor does):
     cached(w)     = block_size * max(local(w), stored)        # local(w): index match, stored: master
     from_store(w) = block_size * max(0, stored - local(w))
 
-`s_per_token` is the router's running estimate of prefill seconds per computed token; `load_cost`
-is the cost of loading one token's KV relative to computing it (default 0.1).
+`s_per_token` is w's prefill seconds per computed token as the router learnt it (router/worker_speed.py);
+`load_cost` is the cost of loading one token's KV relative to computing it (default 0.1).
 """
 
 from __future__ import annotations

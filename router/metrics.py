@@ -45,6 +45,19 @@ class _WorkerViewCollector:
         for w in workers:
             healthy.add_metric([w.worker_id or w.address, w.role_name], 1.0 if w.healthy else 0.0)
         yield healthy
+        prefill = GaugeMetricFamily("pdserve:router_worker_prefill_seconds_per_token",
+                                    "Prefill seconds per computed prompt token the router learnt for this worker "
+                                    "from the step times it reports.", labels=["worker", "role"])
+        decode = GaugeMetricFamily("pdserve:router_worker_decode_step_seconds",
+                                   "Decode step seconds for a batch of one the router learnt for this worker from "
+                                   "the step times it reports.", labels=["worker", "role"])
+        for w in workers:
+            if w.speed.prefill_s_per_token is not None:
+                prefill.add_metric([w.worker_id or w.address, w.role_name], w.speed.prefill_s_per_token)
+            if w.speed.has_decode():
+                decode.add_metric([w.worker_id or w.address, w.role_name], w.speed.decode_step_s(1))
+        yield prefill
+        yield decode
         routes = CounterMetricFamily("pdserve:router_prefills", "Requests by where their prompt was prefilled.",
                                      labels=["where"])
         routes.add_metric(["remote"], self.dispatcher.policy.num_remote_prefills)

@@ -1,6 +1,8 @@
 """RoutingPolicy: where a request goes. Chooses the decode worker, whether the prompt is prefilled
 locally on it or remotely (conditional disaggregation, with the overflow rule), and which prefill
-worker; predicts TTFT for admission; learns each worker's prefill speed from measured step times.
+worker; predicts TTFT for admission. Each worker's speed (prefill seconds per token, decode step seconds) is
+what the worker measured (`worker.speed`, router/worker_speed.py, fed by the registry's polls): a worker half
+as fast gets about half the prefill and decode load.
 
 It decides only: no connections, no RPCs, no retries (those are router/dispatch.py's). The router,
 the planner and the simulator (`pdserve simulate`) all call this same object, with the registry's
@@ -17,9 +19,10 @@ from pdserve.engine.block_hash import BlockHash
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
 from pdserve.router.kv_index import PrefillChoice, PrefixIndex, estimate
+from pdserve.router.worker_speed import WorkerSpeed
 
 DEFAULT_S_PER_TOKEN = 1e-4  # prior before any prefill was measured (seconds per computed prompt token)
-EWMA_WEIGHT = 0.2  # weight of each new measurement in the speed estimates
+EWMA_WEIGHT = 0.2  # weight of each measured prefill in the cluster-wide prior
 
 
 class WorkerView(Protocol):
@@ -33,6 +36,7 @@ class WorkerView(Protocol):
     inflight: int  # requests routed here and not finished
     queued_prompt_tokens: int  # prompt tokens routed here for prefill and not yet answered
     stats: pb.WorkerStats
+    speed: WorkerSpeed  # learnt from the step times the worker reports
 
     def load(self) -> float: ...
 
@@ -99,8 +103,8 @@ class RoutingPolicy:
         self.config = config
         self.block_size = block_size
         self.prefix_index = PrefixIndex(config.prefix_index_blocks)
-        self.prefill_s_per_token = DEFAULT_S_PER_TOKEN  # cluster-wide EWMA: the prior of an unmeasured worker
-        self.worker_s_per_token: dict[str, float] = {}  # address -> that worker's EWMA
+        # cluster-wide EWMA over measured prefills: the speed of a worker that has reported no prefill step yet
+        self.prefill_s_per_token = DEFAULT_S_PER_TOKEN
         # prompt tokens of admitted requests not yet counted on any worker's queue: a burst that arrives at
         # once is admitted against them, not against queues that are still empty
         self.pending_prefill_tokens = 0
@@ -109,10 +113,23 @@ class RoutingPolicy:
 
     # ---- the decisions --------------------------------------------------------------------------
     def decode_candidates(self, workers: Iterable[WorkerView], excluded: set[str] = frozenset()) -> list[WorkerView]:
-        """Healthy decode and colocated workers, least loaded first (ties by address); draining ones only
-        when no other is left (a draining worker still serves: its drain just lasts longer)."""
+        """Healthy decode and colocated workers, least loaded first (ties by address), each worker's load
+        weighted by its measured decode step time relative to the fastest candidate's (a worker half as fast
+        takes about half the sequences; unmeasured ones count as fast, so they get measured); draining ones
+        only when no other is left (a draining worker still serves: its drain just lasts longer)."""
         healthy = [w for w in workers if w.healthy and w.role in (pb.DECODE, pb.COLOCATED) and w.address not in excluded]
-        return sorted([w for w in healthy if not w.draining] or healthy, key=lambda w: (w.load(), w.address))
+        pool = [w for w in healthy if not w.draining] or healthy
+        if not pool:
+            return []
+        batch = 1 + sum(w.stats.num_running for w in pool) / len(pool)  # compare speeds at the pool's batch
+        step_s = {w.address: w.speed.decode_step_s(batch) for w in pool}
+        fastest = min((s for s in step_s.values() if s), default=None)
+
+        def key(w: WorkerView) -> tuple[float, str]:
+            s = step_s[w.address]
+            slowness = s / fastest if s and fastest else 1.0
+            return (w.load() + 1.0 / max(1, w.stats.max_num_seqs or 64)) * slowness, w.address
+        return sorted(pool, key=key)
 
     def choose_prefill(self, workers: Iterable[WorkerView], num_prompt_tokens: int, hashes: Sequence[BlockHash],
                        stored_blocks: int, excluded: set[str] = frozenset()) -> tuple[WorkerView, PrefillChoice] | None:
@@ -124,7 +141,7 @@ class RoutingPolicy:
                 continue
             ttft, cached, from_store = estimate(
                 num_prompt_tokens, self.block_size, w.queued_prompt_tokens,
-                self.prefix_index.match(w.address, list(hashes)), stored_blocks, self.s_per_token(w.address),
+                self.prefix_index.match(w.address, list(hashes)), stored_blocks, self.s_per_token(w),
                 self.config.store_load_cost)
             if best is None or (ttft, w.address) < best[:2]:
                 best = (ttft, w.address, w, PrefillChoice(w.address, ttft, cached, from_store))
@@ -179,27 +196,26 @@ class RoutingPolicy:
         if not paths:
             return 0.0
         pending_share = self.pending_prefill_tokens / len(paths)
-        return min((w.queued_prompt_tokens + pending_share + num_prompt_tokens) * self.s_per_token(w.address)
+        return min((w.queued_prompt_tokens + pending_share + num_prompt_tokens) * self.s_per_token(w)
                    for w in paths)
 
     # ---- learning -------------------------------------------------------------------------------
-    def s_per_token(self, address: str) -> float:
-        return self.worker_s_per_token.get(address, self.prefill_s_per_token)
+    def s_per_token(self, worker: WorkerView) -> float:
+        """The worker's measured prefill seconds per computed token (the cluster-wide prior until it has one)."""
+        measured = worker.speed.prefill_s_per_token
+        return self.prefill_s_per_token if measured is None else measured
 
-    def observe_prefill(self, address: str, num_computed_tokens: int, seconds: float) -> None:
-        """A measured prefill: `num_computed_tokens` computed in `seconds` on `address`."""
+    def observe_prefill(self, num_computed_tokens: int, seconds: float) -> None:
+        """A prefill the router saw finish: `num_computed_tokens` computed in `seconds` (the cluster-wide prior;
+        each worker's own speed comes from its step counters)."""
         if num_computed_tokens <= 0 or seconds <= 0:
             return
-        measured = seconds / num_computed_tokens
-        self.prefill_s_per_token += EWMA_WEIGHT * (measured - self.prefill_s_per_token)
-        prior = self.worker_s_per_token.get(address, measured)
-        self.worker_s_per_token[address] = prior + EWMA_WEIGHT * (measured - prior)
+        self.prefill_s_per_token += EWMA_WEIGHT * (seconds / num_computed_tokens - self.prefill_s_per_token)
 
     def record_prefill(self, address: str, hashes: Sequence[BlockHash], worker_num_blocks: int = 0) -> None:
         """`address` computed (and now probably caches) these blocks."""
         self.prefix_index.record(address, list(hashes), worker_num_blocks)
 
     def forget_worker(self, address: str) -> None:
-        """A worker left or changed role: its cache and speed are no longer what they were."""
+        """A worker left or changed role: its cache is no longer what it was (its speed is its own)."""
         self.prefix_index.forget(address)
-        self.worker_s_per_token.pop(address, None)

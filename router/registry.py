@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve import rpc
+from pdserve.engine.step_times import StepTimes
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.config import RouterConfig
 from pdserve.router.policy import worker_load
+from pdserve.router.worker_speed import WorkerSpeed
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Worker:
     consecutive_failures: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     stats: pb.WorkerStats = field(default_factory=pb.WorkerStats)
+    speed: WorkerSpeed = field(default_factory=WorkerSpeed)  # learnt from its stats' step times at every poll
     inflight: int = 0  # requests the router has sent here and not yet finished
     queued_prompt_tokens: int = 0  # prompt tokens sent here for prefill (remote, or local on decode) not yet answered
     channel: grpc.aio.Channel | None = None
@@ -123,6 +126,7 @@ class WorkerRegistry:
         if not w.healthy:
             logger.info("worker %s (%s) is healthy", stats.worker_id or w.address, w.role_name)
         w.stats = stats
+        w.speed.observe(StepTimes.from_stats(stats))
         w.healthy = True
         w.consecutive_failures = 0
         w.last_seen = time.monotonic()

@@ -104,3 +104,18 @@ def test_bfloat16_runs_and_tracks_float32(tiny_model_dir):
         assert (bf16 - f32).abs().max().item() < 0.05 * f32.abs().max().item()  # measured: ~0.7 %
         same_argmax += int(bf16.argmax().item() == f32.argmax().item())
     assert same_argmax >= 3
+
+
+def test_step_times_count_prefill_and_decode_steps_apart(tiny_model_dir):
+    """engine/step_times.py: what routers learn a worker's speed from (router/worker_speed.py)."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, max_num_batched_tokens=32))
+    engine.generate([list(range(5, 75)), list(range(100, 110))], SamplingParams(max_tokens=6, temperature=0.0,
+                                                                             ignore_eos=True))
+    t = engine.step_times
+    assert t.prefill_step_tokens == 80 == engine.stats()["prefill_step_tokens"]  # every prompt token once
+    assert t.num_prefill_steps >= 3  # 80 tokens at 32 a step
+    assert t.prefill_step_seconds > 0 and t.decode_step_seconds > 0
+    # each prompt's first token comes from its last prefill chunk: 5 more tokens each in pure decode steps
+    # unless a decode rode along a prefill step
+    assert t.decode_step_seqs + t.prefill_step_decode_seqs == 2 * 5
+    assert t.num_decode_steps >= 5

@@ -95,7 +95,7 @@ class W:
 
 def test_assign_roles_keeps_workers_in_place_and_gives_prefill_to_the_fastest():
     ws = [W("a", pb.DECODE), W("b", pb.DECODE), W("c", pb.COLOCATED)]
-    speed = lambda address: {"a": 2e-4, "b": 1e-4, "c": 3e-4}.get(address, 5e-4)  # noqa: E731
+    speed = lambda w: {"a": 2e-4, "b": 1e-4, "c": 3e-4}.get(w.address, 5e-4)  # noqa: E731
     assert [(w.address, r) for w, r in assign_roles(ws, Split(1, 2), speed)] == [("c", pb.PREFILL)]  # one switch
     plan = assign_roles(ws, Split(2, 0, 1), speed)
     assert [(w.address, r) for w, r in plan] == [("b", pb.PREFILL), ("a", pb.PREFILL)]  # fastest first
@@ -144,7 +144,7 @@ class FakeRegistry:
 class FakePolicy:
     prefill_s_per_token = 1.2e-4
 
-    def s_per_token(self, address: str) -> float:
+    def s_per_token(self, worker) -> float:
         return 1.2e-4
 
 

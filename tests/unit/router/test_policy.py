@@ -11,7 +11,9 @@ from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.proto import pdserve_pb2 as pb
 
 from pdserve.router.config import RouterConfig
+from pdserve.engine.step_times import StepTimes
 from pdserve.router.policy import RoutingPolicy, prefill_locally
+from pdserve.router.worker_speed import WorkerSpeed
 
 CONFIG = RouterConfig(local_prefill_threshold=256, local_prefill_max_inflight=4, remote_prefill_max_queue_tokens=1024)
 
@@ -64,6 +66,7 @@ class FakeWorker:
     queued_prompt_tokens: int = 0
     load_value: float = 0.0
     stats: pb.WorkerStats = field(default_factory=pb.WorkerStats)
+    speed: WorkerSpeed = field(default_factory=WorkerSpeed)
 
     @property
     def worker_id(self) -> str:
@@ -111,6 +114,20 @@ def test_route_overflow_to_a_saturated_prefill_pools_decode():
     assert r.local and "stays on decode" in r.reason and d.queued_prompt_tokens == 3000
 
 
+def measure(worker: FakeWorker, prefill_s_per_token: float = 0.0, decode_step_s: float = 0.0,
+            polls: int = 5) -> None:
+    """The worker reports `polls` polls' worth of steps at these speeds (WorkerStats' cumulative counters)."""
+    counters = StepTimes()
+    worker.speed.observe(counters.copy())
+    for _ in range(polls):
+        if prefill_s_per_token:
+            counters.record(512, 0, 512 * prefill_s_per_token)
+        if decode_step_s:
+            for _ in range(10):
+                counters.record(0, 4, decode_step_s)
+        worker.speed.observe(counters.copy())
+
+
 def test_choose_prefill_prefers_cache_then_speed():
     policy = RoutingPolicy(CONFIG, block_size=16)
     p1, p2 = FakeWorker("p1", pb.PREFILL), FakeWorker("p2", pb.PREFILL)
@@ -118,14 +135,69 @@ def test_choose_prefill_prefers_cache_then_speed():
     policy.record_prefill("p2", h)
     worker, choice = policy.choose_prefill([p1, p2], 512, h, stored_blocks=0)
     assert worker is p2 and choice.cached_tokens == 16 * 31
-    for _ in range(20):  # p1 measured 10x faster than p2
-        policy.observe_prefill("p1", 1000, 0.01)
-        policy.observe_prefill("p2", 1000, 0.1)
-    assert policy.s_per_token("p1") < policy.s_per_token("p2") / 5
+    measure(p1, prefill_s_per_token=1e-5)  # p1 measured 10x faster than p2
+    measure(p2, prefill_s_per_token=1e-4)
+    assert policy.s_per_token(p1) == pytest.approx(1e-5) and policy.s_per_token(p2) == pytest.approx(1e-4)
     worker, _ = policy.choose_prefill([p1, p2], 512, hashes(512, 3), stored_blocks=0)
     assert worker is p1
-    policy.forget_worker("p1")
-    assert policy.s_per_token("p1") == policy.prefill_s_per_token
+    unmeasured = FakeWorker("p3", pb.PREFILL)
+    assert policy.s_per_token(unmeasured) == policy.prefill_s_per_token  # the cluster-wide prior
+    policy.observe_prefill(1000, 0.5)
+    assert policy.s_per_token(unmeasured) > 1e-4
+
+
+def test_a_worker_half_as_fast_gets_about_half_the_prefill_load():
+    policy = RoutingPolicy(RouterConfig(local_prefill_threshold=256, remote_prefill_max_queue_tokens=0), block_size=16)
+    fast, slow, d = FakeWorker("fast", pb.PREFILL), FakeWorker("slow", pb.PREFILL), FakeWorker("d", pb.DECODE,
+                                                                                                inflight=9)
+    measure(fast, prefill_s_per_token=1e-4)
+    measure(slow, prefill_s_per_token=2e-4)
+    tokens = {"fast": 0, "slow": 0}
+    for i in range(60):  # prompts queue up faster than they finish
+        r = policy.route([d, fast, slow], 400, hashes(400, i + 10))
+        assert r.prefill is not None
+        tokens[r.prefill.address] += 400
+    assert 0.4 < tokens["slow"] / tokens["fast"] < 0.6
+    assert 0.4 < slow.queued_prompt_tokens / fast.queued_prompt_tokens < 0.6
+
+
+def test_a_worker_half_as_fast_gets_about_half_the_decode_sequences():
+    policy = RoutingPolicy(CONFIG, block_size=16)
+    fast, slow = FakeWorker("fast", pb.COLOCATED), FakeWorker("slow", pb.COLOCATED)
+    measure(fast, decode_step_s=0.01)
+    measure(slow, decode_step_s=0.02)
+    for _ in range(60):
+        w = policy.decode_candidates([fast, slow])[0]
+        w.load_value += 1 / 64  # one more sequence on it
+    ratio = slow.load_value / fast.load_value
+    assert 0.4 < ratio < 0.6
+    assert policy.decode_candidates([FakeWorker("a", pb.DECODE), FakeWorker("b", pb.DECODE)])[0].address == "a"
+
+
+def test_worker_speed_from_step_counters():
+    s = WorkerSpeed()
+    assert s.prefill_s_per_token is None and s.decode_step_s(1) is None
+    counters = StepTimes()
+    s.observe(counters.copy())
+    for batch in (1, 2, 4, 8, 16):  # one poll per batch size: a decode step costs 2 ms + 0.5 ms per sequence
+        for _ in range(20):
+            counters.record(0, batch, 2e-3 + 0.5e-3 * batch)
+        s.observe(counters.copy())
+    fixed, per_seq = s.decode_fit()
+    assert fixed == pytest.approx(2e-3) and per_seq == pytest.approx(0.5e-3)
+    # prefill steps carrying 8 decodes: their decode share (8 x 0.5 ms) is not charged to the prompt tokens
+    for _ in range(5):
+        counters.record(256, 8, 256 * 1e-4 + 8 * 0.5e-3)
+        s.observe(counters.copy())
+    assert s.prefill_s_per_token == pytest.approx(1e-4)
+    s.observe(StepTimes())  # the worker restarted: counters back to zero, nothing learnt from the difference
+    assert s.prefill_s_per_token == pytest.approx(1e-4)
+    s.observe(StepTimes(num_prefill_steps=1, prefill_step_seconds=0.1, prefill_step_tokens=100))
+    assert s.prefill_s_per_token > 1e-4  # learning resumed from the new baseline
+    flat = WorkerSpeed()
+    flat.observe(StepTimes())
+    flat.observe(StepTimes(num_decode_steps=10, decode_step_seconds=0.05, decode_step_seqs=40))
+    assert flat.decode_fit() == (pytest.approx(5e-3), 0.0)  # one batch size seen: flat at its mean
 
 
 def test_a_burst_is_admitted_against_pending_tokens():
