@@ -6,11 +6,13 @@ prompt length, each side's block table is either fresh (a new BlockManager) or c
 random allocate/free operations first, blocks still held scattered through the pool); the prompt's
 blocks are allocated by the real BlockManager and pushed in one push() from the sender's pool into
 the receiver's, with regions from the pools' layouts. A third table, checkerboard (every other block
-held: no two free blocks adjacent), is the worst case for any allocator. Side by side, the same bytes addressed the
-pre-block-major way (layer-major pool, least-recently-freed allocation, last blocks freed first), and
+held: no two free blocks adjacent), is the worst case for any allocator. With --history, side by side, the same bytes
+addressed the pre-block-major way (layer-major pool, least-recently-freed allocation, last blocks freed first), and
 the all-cached table with the eviction before run-aware eviction (cached blocks one at a time, least
 recently freed first).
-Prints sends per request (pieces the UCX backend sends), GB/s, and the push time as a share of an
+Every table is pushed two ways in one run, alternating: as one tagged UCX message per piece (the default) and as one
+batch of UCX RMA reads posted by the receiver (`rma_reads=True`, opt-in). Prints payload messages and RMA reads
+per request, GB/s, the cost per extra region (checkerboard minus fresh), and the push time as a share of an
 estimated prefill time of that prompt on this machine (8B-model FLOPs / measured GEMM FLOP/s).
 Not a test; every wait is bounded.
 
@@ -34,6 +36,7 @@ import torch
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 LRU_CACHED = "churned, all cached, LRU eviction (before)"
+READS, TAGGED = "RMA reads (opt-in)", "tagged sends (default)"
 HIDDEN, NUM_PARAMS = 4096, 8.03e9  # Llama-3-8B
 
 
@@ -169,7 +172,18 @@ async def run(args: argparse.Namespace) -> dict:
             if not line or line.startswith(("ADDRESS", "READY")):
                 return line
 
-    rows = []
+    async def expect(dst: list[tuple[int, int]]) -> bytes:
+        """A fresh token the receiver expects `dst` under."""
+        token = secrets.token_bytes(16)
+        receiver.stdin.write(f"EXPECT {token.hex()} {json.dumps(dst)}\n".encode())
+        await receiver.stdin.drain()
+        answer = await receiver_line()
+        if not answer.startswith("READY"):
+            raise RuntimeError(f"receiver did not accept the expectation: {answer!r}")
+        return token
+
+    rows: list[dict] = []
+    result: dict = {"rows": rows}
     try:
         line = await receiver_line()
         if not line.startswith("ADDRESS"):
@@ -178,13 +192,21 @@ async def run(args: argparse.Namespace) -> dict:
         kv = pool(args.pool_blocks)
         kv.kv.view(torch.int16).random_(-1000, 1000)
         lay = kv.layout()
-        transport = UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s)
-        await transport.start()
-        transport.register_buffer("kv", kv.kv)
+        # Two senders in this process, one receiver: the same bytes as one batch of RMA reads and as tagged sends.
+        transports = {READS: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, rma_reads=True),
+                      TAGGED: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s)}
+        for transport in transports.values():
+            await transport.start()
+            transport.register_buffer("kv", kv.kv)
+        max_piece_bytes = transports[READS].max_piece_bytes
+        layouts = ("block-major", "layer-major (before)") if args.history else ("block-major",)
         for num_tokens in args.tokens:
             n = -(-num_tokens // BLOCK_SIZE)
-            for layout_name in ("block-major", "layer-major (before)"):
-                for state in ("fresh", "churned", "churned, all cached", LRU_CACHED, "checkerboard"):
+            for layout_name in layouts:
+                states = ["fresh", "churned", "churned, all cached", "checkerboard"]
+                if args.history and layout_name == "block-major":
+                    states.insert(3, LRU_CACHED)
+                for state in states:
                     if state == "checkerboard" and 2 * n > args.pool_blocks:
                         continue
                     if state in ("churned, all cached", LRU_CACHED) and layout_name != "block-major":
@@ -205,24 +227,27 @@ async def run(args: argparse.Namespace) -> dict:
                         src, dst = lay.regions(src_ids), lay.regions(dst_ids)
                     else:
                         src, dst = (layer_major_regions(args.pool_blocks, ids) for ids in (src_ids, dst_ids))
-                    num_sends = len(pair_regions(src, dst, transport.max_piece_bytes))
-                    times = []
-                    for _ in range(args.iters + 1):  # the first push warms up (connect, page faults)
-                        token = secrets.token_bytes(16)
-                        receiver.stdin.write(f"EXPECT {token.hex()} {json.dumps(dst)}\n".encode())
-                        await receiver.stdin.drain()
-                        answer = await receiver_line()
-                        if not answer.startswith("READY"):
-                            raise RuntimeError(f"receiver did not accept the expectation: {answer!r}")
-                        started = time.perf_counter()
-                        nbytes = await transport.push(peer, token, "kv", src, dst, timeout_s=args.timeout_s)
-                        times.append(time.perf_counter() - started)
-                    seconds = statistics.median(times[1:])
-                    rows.append({"tokens": num_tokens, "layout": layout_name, "table": state, "sends": num_sends,
-                                 "src_runs": len(src), "dst_runs": len(dst), "bytes": nbytes,
-                                 "seconds": seconds, "gbps": nbytes / seconds / 1e9})
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        await transport.close()
+                    num_pieces = len(pair_regions(src, dst, max_piece_bytes))
+                    methods = [READS, TAGGED] if layout_name == "block-major" else [TAGGED]
+                    times: dict[str, list[float]] = {m: [] for m in methods}
+                    for it in range(args.iters + 1):  # the first round warms up (connect, page faults)
+                        for method in (methods if it % 2 else methods[::-1]):  # alternate the order
+                            token = await expect(dst)
+                            started = time.perf_counter()
+                            nbytes = await transports[method].push(peer, token, "kv", src, dst,
+                                                                   timeout_s=args.timeout_s)
+                            times[method].append(time.perf_counter() - started)
+                    for method in methods:
+                        seconds = statistics.median(times[method][1:])
+                        rows.append({"tokens": num_tokens, "layout": layout_name, "method": method, "table": state,
+                                     "messages": 2 if method == READS else num_pieces,
+                                     "reads": num_pieces if method == READS else 0,
+                                     "src_runs": len(src), "dst_runs": len(dst), "bytes": nbytes,
+                                     "seconds": seconds, "gbps": nbytes / seconds / 1e9})
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        result["per_region"] = await per_region_cost(args, transports, peer, expect)
+        for transport in transports.values():
+            await transport.close()
     finally:
         if receiver.returncode is None:
             receiver.stdin.write(b"QUIT\n")
@@ -231,7 +256,33 @@ async def run(args: argparse.Namespace) -> dict:
             except asyncio.TimeoutError:
                 receiver.kill()
                 await receiver.wait()
-    return {"rows": rows}
+    return result
+
+
+async def per_region_cost(args: argparse.Namespace, transports: dict, peer: str, expect) -> list[dict]:
+    """The same 64 MiB (the same source and destination bytes) pushed as one region and as N regions that cannot
+    merge (source ascending, destination descending), both methods alternating: (t_N - t_1) / (N - 1) per region."""
+    total = 64 << 20
+    out = []
+    for piece in (2 << 20, 256 << 10, 64 << 10):
+        count = total // piece
+        src_many = [(i * piece, piece) for i in range(count)]
+        dst_many = [(total + (count - 1 - i) * piece, piece) for i in range(count)]
+        shapes = {1: ([(0, total)], [(total, total)]), count: (src_many, dst_many)}
+        times = {(m, k): [] for m in transports for k in shapes}
+        for it in range(args.iters + 1):
+            for method in (list(transports) if it % 2 else list(transports)[::-1]):
+                for k, (src, dst) in shapes.items():
+                    token = await expect(dst)
+                    started = time.perf_counter()
+                    await transports[method].push(peer, token, "kv", src, dst, timeout_s=args.timeout_s)
+                    times[(method, k)].append(time.perf_counter() - started)
+        for method in transports:
+            one, many = (statistics.median(times[(method, k)][1:]) for k in (1, count))
+            out.append({"method": method, "piece": piece, "regions": count, "one_s": one, "many_s": many,
+                        "us_per_region": (many - one) / (count - 1) * 1e6})
+            print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    return out
 
 
 def report(args: argparse.Namespace, result: dict, flops: dict[str, float]) -> None:
@@ -243,16 +294,32 @@ def report(args: argparse.Namespace, result: dict, flops: dict[str, float]) -> N
     print(f"GEMM on this CPU ({args.threads} threads, 2048^3): "
           + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in flops.items())
           + f"; prefill estimate = (2 x 8.03e9 x T + 2 x 32 x T^2 x 4096) FLOPs / {best / 1e9:.0f} GFLOP/s")
-    print("| tokens | layout | block table | sends | regions src/dst | MiB | ms | GB/s | vs fresh | "
-          "est. prefill s | push / prefill |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    fresh = {(r["tokens"], r["layout"]): r["gbps"] for r in result["rows"] if r["table"] == "fresh"}
-    for r in result["rows"]:
+    print("| tokens | layout | method | block table | payload messages | RMA reads | regions src/dst | MiB | ms | GB/s "
+          "| vs fresh | est. prefill s | push / prefill |")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = result["rows"]
+    fresh = {(r["tokens"], r["layout"], r["method"]): r for r in rows if r["table"] == "fresh"}
+    for r in rows:
         prefill_s = prefill_flops(r["tokens"]) / best
-        print(f"| {r['tokens']} | {r['layout']} | {r['table']} | {r['sends']} | {r['src_runs']}/{r['dst_runs']} | "
-              f"{r['bytes'] / 2**20:.0f} | {r['seconds'] * 1e3:.1f} | {r['gbps']:.2f} | "
-              f"{r['gbps'] / fresh[(r['tokens'], r['layout'])]:.2f} | {prefill_s:.0f} | "
-              f"{r['seconds'] / prefill_s:.2e} |")
+        base = fresh[(r["tokens"], r["layout"], r["method"])]
+        print(f"| {r['tokens']} | {r['layout']} | {r['method']} | {r['table']} | {r['messages']} | {r['reads']} | "
+              f"{r['src_runs']}/{r['dst_runs']} | {r['bytes'] / 2**20:.0f} | {r['seconds'] * 1e3:.1f} | "
+              f"{r['gbps']:.2f} | {r['gbps'] / base['gbps']:.2f} | {prefill_s:.0f} | {r['seconds'] / prefill_s:.2e} |")
+    print()
+    print("Cost per region: 64 MiB as one region and as N regions that cannot merge (same bytes), same run:")
+    print("| method | region size | regions | one region ms | N regions ms | us per extra region |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in result.get("per_region", []):
+        print(f"| {r['method']} | {r['piece'] >> 10} KiB | {r['regions']} | {r['one_s'] * 1e3:.1f} | "
+              f"{r['many_s'] * 1e3:.1f} | {r['us_per_region']:.1f} |")
+    print()
+    print("Cost per extra region (checkerboard minus fresh, same method, same run):")
+    for r in rows:
+        base = fresh[(r["tokens"], r["layout"], r["method"])]
+        extra = r["src_runs"] - base["src_runs"]
+        if r["table"] == "checkerboard" and extra > 0:
+            print(f"- {r['tokens']} tokens, {r['method']}: ({r['seconds'] * 1e3:.1f} - {base['seconds'] * 1e3:.1f}) ms "
+                  f"/ {extra} regions = {(r['seconds'] - base['seconds']) / extra * 1e6:.1f} us per region")
 
 
 def main() -> int:
@@ -265,6 +332,9 @@ def main() -> int:
     parser.add_argument("--lanes", type=int, default=4, help="UCXTransport num_lanes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the GEMM measurement")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="bound on each push and wait")
+    parser.add_argument("--history", action="store_true",
+                        help="also the rows measured before block-major and run-aware eviction (layer-major pool, LRU "
+                             "eviction; slow: tens of thousands of sends)")
     parser.add_argument("--role", choices=["driver", "receiver"], default="driver", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "receiver":

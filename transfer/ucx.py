@@ -3,7 +3,7 @@ ucxx; never chooses blocks.
 
     transport = UCXTransport(host="127.0.0.1", port=0, *, num_lanes=4, timeout_s=30.0,
                              max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, network_lane_min_bytes=2 << 20,
-                             shared_memory="auto")
+                             shared_memory="auto", rma_reads=False)
     await transport.start(); transport.address -> "host:port"; await transport.close()
     transport.register_buffer(name, numpy_array_or_torch_tensor_or_cuda_array); transport.unregister_buffer(name)
     # receiver of a push (e.g. decode worker): one-time token from the reservation
@@ -26,6 +26,13 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
     receive; it replies REJECT{reason} (nothing written) or READY{push_id, random payload tag base}.
  3. other lanes: DATA{push_id, pieces} -> READY/REJECT likewise; then the payload pieces, tagged
     base|index, straight from/into the registered memory; the receiver answers DONE{nbytes} or FAILED.
+ 3b. reads (opt-in, rma_reads=True; where UCX reads in the kernel or hardware: shared memory/CMA, RDMA, CUDA): the push
+    is one OPEN_READ{token, dst regions, the sender's packed rkey and buffer address, pieces} on one lane; the
+    receiver checks the token and regions exactly as for OPEN, then posts one UCX RMA GET per piece from the
+    sender's registered memory straight into its buffer, all at once on a worker thread (ucx_rma.py), waits for
+    them and answers DONE (or REJECT before reading anything). Two control messages per push, whatever the number
+    of regions: fragmentation costs a GET each (a few us), not a rendezvous message (about 50-100 us). The sender's
+    rkey grants reads of its registered buffer only; writes into a buffer are always made by its owner.
  4. pull: PULL{token, src pieces} -> READY or REJECT, then the owner sends the pieces with the
     puller's tag base. Control messages are tagged with seq*8+slot on their own endpoint.
  5. every wait has a deadline; any failure after READY aborts the lane (cancelling its posted receives)
@@ -61,8 +68,9 @@ from .regions import Piece, Region, check_regions, pair_regions, split_among_lan
 from .tokens import Expectation, Exposure
 from .ucx_env import available_transports, import_ucxx
 from .ucx_lane import Lane, LanePool, bounded, gather_or_fail
+from .ucx_rma import Mapped, Rma
 from .ucx_server import TransferServer
-from .wire import MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
+from .wire import CAP_RMA_READ, MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +82,7 @@ class UCXTransport(TransportCore):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
                  max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, network_lane_min_bytes: int = 2 << 20,
-                 shared_memory: str = "auto") -> None:
+                 shared_memory: str = "auto", rma_reads: bool = False) -> None:
         if min(num_lanes, timeout_s, max_piece_bytes, lane_min_bytes, network_lane_min_bytes) <= 0:
             raise ValueError("num_lanes, timeout_s, max_piece_bytes and the lane_min_bytes must be positive")
         self.host = host
@@ -88,32 +96,47 @@ class UCXTransport(TransportCore):
         self.network_lane_min_bytes = network_lane_min_bytes
         shares_memory_with(shared_memory, "", "")  # checks the setting
         self.shared_memory = shared_memory  # auto | on | off (host.py)
+        # rma_reads: pushes move as one batch of RMA reads by the receiver (ucx_rma.py) when both ends offer it, else as
+        # tagged sends. Off by default: over shared memory UCX reads by CMA on an endpoint without error handling, and a
+        # sender killed mid-read aborts the reading process (measured); see docs/kv_fragmentation.md.
+        self.rma_reads = rma_reads
         super().__init__()
         self.host_id = host_identity()
         self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
         self._server: TransferServer | None = None
         self._ucxx = import_ucxx()
         self._hello_body = b""  # set in start(): asking for the worker address creates the UCX context
+        self._rma: Rma | None = None  # set in start() when rma_reads and libucp offers RMA
+        self._mapped: dict[str, Mapped] = {}  # buffer name -> its UCX memory handle and packed rkey (lazily)
+        self._rdma = False  # whether this process's UCX has an RDMA transport (set in start())
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Starts the listener. The first agent of a process creates ucxx's context, whose notifier thread is tied to
         the running event loop: every agent of a process must run on that one loop."""
         worker_address = bytes(self._ucxx.get_worker_address())
-        self._hello_body = BodyWriter().blob(self.host_id.encode()).blob(worker_address).build()
+        self._rma = Rma.get(self._ucxx) if self.rma_reads else None
+        self._rdma = any(t.startswith(("rc", "dc")) for t in available_transports())
+        caps = CAP_RMA_READ if self._rma is not None else 0
+        self._hello_body = BodyWriter().blob(self.host_id.encode()).blob(worker_address).u64(caps).build()
         self._server = TransferServer(self._ucxx, self._registry, self._stats, hello_body=self._hello_body,
-                                      attach_data_endpoint=self.attach_data_endpoint, timeout_s=self.timeout_s)
+                                      attach_data_endpoint=self.attach_data_endpoint, timeout_s=self.timeout_s,
+                                      rma=self._rma, local_memh=self._local_memh)
         self.port = self._server.start(self.port)
         logger.info("transfer agent listening on %s (%d lanes per peer)", self.address, self.num_lanes)
 
     async def close(self) -> None:
         self._registry.close("transfer agent closed")
+        if self._server is not None:
+            await self._server.drain()  # read batches stop before any endpoint goes
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
         if self._server is not None:
             await self._server.close()
             self._server = None
+        for name in list(self._mapped):
+            self._unmap(name)
 
     @property
     def address(self) -> str:
@@ -130,12 +153,45 @@ class UCXTransport(TransportCore):
             if not any(t.startswith(("cuda", "gdr", "rc", "dc")) for t in transports):
                 raise InvalidRequest(f"the ucx transport cannot move {memory.device} memory: this process's UCX "
                                      f"offers only {', '.join(transports)} (no cuda_copy/cuda_ipc)")
+        self._unmap(name)
         self._buffers[name] = memory
+
+    def unregister_buffer(self, name: str) -> None:
+        self._unmap(name)
+        super().unregister_buffer(name)
+
+    def _mapping(self, name: str) -> Mapped | None:
+        """The buffer's UCX memory handle and packed rkey, mapped on first use; None without RMA or if UCX refuses."""
+        if self._rma is None:
+            return None
+        mapped = self._mapped.get(name)
+        memory = self._buffers.get(name)
+        if mapped is None and memory is not None:
+            try:
+                mapped = self._mapped[name] = self._rma.map(memory)
+            except KVTransferError as exc:
+                logger.warning("buffer %r moves by tagged sends: %s", name, exc)
+        return mapped
+
+    def _local_memh(self, memory: Memory) -> int | None:
+        for name, registered in self._buffers.items():
+            if registered is memory:
+                mapped = self._mapping(name)
+                return mapped.memh if mapped is not None else None
+        return None
+
+    def _unmap(self, name: str) -> None:
+        mapped = self._mapped.pop(name, None)
+        if mapped is not None and self._rma is not None:
+            self._rma.unmap(mapped)
 
     async def cancel(self, token: bytes) -> None:
         """Drops the expectation or exposure of `token`; data in flight under it is cut off (its lanes are aborted,
-        which cancels the receives posted into the buffer), later requests rejected."""
+        which cancels the receives posted into the buffer; a batch of reads stops posting and is waited for), later
+        requests rejected."""
         self._registry.cancel(token)
+        if self._server is not None:
+            await self._server.drain([token])
 
     def retire(self, token: bytes) -> None:
         self._registry.retire(token)
@@ -165,6 +221,7 @@ class UCXTransport(TransportCore):
                 raise KVTransferError(f"{peer} answered HELLO with {kind.name}")
             reader = BodyReader(reply)
             peer_host_id, peer_worker_address = reader.blob().decode(), reader.blob()
+            lane.peer_caps = reader.u64() if reader.remaining() else 0
             await self.attach_data_endpoint(lane, peer_host_id, peer_worker_address)
         except BaseException:
             lane.abort()
@@ -195,6 +252,20 @@ class UCXTransport(TransportCore):
         pieces = pair_regions(src, dst, self.max_piece_bytes)
         nbytes = total_bytes(src)
         pool = self._pool(peer)
+        mapped = self._mapping(src_buffer)
+        if mapped is not None and pool.peer_caps is None:
+            await self._release(pool, await self._acquire(pool, 1, deadline), True)  # learn what the peer offers
+        if mapped is not None and (pool.peer_caps or 0) & CAP_RMA_READ and self._reads_pay(pool, mapped):
+            try:
+                await self._push_read(pool, token, mapped, dst, pieces, deadline)
+            except BaseException as exc:
+                self._count_error(exc)
+                raise
+            finally:
+                self._stats.seconds_sending += time.perf_counter() - started
+            self._stats.bytes_sent += nbytes
+            self._stats.num_pushes += 1
+            return nbytes
         lanes = await self._acquire(pool, self._num_lanes(pool, nbytes), deadline)
         groups = split_among_lanes(pieces, len(lanes))
         clean = False  # lanes stay usable only after success or a rejected OPEN (nothing else was sent)
@@ -223,6 +294,35 @@ class UCXTransport(TransportCore):
         self._stats.bytes_sent += nbytes
         self._stats.num_pushes += 1
         return nbytes
+
+    async def _push_read(self, pool: LanePool, token: bytes, mapped: Mapped, dst: list[Region], pieces: list[Piece],
+                         deadline: float) -> None:
+        """OPEN_READ{token, dst regions, our rkey, pieces} on one lane: the receiver checks the token, reads every
+        piece from our registered memory in one batch and answers DONE (or REJECT before reading anything)."""
+        lanes = await self._acquire(pool, 1, deadline)
+        lane = lanes[0]
+        clean = False
+        try:
+            body = (BodyWriter().blob(token).regions(dst).blob(mapped.rkey).u64(mapped.memory.ptr)
+                    .regions([(p.dst_offset, p.nbytes) for p in pieces])
+                    .regions([(p.src_offset, p.nbytes) for p in pieces]).build())
+            seq = lane.next_seq()
+            await lane.send_message(seq, Slot.REQUEST_HEADER, Kind.OPEN_READ, body, deadline)
+            kind, reply = await lane.recv_message(seq, Slot.REPLY_HEADER, deadline)
+            if kind == Kind.REJECT:
+                clean = True
+                raise TransferRejected(f"{lane.peer} rejected OPEN_READ: {bytes(reply).decode(errors='replace')}")
+            if kind != Kind.DONE:
+                raise KVTransferError(f"{lane.peer} answered OPEN_READ with {kind.name}")
+            clean = True
+        finally:
+            await self._release(pool, lanes, clean)
+
+    def _reads_pay(self, pool: LanePool, mapped: Mapped) -> bool:
+        """Reads where UCX does them in hardware or the kernel: shared memory (CMA), RDMA, CUDA (cuda_ipc, GPUDirect).
+        Over plain TCP UCX emulates a GET with active messages on one lane, where tagged sends spread over lanes do
+        at least as well (docs/kv_fragmentation.md), so pushes there stay tagged."""
+        return bool(pool.shares_memory) or self._rdma or mapped.memory.is_device
 
     def _num_lanes(self, pool: LanePool, nbytes: int) -> int:
         min_bytes = self.network_lane_min_bytes if pool.shares_memory is False else self.lane_min_bytes

@@ -72,6 +72,7 @@ class Lane:
         self.lane_id = next(_lane_ids)
         self.broken = False
         self.closed = False
+        self.peer_caps = 0  # the peer's HELLO capability flags (wire.CAP_*)
         self._next_seq = 1  # seq 0 is the HELLO exchange
 
     def __repr__(self) -> str:
@@ -144,6 +145,13 @@ class LanePool:
         """Whether payload to this peer goes over shared memory (None until a lane is open)."""
         for lane in self._lanes:
             return lane.data_out is not lane.ctrl
+        return None
+
+    @property
+    def peer_caps(self) -> int | None:
+        """The peer's HELLO capability flags (None until a lane is open)."""
+        for lane in self._lanes:
+            return lane.peer_caps
         return None
 
     async def acquire(self, num_lanes: int, deadline: float) -> list[Lane]:

@@ -13,21 +13,28 @@ from typing import Any
 from pdserve.errors import KVTransferError, KVTransferTimeout
 
 from .base import TransferRejected, TransferStats
+from .memory import Memory
 from .tokens import Push, TokenRegistry
-from .ucx_lane import Lane, gather_or_fail
+from .ucx_lane import Lane, bounded, gather_or_fail
+from .ucx_rma import ReadBatch, Rma
 from .wire import BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
 logger = logging.getLogger(__name__)
 
 AttachDataEndpoint = Callable[[Lane, str, bytes], Awaitable[None]]  # (lane, peer host id, peer worker address)
+LocalMemh = Callable[[Memory], "int | None"]  # our UCX memory handle of a registered buffer (None: unmapped)
 
 
 class TransferServer:
     """A ucxx listener and the lanes peers opened to it."""
 
     def __init__(self, ucxx: Any, registry: TokenRegistry, stats: TransferStats, *, hello_body: bytes,
-                 attach_data_endpoint: AttachDataEndpoint, timeout_s: float) -> None:
+                 attach_data_endpoint: AttachDataEndpoint, timeout_s: float, rma: Rma | None = None,
+                 local_memh: LocalMemh | None = None) -> None:
         self._ucxx = ucxx
+        self._rma = rma  # serves OPEN_READ when set (our HELLO says so)
+        self._local_memh = local_memh or (lambda memory: None)
+        self._reads: dict[bytes, set[asyncio.Future[None]]] = {}  # token -> read batches still running
         self._registry = registry
         self._stats = stats
         self._hello_body = hello_body  # our host identity and worker address
@@ -42,7 +49,17 @@ class TransferServer:
         self._listener = self._ucxx.create_listener(self._serve, port=port)
         return int(self._listener.port)
 
+    async def drain(self, tokens: list[bytes] | None = None) -> None:
+        """Waits for the read batches of `tokens` (None: all) to return; their expectations were failed first, so
+        they stop posting and their lanes get aborted. After this no byte lands under those tokens."""
+        futures = [f for token in (list(self._reads) if tokens is None else tokens) for f in self._reads.get(token, ())]
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=self._timeout_s)
+            if pending:
+                logger.error("%d UCX read batch(es) still running after %.0f s", len(pending), self._timeout_s)
+
     async def close(self) -> None:
+        await self.drain()
         for lane in list(self._lanes):
             lane.abort()
         for task in list(self._tasks):
@@ -68,6 +85,7 @@ class TransferServer:
                 raise KVTransferError(f"expected HELLO, got {kind.name}")
             reader = BodyReader(body)
             peer_host_id, peer_worker_address = reader.blob().decode(), reader.blob()
+            lane.peer_caps = reader.u64() if reader.remaining() else 0
             await lane.send_message(0, Slot.REPLY_HEADER, Kind.HELLO_REPLY, self._hello_body, self._deadline())
             await self._attach_data_endpoint(lane, peer_host_id, peer_worker_address)
             logger.debug("accepted %r from host %s", lane, peer_host_id)
@@ -101,6 +119,14 @@ class TransferServer:
             push_id, pieces = reader.u64(), reader.regions()
             reader.finish()
             await self._receive(lane, seq, push_id, self._registry.data_push(push_id, pieces), pieces)
+        elif kind == Kind.OPEN_READ and self._rma is not None:
+            token, claim, rkey, src_base = reader.blob(), reader.regions(), reader.blob(), reader.u64()
+            pieces, src_pieces = reader.regions(), reader.regions()
+            reader.finish()
+            if len(pieces) != len(src_pieces) or any(d[1] != s[1] for d, s in zip(pieces, src_pieces)):
+                raise KVTransferError("OPEN_READ: destination and source pieces differ")
+            _, push = self._registry.open_push(token, claim, pieces)
+            await self._read(lane, seq, push, rkey, src_base, pieces, src_pieces)
         elif kind == Kind.PULL:
             token, tag_base, pieces = reader.blob(), reader.u64(), reader.regions()
             reader.finish()
@@ -137,6 +163,49 @@ class TransferServer:
         if exp.done:
             self._registry.finish_expectation(exp.token, None)
         await lane.send_message(seq, Slot.FINAL_HEADER, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
+
+    async def _read(self, lane: Lane, seq: int, push: Push, rkey: bytes, src_base: int,
+                    pieces: list[tuple[int, int]], src_pieces: list[tuple[int, int]]) -> None:
+        """Reads the sender's pieces straight into the expectation's buffer (one batch of UCX RMA GETs on a worker
+        thread, after the token check), then says DONE; any failure aborts the lane and fails the expectation."""
+        assert self._rma is not None
+        started = time.perf_counter()
+        exp = push.expectation
+        batch = ReadBatch(lane.abort, asyncio.get_running_loop())
+        reads = [(exp.memory.ptr + offset, src_base + src_offset, nbytes)
+                 for (offset, nbytes), (src_offset, _) in zip(pieces, src_pieces)]
+        future = asyncio.ensure_future(asyncio.to_thread(
+            self._rma.read, lane.data_out.ucp_endpoint, rkey, reads, self._local_memh(exp.memory), batch))
+        running = self._reads.setdefault(exp.token, set())
+        running.add(future)
+
+        def forget(_: object) -> None:
+            running.discard(future)
+            if not running and self._reads.get(exp.token) is running:
+                del self._reads[exp.token]
+
+        future.add_done_callback(forget)
+        exp.lanes.add(batch)
+        try:
+            await bounded(asyncio.shield(future), exp.deadline, f"{lane!r} read payload")
+            if exp.error is not None:
+                raise exp.error
+        except BaseException as exc:
+            batch.abort()  # stops posting; the lane (and reads in flight) go once posting stopped
+            await asyncio.wait([future], timeout=self._timeout_s)
+            error_type = KVTransferTimeout if isinstance(exc, KVTransferTimeout) else KVTransferError
+            self._registry.finish_expectation(exp.token, error_type(f"push failed: {exc}"))
+            raise KVTransferError(f"push failed: {exc}") from exc
+        finally:
+            exp.lanes.discard(batch)
+            self._stats.seconds_receiving += time.perf_counter() - started
+        nbytes = sum(n for _, n in pieces)
+        self._stats.bytes_received += nbytes
+        self._stats.num_served += 1
+        exp.land(nbytes)
+        if exp.done:
+            self._registry.finish_expectation(exp.token, None)
+        await lane.send_message(seq, Slot.REPLY_HEADER, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
 
     async def _serve_pull(self, lane: Lane, seq: int, token: bytes, tag_base: int,
                           pieces: list[tuple[int, int]]) -> None:

@@ -30,12 +30,13 @@ MAX_PIECES_PER_OP = 1 << PIECE_INDEX_BITS
 
 class Kind(IntEnum):
     # client -> server requests
-    HELLO = 1  # body: host identity, worker address
+    HELLO = 1  # body: host identity, worker address, capability flags (u64)
     OPEN = 2  # body: token, claimed dst regions, this lane's pieces (dst_offset, nbytes)
     DATA = 3  # body: push_id, this lane's pieces (dst_offset, nbytes)
     PULL = 4  # body: token, pieces (src_offset, nbytes) in the owner's buffer
+    OPEN_READ = 5  # body: token, claimed dst regions, sender's packed rkey, src base address, dst pieces, src pieces
     # server -> client replies
-    HELLO_REPLY = 10  # body: host identity, worker address
+    HELLO_REPLY = 10  # body: host identity, worker address, capability flags (u64)
     READY = 11  # body: push_id, payload tag base
     DONE = 12  # body: nbytes landed
     REJECT = 13  # body: reason (utf-8); nothing was written, the lane stays usable
@@ -51,6 +52,9 @@ class Slot(IntEnum):
     REPLY_BODY = 3
     FINAL_HEADER = 4
     FINAL_BODY = 5
+
+
+CAP_RMA_READ = 1  # HELLO flag: this peer serves OPEN_READ (reads the sender's memory with UCX RMA GET)
 
 
 def message_tag(seq: int, slot: Slot) -> int:
@@ -121,6 +125,9 @@ class BodyReader:
         (count,) = struct.unpack("<I", self._take(4))
         arr = np.frombuffer(self._take(count * 16), dtype="<i8").reshape(-1, 2)
         return [(int(o), int(n)) for o, n in arr]
+
+    def remaining(self) -> int:
+        return len(self._body) - self._pos
 
     def finish(self) -> None:
         if self._pos != len(self._body):

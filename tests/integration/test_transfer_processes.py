@@ -25,7 +25,8 @@ STARTUP_TIMEOUT_S = 30.0
 MiB = 1 << 20
 
 # The child: `receive` expects regions under a token and reports, `send` pushes regions, `expose` serves pulls.
-# It talks on stdout, one line per event, and reads nothing, so the test can kill it at any point.
+# It talks on stdout, one line per event; `send` waits for one line on stdin before its first push. The test can kill
+# it at any point.
 CHILD = r"""
 import asyncio, sys
 import numpy as np
@@ -70,6 +71,7 @@ async def main(backend, role, token_hex, spec, timeout_s, peer=None):
             src = pattern(total, 1)
             agent.register_buffer("src", src)
             print("STARTED", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO: the receiver expects now
             offset = 0
             for o, n in regions:
                 await agent.push(peer, token, "src", [(offset, n)], [(o, n)])
@@ -93,8 +95,15 @@ class Child:
     async def start(cls, *args: str) -> Child:
         env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n")
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, *args, env=env,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
         return cls(proc)
+
+    async def go(self) -> None:
+        """Lets a `send` child start pushing."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"GO\n")
+        await self.proc.stdin.drain()
 
     async def expect_line(self, prefix: str, timeout_s: float = STARTUP_TIMEOUT_S) -> list[str]:
         """Words of the next stdout line starting with `prefix`; fails with the output so far otherwise."""
@@ -200,9 +209,13 @@ async def test_sender_killed_mid_transfer_fails_receiver_within_timeout(agent) -
     layers = [(i * 8 * MiB, 8 * MiB) for i in range(64)]  # 512 MiB expected, the child dies early
     dst = np.zeros(64 * 8 * MiB, dtype=np.uint8)
     agent.register_buffer("big", dst)
-    exp = agent.expect(token, "big", layers, timeout_s=4.0)
     child = await Child.start(agent.name, "send", token.hex(), spec(layers), "3", agent.address)
     try:
+        # The expectation's clock starts once the child is up (its start-up under load took longer than a deadline
+        # that included it: the first push then found the token expired, and the test failed for the wrong reason).
+        await child.expect_line("STARTED")
+        exp = agent.expect(token, "big", layers, timeout_s=6.0)
+        await child.go()
         await child.expect_line("PUSHED")
         child.kill()
         with pytest.raises(KVTransferError):

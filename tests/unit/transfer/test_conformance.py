@@ -21,12 +21,13 @@ BUF_BYTES = 8 << 20
 
 
 def make_transport(backend: str, *, timeout_s: float = 5.0, small_pieces: bool = False) -> KVTransport:
-    """A real transport of `backend`; small_pieces cuts pushes into 1 MiB pieces (and UCX spreads them over lanes)."""
-    if backend == "ucx":
+    """A real transport of `backend`; small_pieces cuts pushes into 1 MiB pieces (and UCX spreads them over lanes).
+    "ucx" pushes as tagged messages (the default), "ucx-reads" as one batch of RMA reads by the receiver (opt-in)."""
+    if backend in ("ucx", "ucx-reads"):
         from pdserve.transfer.ucx import UCXTransport
 
         pieces = dict(max_piece_bytes=1 << 20, lane_min_bytes=1 << 20) if small_pieces else {}
-        return UCXTransport(num_lanes=3, timeout_s=timeout_s, **pieces)
+        return UCXTransport(num_lanes=3, timeout_s=timeout_s, rma_reads=backend == "ucx-reads", **pieces)
     try:
         from pdserve.transfer.mooncake import MooncakeTransport, import_engine
 
@@ -36,13 +37,13 @@ def make_transport(backend: str, *, timeout_s: float = 5.0, small_pieces: bool =
     return MooncakeTransport(timeout_s=timeout_s, **({"max_piece_bytes": 1 << 20} if small_pieces else {}))
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module", params=["ucx", "mooncake"])
+@pytest_asyncio.fixture(loop_scope="session", scope="module", params=["ucx", "ucx-reads", "mooncake"])
 async def agents(request):
     sender = make_transport(request.param, small_pieces=True)
     receiver = make_transport(request.param)
     await sender.start()
     await receiver.start()
-    assert isinstance(sender, KVTransport) and sender.name == request.param
+    assert isinstance(sender, KVTransport) and sender.name == request.param.removesuffix("-reads")
     src = np.random.default_rng(0).integers(0, 256, BUF_BYTES, dtype=np.uint8)
     dst = np.zeros(BUF_BYTES, dtype=np.uint8)
     sender.register_buffer("src", src)
@@ -82,6 +83,40 @@ async def test_push_lands_exact_bytes(agents, src_regions, dst_regions) -> None:
     for o, n in dst_regions:
         mask[o:o + n] = False
     assert not dst[mask].any()  # nothing outside the regions changed
+
+
+@pytest.mark.parametrize("order", ["descending", "interleaved"])
+async def test_many_regions_that_cannot_merge_land_exact_bytes(agents, order) -> None:
+    """A checkerboard of 4 KiB regions on both sides (no two adjacent), the destination in descending order or
+    interleaved: one piece per region, every byte where it belongs, nothing else written."""
+    sender, receiver, src, dst = agents
+    dst[:] = 0
+    count, size = 600, 4096
+    src_regions = [(2 * i * size + 17, size) for i in range(count)]
+    slots = list(range(count - 1, -1, -1)) if order == "descending" else [(i * 7) % count for i in range(count)]
+    dst_regions = [((1 << 20) + 2 * slot * size + 1, size) for slot in slots]
+    tok = token()
+    exp = receiver.expect(tok, "dst", dst_regions, timeout_s=5)
+    assert await sender.push(receiver.address, tok, "src", src_regions, dst_regions) == count * size
+    await exp.wait()
+    assert np.array_equal(gather_bytes(dst, dst_regions), gather_bytes(src, src_regions))
+    mask = np.ones(BUF_BYTES, dtype=bool)
+    for o, n in dst_regions:
+        mask[o:o + n] = False
+    assert not dst[mask].any()
+
+
+async def test_many_region_push_with_one_foreign_region_is_rejected_untouched(agents) -> None:
+    """One region outside the expectation among hundreds: the whole push is refused before any byte lands."""
+    sender, receiver, src, dst = agents
+    dst[:] = 0
+    regions = [(2 * i * 4096, 4096) for i in range(300)]
+    tok = token()
+    exp = receiver.expect(tok, "dst", regions[:-1], timeout_s=5)
+    with pytest.raises(TransferRejected):
+        await sender.push(receiver.address, tok, "src", regions, regions)
+    assert not dst.any() and exp.bytes_received == 0
+    await receiver.cancel(tok)
 
 
 async def test_one_push_per_layer_under_one_token(agents) -> None:
