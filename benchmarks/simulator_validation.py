@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Does `pdserve simulate` predict real runs? Calibrates the engine on this machine (planner/calibrate.py),
-then for each configuration (2 workers: 1P:1D and 2 colocated; 4 workers: 2P:2D and 4 colocated) starts the
-real cluster, runs the bench's random dataset at a fixed rate, and simulates the very same requests and
-arrivals (same BenchConfig, same seed) with the calibration and the machine's cores shared by the
-workers. Prints measured vs simulated goodput and TTFT p50 and their ratios; --json writes them.
+"""Does `pdserve simulate` predict real runs? Calibrates the engine on this machine (planner/calibrate.py:
+its step times, and the serving stack's cost around a decode step and per streamed token, from one real
+colocated worker), then for each configuration (2 workers: 1P:1D and 2 colocated; 4 workers: 2P:2D and
+4 colocated) starts the real cluster, runs the bench's random dataset at a fixed rate, and simulates the
+very same requests and arrivals (same BenchConfig, same seed) with the calibration and the cores the
+workers share: the machine's, less what other processes (not this run's) used during that run, measured
+from /proc. Prints measured vs simulated goodput, TTFT p50 and TPOT p50 and their ratios; --json writes them.
 
     python benchmarks/simulator_validation.py --json /tmp/simval.json
 """
@@ -24,12 +26,34 @@ from pdserve.cluster import ClusterSpec, start_cluster  # noqa: E402
 from pdserve.engine.builtin_model import ensure_builtin_model  # noqa: E402
 from pdserve.engine.config import EngineConfig  # noqa: E402
 from pdserve.loadtest import BenchConfig, run_benchmark  # noqa: E402
-from pdserve.planner.calibrate import calibrate  # noqa: E402
+from pdserve.planner.calibrate import calibrate, calibrate_serving, contention_probe  # noqa: E402
 from pdserve.planner.model import Split  # noqa: E402
 from pdserve.planner.simulate_cmd import sim_requests  # noqa: E402
 from pdserve.planner.simulator import Simulation  # noqa: E402
 from pdserve.router.config import RouterConfig  # noqa: E402
 from pdserve.engine.threads import available_cpus  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds every process on the machine has used (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+
+
+def own_cpu_s(cluster) -> float:
+    """CPU seconds of this run's processes: the cluster's and this (load-generating) one."""
+    total = sum(os.times()[:2])
+    for proc in cluster.procs:
+        try:
+            fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError):
+            pass
+    return total
+
 
 CONFIGS = {"1P:1D": Split(1, 1), "2 colocated": Split(0, 0, 2), "2P:2D": Split(2, 2), "4 colocated": Split(0, 0, 4)}
 
@@ -45,12 +69,20 @@ def main() -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", default="")
+    ap.add_argument("--no-serving-calibration", action="store_true",
+                    help="engine step times only (no serving-stack overheads), as before")
+    ap.add_argument("--no-outside-load", action="store_true",
+                    help="no contention probe: simulate as if no other process wanted the cores")
     args = ap.parse_args()
     model = str(ensure_builtin_model("tiny"))
     cores = available_cpus()
     load0 = os.getloadavg()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cal, _ = calibrate(EngineConfig(model=model, num_threads=1))
+    if not args.no_serving_calibration:
+        serving, samples = calibrate_serving(model, num_threads=1)
+        cal = dataclasses.replace(cal, **serving)
+        print(f"serving calibration: {serving} from {samples}")
     print(f"calibration: {cal.step}")
     rows = []
     for name in [c.strip() for c in args.configs.split(",")]:
@@ -64,34 +96,43 @@ def main() -> int:
                                 random_range_ratio=0.5, request_rate=args.rate, num_prompts=args.num_prompts,
                                 seed=args.seed, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
                                 max_duration_s=120, tokenizer=model)
-            t0 = time.monotonic()
+            probe = {"outside_runnable": 0.0} if args.no_outside_load else contention_probe(
+                EngineConfig(model=model, num_threads=max(1, cores // split.num_workers)), split.num_workers)
+            t0, busy0, own0 = time.monotonic(), busy_cpu_s(), own_cpu_s(cluster)
             measured = asyncio.run(run_benchmark(bench)).summary
             wall = time.monotonic() - t0
+            outside = max(0.0, (busy_cpu_s() - busy0) - (own_cpu_s(cluster) - own0)) / wall  # cores others used
         finally:
             cluster.stop()
         threads = max(1, cores // split.num_workers)
+        num_cores = cores / threads
         reqs = sim_requests(dataclasses.replace(bench), cal.block_size)
         sim = Simulation(reqs, split, cal, RouterConfig(), slo_ttft_s=args.slo_ttft_ms / 1e3,
-                         slo_tpot_s=args.slo_tpot_ms / 1e3, num_cores=cores / threads).run()
+                         slo_tpot_s=args.slo_tpot_ms / 1e3, num_cores=num_cores,
+                         outside_runnable=probe["outside_runnable"]).run()
         m_ttft = measured.latency["ttft"].percentiles_ms["p50"]
         row = {"config": name, "measured_goodput": measured.goodput, "sim_goodput": sim.goodput_rps,
                "measured_ttft_p50_ms": m_ttft, "sim_ttft_p50_ms": 1e3 * sim.ttft_s["p50"],
                "measured_tpot_p50_ms": measured.latency["tpot"].percentiles_ms["p50"],
-               "sim_tpot_p50_ms": 1e3 * sim.tpot_s["p50"], "completed": measured.num_completed, "wall_s": wall}
+               "sim_tpot_p50_ms": 1e3 * sim.tpot_s["p50"], "completed": measured.num_completed, "wall_s": wall,
+               "outside_cores": outside, "probe": probe}
         row["goodput_ratio"] = row["sim_goodput"] / row["measured_goodput"] if row["measured_goodput"] else None
         row["ttft_ratio"] = row["sim_ttft_p50_ms"] / m_ttft if m_ttft else None
+        m_tpot = row["measured_tpot_p50_ms"]
+        row["tpot_ratio"] = row["sim_tpot_p50_ms"] / m_tpot if m_tpot else None
         rows.append(row)
         print(json.dumps(row))
     load1 = os.getloadavg()
     print(f"\nrandom {args.input_len}/{args.output_len} +-50% at {args.rate}/s, {args.num_prompts} prompts, SLO TPOT "
           f"{args.slo_tpot_ms} ms TTFT {args.slo_ttft_ms} ms; {started}; load {load0} -> {load1}")
-    print("| config | goodput measured | simulated | sim/meas | TTFT p50 measured | simulated | sim/meas | "
-          "TPOT p50 measured | simulated |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | probe: others' runnable | cores others used | goodput measured | simulated | sim/meas | "
+          "TTFT p50 measured | simulated | sim/meas | TPOT p50 measured | simulated | sim/meas |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['config']} | {r['measured_goodput']:.2f} | {r['sim_goodput']:.2f} | {r['goodput_ratio']:.2f} | "
-              f"{r['measured_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | {r['ttft_ratio']:.2f} | "
-              f"{r['measured_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} |")
+        print(f"| {r['config']} | {r['probe']['outside_runnable']:.2f} | {r['outside_cores']:.2f} | {r['measured_goodput']:.2f} | {r['sim_goodput']:.2f} | "
+              f"{r['goodput_ratio']:.2f} | {r['measured_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | "
+              f"{r['ttft_ratio']:.2f} | {r['measured_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} | "
+              f"{r['tpot_ratio']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "calibration": cal.to_dict(), "rows": rows, "load": [load0, load1],

@@ -83,3 +83,152 @@ def calibrate(engine_config: EngineConfig, repeats: int = 5, transfer_bytes_per_
     for s in samples:
         s["fit_s"] = step.step_s(s["decode_seqs"], s["prefill_tokens"], s["context_tokens"])
     return cal, samples
+
+
+# ---- the serving stack around the engine ------------------------------------------------------
+SERVING_BATCHES = (1, 4, 8)
+
+
+def calibrate_serving(model: str, num_threads: int = 1, max_tokens: int = 48, rounds: int = 3,
+                      prompt_len: int = 32) -> tuple[dict, list[dict]]:
+    """What a step's compute does not cover in a real deployment: one colocated worker (`pdserve.cluster`,
+    the processes `pdserve up` runs) under B closed-loop streams for B in SERVING_BATCHES. Per B, the streams'
+    token gap at the client against the worker's own decode step times (its WorkerStats step counters) gives
+    the serving overhead of a decode step (the engine thread's loop, handing tokens to the gRPC streams under
+    one GIL), fitted as `decode_overhead_s + decode_overhead_per_seq_s * B`; the router's and this client's CPU
+    seconds per streamed token give `frontend_cpu_s_per_token` (CPU the workers do not get on a shared host).
+    Returns (those Calibration fields, the samples)."""
+    import asyncio
+
+    from pdserve.cluster import ClusterSpec, start_cluster
+
+    spec = ClusterSpec(model=model, num_prefill=0, num_decode=0, num_colocated=1, log_level="warning",
+                       worker_args=["--num-threads", str(num_threads)], http_port=-1)
+    cluster = start_cluster(spec)
+    try:
+        samples = asyncio.run(_serving_samples(cluster, max_tokens, rounds, prompt_len))
+    finally:
+        cluster.stop()
+    b = np.array([s["batch"] for s in samples])
+    over = np.array([max(0.0, s["client_gap_s"] - s["engine_step_s"]) for s in samples])
+    slope, intercept = np.polyfit(b, over, 1) if len(samples) > 1 else (0.0, float(over[0]))
+    fields = {"decode_overhead_s": float(max(0.0, intercept)), "decode_overhead_per_seq_s": float(max(0.0, slope)),
+              "frontend_cpu_s_per_token": float(np.median([s["frontend_cpu_s_per_token"] for s in samples]))}
+    return fields, samples
+
+
+async def _serving_samples(cluster, max_tokens: int, rounds: int, prompt_len: int) -> list[dict]:
+    import asyncio
+    import os
+    from pathlib import Path
+
+    from pdserve.client import Client
+    from pdserve.engine.step_times import StepTimes
+
+    router = next(p for p in cluster.procs if p.name == "router")
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def frontend_cpu_s() -> float:
+        fields = Path(f"/proc/{router.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick + sum(os.times()[:2])
+
+    async def counters(client: Client) -> StepTimes:
+        (worker,) = [w for w in await client.workers(refresh=True) if w.healthy]
+        return StepTimes.from_stats(worker.stats)
+
+    async def stream(client: Client, k: int, gaps: list[float]) -> int:
+        tokens = 0
+        for r in range(rounds):
+            prompt = [(k * 977 + r * 131 + j) % 300 + 5 for j in range(prompt_len)]
+            times = []
+            async for msg in client.generate(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                             timeout_s=120):
+                times.extend([time.perf_counter()] * len(msg.token_ids))
+            tokens += len(times)
+            if len(times) > 2:  # the first gap holds the prefill of a newcomer: from the second token on
+                gaps.append((times[-1] - times[1]) / (len(times) - 2))
+        return tokens
+
+    samples = []
+    async with Client(cluster.router_address) as client:
+        await client.complete([5, 6, 7, 8], max_tokens=4)  # warm-up
+        for batch in SERVING_BATCHES:
+            gaps: list[float] = []
+            before, cpu0, t0 = await counters(client), frontend_cpu_s(), time.perf_counter()
+            tokens = sum(await asyncio.gather(*(stream(client, k, gaps) for k in range(batch))))
+            after, cpu1, wall = await counters(client), frontend_cpu_s(), time.perf_counter() - t0
+            steps = after.num_decode_steps - before.num_decode_steps
+            samples.append({
+                "batch": (after.decode_step_seqs - before.decode_step_seqs) / max(1, steps),
+                "client_gap_s": float(np.median(gaps)),
+                "engine_step_s": (after.decode_step_seconds - before.decode_step_seconds) / max(1, steps),
+                "frontend_cpu_s_per_token": (cpu1 - cpu0) / max(1, tokens), "tokens_per_s": tokens / wall})
+            logger.info("serving calibration at %d streams: %s", batch, samples[-1])
+    return samples
+
+
+# ---- how much of the cores a run gets on a shared host ----------------------------------------
+def _decode_engine(engine_config: EngineConfig, batch: int, context: int):
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.worker_runtime import resolve_model
+
+    llm = LLMEngine(resolve_model(engine_config))
+    for i in range(batch):
+        llm.add_request(f"probe{i}", [(i * 31 + j) % 300 + 5 for j in range(context)],
+                        SamplingParams(max_tokens=llm.max_model_len - context, temperature=0.0, ignore_eos=True))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in llm.requests.values()):
+        llm.step()
+    return llm
+
+
+def _probe_child(engine_config: EngineConfig, batch: int, context: int, seconds: float, start, results) -> None:
+    llm = _decode_engine(engine_config, batch, context)
+    results.put("ready")
+    start.wait()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        llm.step()
+        steps += 1
+    results.put((time.perf_counter() - t0) / max(1, steps))
+
+
+def contention_probe(engine_config: EngineConfig, num_engines: int, seconds: float = 2.0, batch: int = 4,
+                     context: int = 64) -> dict:
+    """`num_engines` engine processes (a config's workers, each with its threads) stepping decode batches all
+    at once for `seconds`, against the same engine's fastest step alone: the slowdown. Under the simulator's
+    fair-share model a step slows by (busy workers + other processes' runnable threads) / cores, so
+    `outside_runnable = slowdown * cores - num_engines` (at least 0) is the other processes' share in the
+    machine's state right now, for Simulation(outside_runnable=...). Measured just before a run, it is the
+    contention the run will see from outside (others' load changes, so it is a snapshot)."""
+    import multiprocessing
+
+    from pdserve.engine.threads import available_cpus
+
+    alone = _decode_engine(engine_config, batch, context)
+    times = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        alone.step()
+        times.append(time.perf_counter() - t0)
+    alone_s = float(np.median(sorted(times)[:10]))
+    del alone
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per engine, as a worker process is
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_probe_child, args=(engine_config, batch, context, seconds, start, results),
+                         daemon=True) for _ in range(num_engines)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            results.get(timeout=120)
+        start.set()
+        step_s = [results.get(timeout=seconds + 60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    cores = available_cpus() / (engine_config.num_threads or 1)
+    slowdown = float(np.mean(step_s)) / alone_s
+    return {"alone_step_s": alone_s, "contended_step_s": float(np.mean(step_s)), "slowdown": slowdown,
+            "num_engines": num_engines, "cores": cores, "outside_runnable": max(0.0, slowdown * cores - num_engines)}

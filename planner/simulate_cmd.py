@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--no-store", action="store_true", help="simulate without a KV cache store")
     sim.add_argument("--num-cores", type=float, default=0.0, help="the workers share this many CPU cores (a step "
                      "slows by busy workers / cores past it, as on one CPU host); 0: each worker has its own device")
+    sim.add_argument("--outside-runnable", type=float, default=0.0, help="with --num-cores: threads of other "
+                     "processes wanting those cores too (planner/calibrate.py contention_probe measures it)")
     sim.add_argument("--out-dir", default="", help="write results.json and plots (PNG) here")
     sim.add_argument("--max-sim-s", type=float, default=7200.0, help="stop the simulated clock here")
     bench_cli.add_arguments(parser)
@@ -60,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine (for --calibrate)")
     engine.add_argument("--calib-model", default="", help="model directory to calibrate (empty: built-in tiny)")
     engine.add_argument("--calib-num-threads", type=int, default=1, help="torch threads of the calibrated engine")
+    engine.add_argument("--calib-serving", action="store_true", help="also start one real colocated worker and "
+                        "measure the serving stack's cost around a decode step and the router's and client's CPU "
+                        "per token (planner/calibrate.py calibrate_serving)")
     engine.add_argument("--calib-max-num-batched-tokens", type=int,
                         default=EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default)
 
@@ -103,20 +108,20 @@ def sim_requests(bench_config, block_size: int, fingerprint: bytes = b"sim") -> 
 def simulate(requests: list[SimRequest], splits: list[Split], cal: Calibration, router_config: RouterConfig,
              planner_config: PlannerConfig, with_planner: str, slo_ttft_s, slo_tpot_s, use_store: bool = True,
              speed_factors: list[float] | None = None, max_sim_s: float = 7200.0,
-             num_cores: float | None = None) -> list[SimResult]:
+             num_cores: float | None = None, outside_runnable: float = 0.0) -> list[SimResult]:
     from dataclasses import replace
 
     results = []
     off = replace(planner_config, planner="off")
     for split in splits:
         sim = Simulation(requests, split, cal, router_config, off, slo_ttft_s, slo_tpot_s, use_store, speed_factors,
-                         num_cores)
+                         num_cores, outside_runnable)
         results.append(sim.run(max_sim_s))
     if with_planner != "off" and splits:
         start = [s for s in splits if not s.num_colocated]
         start_split = start[len(start) // 2] if start else splits[0]
         sim = Simulation(requests, start_split, cal, router_config, replace(planner_config, planner=with_planner),
-                         slo_ttft_s, slo_tpot_s, use_store, speed_factors, num_cores)
+                         slo_ttft_s, slo_tpot_s, use_store, speed_factors, num_cores, outside_runnable)
         results.append(sim.run(max_sim_s))
     return results
 
@@ -166,11 +171,22 @@ def run(args: argparse.Namespace) -> int:
 
     if args.calibrate:
         from pdserve.engine.config import EngineConfig
-        from pdserve.planner.calibrate import calibrate
+        from dataclasses import replace
+
+        from pdserve.planner.calibrate import calibrate, calibrate_serving
 
         cal, samples = calibrate(EngineConfig(model=args.calib_model, num_threads=args.calib_num_threads,
                                               max_num_batched_tokens=args.calib_max_num_batched_tokens))
-        Path(args.calibrate).write_text(json.dumps({"calibration": cal.to_dict(), "samples": samples}, indent=1))
+        serving_samples = []
+        if args.calib_serving:
+            from pdserve.engine.builtin_model import ensure_builtin_model
+
+            serving, serving_samples = calibrate_serving(args.calib_model or str(ensure_builtin_model("tiny")),
+                                                         args.calib_num_threads)
+            cal = replace(cal, **serving)
+            print(f"serving stack: {serving}")
+        Path(args.calibrate).write_text(json.dumps({"calibration": cal.to_dict(), "samples": samples,
+                                                    "serving_samples": serving_samples}, indent=1))
         print(f"calibration written to {args.calibrate}: {cal.step}")
         for s in samples:
             print(f"  decode {s['decode_seqs']:3d} prefill {s['prefill_tokens']:4d} context {s['context_tokens']:5d}: "
@@ -192,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     slo_ttft = bench.slo_ttft_ms / 1e3 if bench.slo_ttft_ms else None
     slo_tpot = bench.slo_tpot_ms / 1e3 if bench.slo_tpot_ms else None
     results = simulate(requests, splits, cal, router_config, planner_config, args.with_planner, slo_ttft, slo_tpot,
-                       not args.no_store, factors, args.max_sim_s, args.num_cores or None)
+                       not args.no_store, factors, args.max_sim_s, args.num_cores or None, args.outside_runnable)
     print(f"{len(requests)} requests ({bench.dataset}), {args.workers} workers, SLO TTFT {bench.slo_ttft_ms} ms "
           f"TPOT {bench.slo_tpot_ms} ms; simulated in {time.monotonic() - t0:.1f} s of wall time")
     print(table(results))

@@ -4,9 +4,11 @@
 A simulated worker is a continuous-batching engine: each step runs every running decode sequence
 and as many prefill tokens as the chunk budget leaves (`--max-num-batched-tokens` minus the decodes),
 and takes StepModel.step_s(decodes, prefill tokens, context tokens) seconds, the model calibrated on
-real workers (planner/calibrate.py). Each worker counts its steps as a real engine does (StepTimes) and the
-policy learns every worker's speed from them at the router's poll interval, as the router does. A remote prefill's KV reaches its decode worker after
-latency + bytes / bandwidth; it joins the decode batch at its next step. Each worker has an LRU prefix
+real workers (planner/calibrate.py), plus the serving stack's own cost of a decode step where that was
+calibrated too. Each worker counts its steps as a real engine does (StepTimes) and the policy learns every
+worker's speed from them at the router's poll interval, as the router does. With `num_cores`, busy workers
+share the cores the router and clients leave (their CPU per streamed token times the token rate).
+A remote prefill's KV reaches its decode worker after latency + bytes / bandwidth; it joins the decode batch at its next step. Each worker has an LRU prefix
 cache of its KV pool's size; a store (optional) holds every published prompt block. Does not simulate
 preemption, KV exhaustion or failures.
 """
@@ -46,6 +48,11 @@ class Calibration:
     transfer_bytes_per_s: float = 1e9
     transfer_latency_s: float = 2e-3  # also decode admission of the landed KV
     hop_s: float = 1e-3  # router <-> worker per hop (Reserve, Prefill, Decode)
+    # the serving stack around the engine (planner/calibrate.py calibrate_serving; 0: not calibrated):
+    # wall seconds a decode step takes beyond its compute (the engine loop, handing tokens to the streams)
+    decode_overhead_s: float = 0.0
+    decode_overhead_per_seq_s: float = 0.0
+    frontend_cpu_s_per_token: float = 0.0  # router + client CPU per streamed token (taken from shared cores)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "step"}
@@ -165,11 +172,15 @@ class Simulation:
     def __init__(self, requests: list[SimRequest], split: Split, cal: Calibration, router_config: RouterConfig,
                  planner_config: PlannerConfig | None = None, slo_ttft_s: float | None = None,
                  slo_tpot_s: float | None = None, use_store: bool = True, speed_factors: list[float] | None = None,
-                 num_cores: float | None = None) -> None:
-        # workers sharing `num_cores` CPU cores (None: each has its own): a step runs slower by
-        # busy workers / cores while more are busy than there are cores
+                 num_cores: float | None = None, outside_runnable: float = 0.0) -> None:
+        # workers sharing `num_cores` CPU cores (None: each has its own) with `outside_runnable` threads of
+        # other processes: a step runs slower by runnable threads / cores while there are more than cores
         self.num_cores = num_cores
+        self.outside_runnable = outside_runnable
         self.num_busy = 0
+        self.num_tokens = 0  # streamed so far
+        self.frontend_cores = 0.0  # cores the router and clients take now: token rate x their CPU per token
+        self._tokens_at_poll = 0
         self.requests = requests
         self.cal = cal
         self.poll_interval_s = router_config.health_interval_s
@@ -257,9 +268,11 @@ class Simulation:
             return
         ctx = sum(s.req.prompt_len + s.generated for s in decodes)
         step_s = w.cal.step.step_s(len(decodes), sum(t for _, t in chunks), ctx)
+        if decodes:
+            step_s += w.cal.decode_overhead_s + w.cal.decode_overhead_per_seq_s * len(decodes)
         self.num_busy += 1
-        if self.num_cores:
-            step_s *= max(1.0, self.num_busy / self.num_cores)
+        if self.num_cores:  # a fair share of the cores among busy workers, the router and clients, and others
+            step_s *= max(1.0, (self.num_busy + self.frontend_cores + self.outside_runnable) / self.num_cores)
         w.busy = True
         w.busy_s += step_s
         w.step_times.record(sum(t for _, t in chunks), len(decodes), step_s)
@@ -284,6 +297,7 @@ class Simulation:
 
     def _token(self, seq: SimSeq) -> None:
         seq.generated += 1
+        self.num_tokens += 1
         t = self.now + self.cal.hop_s  # streamed to the router
         if len(seq.token_times) >= 3:
             seq.token_times[2] = t
@@ -339,6 +353,9 @@ class Simulation:
         """The router's stats poll: every worker's speed learnt from its step counters."""
         for w in self.workers:
             w.speed.observe(w.step_times.copy())
+        rate = (self.num_tokens - self._tokens_at_poll) / self.poll_interval_s
+        self._tokens_at_poll = self.num_tokens
+        self.frontend_cores = rate * self.cal.frontend_cpu_s_per_token
         if len(self.finished) + self.lost < len(self.requests):
             self.at(self.now + self.poll_interval_s, self._poll)
 

@@ -63,6 +63,32 @@ def test_slower_workers_and_shared_cores_are_slower():
     assert shared.ttft_s["p90"] > own.ttft_s["p90"]
 
 
+def test_serving_overheads_and_outside_load_slow_the_simulated_workers():
+    from dataclasses import replace
+
+    reqs = requests(30, prompt_len=128, output_len=32, rate=5)
+    base = Simulation(reqs, Split(0, 0, 2), Calibration(), ROUTER, num_cores=2).run()
+    overhead = replace(Calibration(), decode_overhead_s=2e-3, decode_overhead_per_seq_s=1e-3)
+    slower = Simulation(reqs, Split(0, 0, 2), overhead, ROUTER, num_cores=2).run()
+    assert slower.tpot_s["p50"] > base.tpot_s["p50"] + 2e-3  # each decode step carries the serving stack's cost
+    crowded = Simulation(reqs, Split(0, 0, 2), Calibration(), ROUTER, num_cores=2, outside_runnable=4).run()
+    assert crowded.tpot_s["p50"] > 2 * base.tpot_s["p50"]  # 2 cores shared with 4 outside threads: >= 3x a step
+    frontend = replace(Calibration(), frontend_cpu_s_per_token=5e-3)  # 160 tokens/s x 5 ms: ~0.8 of a core
+    busy = Simulation(reqs, Split(0, 0, 2), frontend, ROUTER, num_cores=1).run()
+    alone = Simulation(reqs, Split(0, 0, 2), Calibration(), ROUTER, num_cores=1).run()
+    assert busy.tpot_s["p50"] > alone.tpot_s["p50"]
+
+
+def test_the_policy_learns_simulated_worker_speeds_from_their_step_counters():
+    reqs = requests(80, prompt_len=512, output_len=4, rate=40)
+    sim = Simulation(reqs, Split(2, 1), Calibration(), ROUTER, speed_factors=[1.0, 2.0, 1.0])
+    r = sim.run()
+    assert r.num_finished == 80
+    fast, slow = sim.workers[0], sim.workers[1]  # both prefill; w1 twice as slow
+    assert slow.speed.prefill_s_per_token == pytest.approx(2 * fast.speed.prefill_s_per_token, rel=0.2)
+    assert fast.step_times.prefill_step_tokens > 1.5 * slow.step_times.prefill_step_tokens
+
+
 def test_a_malformed_trace_line_is_named(tmp_path):
     from pdserve.loadtest.mooncake import load_trace
 
