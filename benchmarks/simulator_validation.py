@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--no-serving-calibration", action="store_true",
                     help="engine step times only (no serving-stack overheads), as before")
+    ap.add_argument("--no-step-factor", action="store_true",
+                    help="keep the engine's own step times (no serving_step_factor from the serving calibration)")
     ap.add_argument("--no-outside-load", action="store_true",
                     help="no contention probe: simulate as if no other process wanted the cores")
     args = ap.parse_args()
@@ -80,7 +82,7 @@ def main() -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cal, _ = calibrate(EngineConfig(model=model, num_threads=1))
     if not args.no_serving_calibration:
-        serving, samples = calibrate_serving(model, num_threads=1)
+        serving, samples = calibrate_serving(model, num_threads=1, step=None if args.no_step_factor else cal.step)
         cal = dataclasses.replace(cal, **serving)
         print(f"serving calibration: {serving} from {samples}")
     print(f"calibration: {cal.step}")

@@ -90,13 +90,16 @@ SERVING_BATCHES = (1, 4, 8)
 
 
 def calibrate_serving(model: str, num_threads: int = 1, max_tokens: int = 48, rounds: int = 3,
-                      prompt_len: int = 32) -> tuple[dict, list[dict]]:
+                      prompt_len: int = 32, step: StepModel | None = None) -> tuple[dict, list[dict]]:
     """What a step's compute does not cover in a real deployment: one colocated worker (`pdserve.cluster`,
     the processes `pdserve up` runs) under B closed-loop streams for B in SERVING_BATCHES. Per B, the streams'
     token gap at the client against the worker's own decode step times (its WorkerStats step counters) gives
     the serving overhead of a decode step (the engine thread's loop, handing tokens to the gRPC streams under
     one GIL), fitted as `decode_overhead_s + decode_overhead_per_seq_s * B`; the router's and this client's CPU
     seconds per streamed token give `frontend_cpu_s_per_token` (CPU the workers do not get on a shared host).
+    With `step` (the engine's own fitted step model), the worker's step times over it at the same batch give
+    `serving_step_factor`: how much slower the engine steps inside a serving worker (its threads, gRPC and
+    the event loop under one GIL; the mean step rather than the fastest) than alone.
     Returns (those Calibration fields, the samples)."""
     import asyncio
 
@@ -114,6 +117,11 @@ def calibrate_serving(model: str, num_threads: int = 1, max_tokens: int = 48, ro
     slope, intercept = np.polyfit(b, over, 1) if len(samples) > 1 else (0.0, float(over[0]))
     fields = {"decode_overhead_s": float(max(0.0, intercept)), "decode_overhead_per_seq_s": float(max(0.0, slope)),
               "frontend_cpu_s_per_token": float(np.median([s["frontend_cpu_s_per_token"] for s in samples]))}
+    if step is not None:
+        for s in samples:
+            s["fit_step_s"] = step.step_s(round(s["batch"]), 0, int(s["batch"] * (prompt_len + max_tokens / 2)))
+        fields["serving_step_factor"] = float(max(1.0, np.median([s["engine_step_s"] / s["fit_step_s"]
+                                                                   for s in samples])))
     return fields, samples
 
 

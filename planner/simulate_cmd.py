@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             from pdserve.engine.builtin_model import ensure_builtin_model
 
             serving, serving_samples = calibrate_serving(args.calib_model or str(ensure_builtin_model("tiny")),
-                                                         args.calib_num_threads)
+                                                         args.calib_num_threads, step=cal.step)
             cal = replace(cal, **serving)
             print(f"serving stack: {serving}")
         Path(args.calibrate).write_text(json.dumps({"calibration": cal.to_dict(), "samples": samples,

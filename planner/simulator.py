@@ -53,6 +53,7 @@ class Calibration:
     decode_overhead_s: float = 0.0
     decode_overhead_per_seq_s: float = 0.0
     frontend_cpu_s_per_token: float = 0.0  # router + client CPU per streamed token (taken from shared cores)
+    serving_step_factor: float = 1.0  # an engine step inside a serving worker over the same step alone
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "step"}
@@ -267,7 +268,7 @@ class Simulation:
             self._maybe_switch(w)
             return
         ctx = sum(s.req.prompt_len + s.generated for s in decodes)
-        step_s = w.cal.step.step_s(len(decodes), sum(t for _, t in chunks), ctx)
+        step_s = w.cal.step.step_s(len(decodes), sum(t for _, t in chunks), ctx) * w.cal.serving_step_factor
         if decodes:
             step_s += w.cal.decode_overhead_s + w.cal.decode_overhead_per_seq_s * len(decodes)
         self.num_busy += 1
