@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--speed-factors", default="", help="heterogeneous pools: comma-separated step-time "
                      "factors, cycled over the workers (1: calibrated speed, 2: twice as slow)")
     sim.add_argument("--no-store", action="store_true", help="simulate without a KV cache store")
-    sim.add_argument("--num-cores", type=float, default=0.0, help="the workers share this many CPU cores (a step "
-                     "slows by busy workers / cores past it, as on one CPU host); 0: each worker has its own device")
+    sim.add_argument("--num-cores", type=float, default=0.0, help="the workers share this many CPU cores: a step "
+                     "slows by (busy workers + the router's and clients' share + --outside-runnable) / cores past 1, "
+                     "as on one CPU host; 0: each worker has its own device")
     sim.add_argument("--outside-runnable", type=float, default=0.0, help="with --num-cores: threads of other "
                      "processes wanting those cores too (planner/calibrate.py contention_probe measures it)")
     sim.add_argument("--out-dir", default="", help="write results.json and plots (PNG) here")
