@@ -18,7 +18,7 @@ from pdserve.decode.reservations import ReservationTable
 from pdserve.engine.block_hash import chain_block_hashes
 from pdserve.engine.connector import check_block_hashes
 from pdserve.engine.llm_engine import LLMEngine
-from pdserve.errors import InvalidRequest
+from pdserve.errors import InvalidRequest, PdserveError, grpc_status_of
 from pdserve.prefill.store_prefix import StorePrefix
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -40,6 +40,40 @@ def decode_timing(seq, prefilled: bool, arrived_at: float, landed_at: float, fir
     first_token = seq.first_token_time or first_out_at
     return pb.RequestTiming(prefill_queue_s=max(0.0, scheduled - arrived_at),
                             prefill_compute_s=max(0.0, first_token - scheduled), decode_s=max(0.0, done - first_token))
+
+
+class OutputBatcher:
+    """DecodeStream's outgoing side: outputs added during one turn of the event loop leave in one DecodeBatch
+    (and more, when the reader lags: whatever piled up while the last write was in flight)."""
+
+    def __init__(self) -> None:
+        self.batch = pb.DecodeBatch()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def add(self, req_id: str, msg: pb.DecodeResponse) -> None:
+        out = self.batch.outputs.add(request_id=req_id)
+        out.response.CopyFrom(msg)
+        self._ready.set()
+
+    def fail(self, req_id: str, code: grpc.StatusCode, message: str) -> None:
+        self.batch.outputs.add(request_id=req_id, error_code=code.value[0], error_message=message)
+        self._ready.set()
+
+    def close(self) -> None:
+        """Nothing more will be added: `write_to` returns once the last batch is out."""
+        self._closed = True
+        self._ready.set()
+
+    async def write_to(self, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if self.batch.outputs:
+                batch, self.batch = self.batch, pb.DecodeBatch()
+                await context.write(batch)
+            elif self._closed:
+                return
 
 
 class DecodeServicer(pb_grpc.DecodeWorkerServicer):
@@ -97,6 +131,64 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
 
     @map_stream_errors
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
+        async for msg in self._decode(request):
+            yield msg
+
+    async def DecodeStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        """Many requests over one stream (see the proto): each start runs `_decode` as its own task, and their
+        outputs leave together, one DecodeBatch per turn of the event loop (so about one per engine step: the
+        engine hands a step's outputs to the loop at once). The stream's end cancels every request on it."""
+        outputs = OutputBatcher()
+        tasks: dict[str, asyncio.Task] = {}
+        reader = asyncio.create_task(self._read_stream(request_iterator, outputs, tasks))
+        writer = asyncio.create_task(outputs.write_to(context))
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done and not reader.cancelled() and reader.exception() is None:
+                # the router half-closed (it starts nothing more): finish what runs, then flush
+                if tasks:
+                    await asyncio.wait(list(tasks.values()))
+                outputs.close()
+                await writer
+        finally:
+            for task in (*tasks.values(), reader, writer):
+                task.cancel()
+
+    async def _read_stream(self, request_iterator, outputs: OutputBatcher, tasks: dict[str, asyncio.Task]) -> None:
+        async for req in request_iterator:
+            op = req.WhichOneof("op")
+            if op == "start":
+                rid = req.start.request_id
+                if rid in tasks:
+                    outputs.fail(rid, grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already running")
+                    continue
+                tasks[rid] = asyncio.create_task(self._stream_one(req.start, req.timeout_s, outputs, tasks))
+            elif op == "cancel":
+                task = tasks.pop(req.cancel, None)
+                if task is not None:
+                    task.cancel()
+
+    async def _stream_one(self, request: pb.DecodeRequest, timeout_s: float, outputs: OutputBatcher,
+                          tasks: dict[str, asyncio.Task]) -> None:
+        """One request of a DecodeStream: `_decode`'s messages, or the status Decode would have ended with."""
+        rid = request.request_id
+        try:
+            async with asyncio.timeout(timeout_s if timeout_s > 0 else None):
+                async for msg in self._decode(request):
+                    outputs.add(rid, msg)
+        except TimeoutError:
+            outputs.fail(rid, grpc.StatusCode.DEADLINE_EXCEEDED, f"[{rid}] deadline exceeded on the decode worker")
+        except PdserveError as exc:
+            outputs.fail(rid, grpc_status_of(exc), str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - the edge, as map_stream_errors
+            logger.exception("[%s] DecodeStream request failed", rid)
+            outputs.fail(rid, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if tasks.get(rid) is asyncio.current_task():
+                del tasks[rid]
+
+    async def _decode(self, request: pb.DecodeRequest):
+        """A request's Decode messages (the same for Decode and DecodeStream)."""
         assert self.runtime.engine is not None
         req_id = request.request_id
         if not req_id:

@@ -311,6 +311,11 @@ class DecodeWorkerStub:
                 request_serializer=pdserve__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=pdserve__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.DecodeStream = channel.stream_stream(
+                '/pdserve.v1.DecodeWorker/DecodeStream',
+                request_serializer=pdserve__pb2.DecodeStreamRequest.SerializeToString,
+                response_deserializer=pdserve__pb2.DecodeBatch.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/pdserve.v1.DecodeWorker/Stats',
                 request_serializer=pdserve__pb2.StatsRequest.SerializeToString,
@@ -352,6 +357,18 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeStream(self, request_iterator, context):
+        """Many requests over one long-lived stream (a router keeps one per worker): each DecodeStreamRequest
+        starts or cancels a request, each DecodeBatch carries the new outputs of every request that has some
+        (about one message per engine step, as vLLM's engine core sends one EngineCoreOutputs per step),
+        instead of one Decode stream and one message per request per step. A request behaves as under Decode:
+        its outputs are Decode's messages, and where Decode would end with an error status its output says so.
+        The stream ending (the router gone, the worker dying) ends every request on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -380,6 +397,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=pdserve__pb2.DecodeRequest.FromString,
                     response_serializer=pdserve__pb2.DecodeResponse.SerializeToString,
+            ),
+            'DecodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeStream,
+                    request_deserializer=pdserve__pb2.DecodeStreamRequest.FromString,
+                    response_serializer=pdserve__pb2.DecodeBatch.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -497,6 +519,33 @@ class DecodeWorker:
             '/pdserve.v1.DecodeWorker/Decode',
             pdserve__pb2.DecodeRequest.SerializeToString,
             pdserve__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.v1.DecodeWorker/DecodeStream',
+            pdserve__pb2.DecodeStreamRequest.SerializeToString,
+            pdserve__pb2.DecodeBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,7 @@ from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
+from pdserve.router.decode_stream import DecodeStreams
 from pdserve.router.policy import Route, RoutingPolicy
 from pdserve.router.registry import Worker, WorkerRegistry
 from pdserve.router.tracing import RequestTracer
@@ -108,8 +109,10 @@ class Dispatcher:
         self.finished_listeners: list[Callable[[FinishedRequest], None]] = []  # the planner's signals
         self._store_channel = rpc.channel(config.kvstore_master) if config.kvstore_master else None
         self._store = kpb_grpc.KVStoreMasterStub(self._store_channel) if self._store_channel else None
+        self.decode_streams = DecodeStreams()  # one DecodeStream per worker carries all its requests' tokens
 
     async def close(self) -> None:
+        await self.decode_streams.close()
         if self.tracer is not None:  # flushes the last spans (bounded by the exporter's deadline) off the loop
             await asyncio.to_thread(self.tracer.shutdown)
         if self._store_channel is not None:
@@ -472,7 +475,7 @@ class Dispatcher:
                              counted: bool = True) -> AsyncIterator[Event]:
         if counted:
             decode.inflight += 1
-        call = decode.decode_stub.Decode(req, timeout=self._remaining(deadline))
+        call = self.decode_streams.start(decode, req, self._remaining(deadline))  # reads like a Decode call
         state.calls.append(call)
         finished = False
         try:
