@@ -142,16 +142,20 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         tasks: dict[str, asyncio.Task] = {}
         reader = asyncio.create_task(self._read_stream(request_iterator, outputs, tasks))
         writer = asyncio.create_task(outputs.write_to(context))
+        stopping = asyncio.create_task(self.runtime.wait())  # the worker is shutting down
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done and not reader.cancelled() and reader.exception() is None:
-                # the router half-closed (it starts nothing more): finish what runs, then flush
+            done, _ = await asyncio.wait({reader, writer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            half_closed = reader in done and not reader.cancelled() and reader.exception() is None
+            if writer not in done and (half_closed or stopping in done):
+                # start nothing more (the router fails what it sent after this when the stream ends), finish
+                # what runs (the server's stop grace bounds it), then flush and end the stream
+                reader.cancel()
                 if tasks:
                     await asyncio.wait(list(tasks.values()))
                 outputs.close()
                 await writer
         finally:
-            for task in (*tasks.values(), reader, writer):
+            for task in (*tasks.values(), reader, writer, stopping):
                 task.cancel()
 
     async def _read_stream(self, request_iterator, outputs: OutputBatcher, tasks: dict[str, asyncio.Task]) -> None:
