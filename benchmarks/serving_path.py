@@ -73,12 +73,12 @@ def package_tree(checkout: Path, out: Path) -> Path:
     return out
 
 
-def start(tree: Path, mode: str, model: Path, port: int, log: Path) -> subprocess.Popen:
+def start(tree: Path, mode: str, model: Path, port: int, log: Path, env_extra: dict[str, str]) -> subprocess.Popen:
     argv = [sys.executable, "-m", "pdserve", "--log-level", "warning", "up", "--model", str(model), "--http-port", str(port),
             "--port", str(port + 100)]
     if mode == "colocated":
         argv[6:6] = ["--colocated", "--worker-args", "--num-threads 2"]
-    env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONPATH": str(tree)}
+    env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONPATH": str(tree), **env_extra}
     return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             cwd=tree)
 
@@ -146,10 +146,37 @@ def bench(tree: Path, port: int, model: Path, rate: str, seed: int, out_json: Pa
             "wall_s": wall, "cpu": cpu, "n_out": n_out}
 
 
+def summary(rows: list[dict], labels: list[str]) -> str:
+    """A markdown table: means over rounds per model, mode, rate and checkout; ratios against the first."""
+    lines = ["| model | mode | rate | checkout | out tok/s | vs first | mean TTFT ms | mean TPOT ms | done | "
+             "CPU ms per output token (per process) |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    keys = list(dict.fromkeys((r["model"], r["mode"], r["rate"]) for r in rows))
+    for model, mode, rate in keys:
+        base = None
+        for label in labels:
+            rs = [r for r in rows if (r["model"], r["mode"], r["rate"], r["label"]) == (model, mode, rate, label)]
+            if not rs:
+                continue
+            tok = sum(r["output_tok_s"] for r in rs) / len(rs)
+            base = base or tok
+            cpu: dict[str, float] = {}
+            for r in rs:
+                for k, v in r["cpu"].items():
+                    cpu[k] = cpu.get(k, 0.0) + 1e3 * v / max(1, r["n_out"]) / len(rs)
+            lines.append(
+                f"| {model} | {mode} | {'all at once' if rate == 'inf' else rate + '/s'} | {label} | {tok:.0f} | "
+                f"{tok / base:.2f}x | {sum(r['ttft_mean_ms'] for r in rs) / len(rs):.0f} | "
+                f"{sum(r['tpot_mean_ms'] for r in rs) / len(rs):.1f} | "
+                f"{sum(r['completed'] for r in rs)}/{sum(r['sent'] for r in rs)} | "
+                + " ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items()) if v >= 0.005) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkout", action="append", default=[], metavar="LABEL=DIR",
-                    help="a source tree to measure (repeat; default: this one), run with this interpreter's packages")
+    ap.add_argument("--checkout", action="append", default=[], metavar="LABEL=DIR[,NAME=VALUE...]",
+                    help="a source tree to measure (repeat; default: this one), run with this interpreter's packages; "
+                    "NAME=VALUE after it: environment variables for its cluster (not the bench client)")
     ap.add_argument("--models", nargs="+", default=["tiny"])
     ap.add_argument("--modes", nargs="+", default=["colocated", "disagg"], choices=["colocated", "disagg"])
     ap.add_argument("--rates", nargs="+", default=["inf", "4"])
@@ -163,8 +190,12 @@ def main() -> int:
     ap.add_argument("--gil", action="store_true", help="with --py-spy: only samples holding the GIL")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    checkouts = [(label, package_tree(Path(d), args.out_dir / f"tree-{label}"))
-                 for label, d in (c.split("=", 1) for c in args.checkout or ["this=" + str(ROOT)])]
+    checkouts = []
+    for spec in args.checkout or ["this=" + str(ROOT)]:
+        label, rest = spec.split("=", 1)
+        d, *env = rest.split(",")
+        checkouts.append((label, package_tree(Path(d), args.out_dir / f"tree-{label}"),
+                          dict(e.split("=", 1) for e in env)))
     started, load0 = datetime.now(timezone.utc), os.getloadavg()
     rows = []
     port = 8300
@@ -172,11 +203,11 @@ def main() -> int:
         model = resolve_model(name)
         for mode in args.modes:
             for rnd in range(args.rounds):
-                for label, tree in checkouts:
+                for label, tree, env_extra in checkouts:
                     while port_in_use(port) or port_in_use(port + 100):
                         port += 1
                     log = args.out_dir / f"{name}-{mode}-{label}-{rnd}.log"
-                    proc = start(tree, mode, model, port, log)
+                    proc = start(tree, mode, model, port, log, env_extra)
                     try:
                         if not wait_up(port, proc, 300):
                             print(f"{label} {mode} did not start; see {log}", file=sys.stderr)
@@ -197,7 +228,8 @@ def main() -> int:
                         stop(proc)
                     port += 1
     load1 = os.getloadavg()
-    print(f"\n{started:%Y-%m-%d %H:%M} UTC, load {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(f"\n{started:%Y-%m-%d %H:%M} UTC, load {load0[0]:.2f} -> {load1[0]:.2f}\n")
+    print(summary(rows, [c[0] for c in checkouts]))
     (args.out_dir / "rows.json").write_text(json.dumps(rows, indent=1))
     return 0
 
