@@ -10,8 +10,9 @@ held: no two free blocks adjacent), is the worst case for any allocator. With --
 addressed the pre-block-major way (layer-major pool, least-recently-freed allocation, last blocks freed first), and
 the all-cached table with the eviction before run-aware eviction (cached blocks one at a time, least
 recently freed first).
-Every table is pushed two ways in one run, alternating: as one tagged UCX message per piece (the default) and as one
-batch of UCX RMA reads posted by the receiver (`rma_reads=True`, opt-in). Prints payload messages and RMA reads
+Every table is pushed three ways in one run, rotating the order: tagged UCX messages, one per piece, posted straight
+into libucp and waited for as one batch (the default); the same messages as one ucxx request and future each (before,
+`native_batches=False`); one batch of UCX RMA reads posted by the receiver (`rma_reads=True`, opt-in). Prints payload messages and RMA reads
 per request, GB/s, the cost per extra region (checkerboard minus fresh), and the push time as a share of an
 estimated prefill time of that prompt on this machine (8B-model FLOPs / measured GEMM FLOP/s).
 Not a test; every wait is bounded.
@@ -36,7 +37,7 @@ import torch
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 LRU_CACHED = "churned, all cached, LRU eviction (before)"
-READS, TAGGED = "RMA reads (opt-in)", "tagged sends (default)"
+BATCH, TAGGED, READS = "tagged, one batch (after)", "tagged, a request per piece (before)", "RMA reads (opt-in)"
 HIDDEN, NUM_PARAMS = 4096, 8.03e9  # Llama-3-8B
 
 
@@ -193,12 +194,13 @@ async def run(args: argparse.Namespace) -> dict:
         kv.kv.view(torch.int16).random_(-1000, 1000)
         lay = kv.layout()
         # Two senders in this process, one receiver: the same bytes as one batch of RMA reads and as tagged sends.
-        transports = {READS: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, rma_reads=True),
-                      TAGGED: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s)}
+        transports = {BATCH: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s),
+                      TAGGED: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, native_batches=False),
+                      READS: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, rma_reads=True)}
         for transport in transports.values():
             await transport.start()
             transport.register_buffer("kv", kv.kv)
-        max_piece_bytes = transports[READS].max_piece_bytes
+        max_piece_bytes = transports[BATCH].max_piece_bytes
         layouts = ("block-major", "layer-major (before)") if args.history else ("block-major",)
         for num_tokens in args.tokens:
             n = -(-num_tokens // BLOCK_SIZE)
@@ -228,10 +230,10 @@ async def run(args: argparse.Namespace) -> dict:
                     else:
                         src, dst = (layer_major_regions(args.pool_blocks, ids) for ids in (src_ids, dst_ids))
                     num_pieces = len(pair_regions(src, dst, max_piece_bytes))
-                    methods = [READS, TAGGED] if layout_name == "block-major" else [TAGGED]
+                    methods = list(transports) if layout_name == "block-major" else [BATCH]
                     times: dict[str, list[float]] = {m: [] for m in methods}
                     for it in range(args.iters + 1):  # the first round warms up (connect, page faults)
-                        for method in (methods if it % 2 else methods[::-1]):  # alternate the order
+                        for method in methods[it % len(methods):] + methods[:it % len(methods)]:  # rotate the order
                             token = await expect(dst)
                             started = time.perf_counter()
                             nbytes = await transports[method].push(peer, token, "kv", src, dst,
@@ -271,7 +273,8 @@ async def per_region_cost(args: argparse.Namespace, transports: dict, peer: str,
         shapes = {1: ([(0, total)], [(total, total)]), count: (src_many, dst_many)}
         times = {(m, k): [] for m in transports for k in shapes}
         for it in range(args.iters + 1):
-            for method in (list(transports) if it % 2 else list(transports)[::-1]):
+            names = list(transports)
+            for method in names[it % len(names):] + names[:it % len(names)]:
                 for k, (src, dst) in shapes.items():
                     token = await expect(dst)
                     started = time.perf_counter()

@@ -29,7 +29,7 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
  3b. reads (opt-in, rma_reads=True; where UCX reads in the kernel or hardware: shared memory/CMA, RDMA, CUDA): the push
     is one OPEN_READ{token, dst regions, the sender's packed rkey and buffer address, pieces} on one lane; the
     receiver checks the token and regions exactly as for OPEN, then posts one UCX RMA GET per piece from the
-    sender's registered memory straight into its buffer, all at once on a worker thread (ucx_rma.py), waits for
+    sender's registered memory straight into its buffer, all at once on a worker thread (ucx_native.py), waits for
     them and answers DONE (or REJECT before reading anything). Two control messages per push, whatever the number
     of regions: fragmentation costs a GET each (a few us), not a rendezvous message (about 50-100 us). The sender's
     rkey grants reads of its registered buffer only; writes into a buffer are always made by its owner.
@@ -57,6 +57,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from pdserve.errors import InvalidRequest, KVTransferError, PeerUnavailable
 
@@ -68,7 +69,7 @@ from .regions import Piece, Region, check_regions, pair_regions, split_among_lan
 from .tokens import Expectation, Exposure
 from .ucx_env import available_transports, import_ucxx
 from .ucx_lane import Lane, LanePool, bounded, gather_or_fail
-from .ucx_rma import Mapped, Rma
+from .ucx_native import CANCEL_WAIT_S, Mapped, TagBatch, Ucp
 from .ucx_server import TransferServer
 from .wire import CAP_RMA_READ, MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
@@ -82,7 +83,7 @@ class UCXTransport(TransportCore):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
                  max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, network_lane_min_bytes: int = 2 << 20,
-                 shared_memory: str = "auto", rma_reads: bool = False) -> None:
+                 shared_memory: str = "auto", rma_reads: bool = False, native_batches: bool = True) -> None:
         if min(num_lanes, timeout_s, max_piece_bytes, lane_min_bytes, network_lane_min_bytes) <= 0:
             raise ValueError("num_lanes, timeout_s, max_piece_bytes and the lane_min_bytes must be positive")
         self.host = host
@@ -96,17 +97,21 @@ class UCXTransport(TransportCore):
         self.network_lane_min_bytes = network_lane_min_bytes
         shares_memory_with(shared_memory, "", "")  # checks the setting
         self.shared_memory = shared_memory  # auto | on | off (host.py)
-        # rma_reads: pushes move as one batch of RMA reads by the receiver (ucx_rma.py) when both ends offer it, else as
+        # rma_reads: pushes move as one batch of RMA reads by the receiver (ucx_native.py) when both ends offer it, else as
         # tagged sends. Off by default: over shared memory UCX reads by CMA on an endpoint without error handling, and a
         # sender killed mid-read aborts the reading process (measured); see docs/kv_fragmentation.md.
         self.rma_reads = rma_reads
+        # native_batches: the pieces of an operation are posted straight into libucp and waited for together
+        # (ucx_native.TagBatch); False: one ucxx request and future per piece (as before; kept for the benchmark).
+        self.native_batches = native_batches
         super().__init__()
         self.host_id = host_identity()
         self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
         self._server: TransferServer | None = None
         self._ucxx = import_ucxx()
         self._hello_body = b""  # set in start(): asking for the worker address creates the UCX context
-        self._rma: Rma | None = None  # set in start() when rma_reads and libucp offers RMA
+        self._ucp: Ucp | None = None  # set in start() when native_batches and libucp can be called
+        self._rma: Ucp | None = None  # set in start() when rma_reads and libucp offers RMA
         self._mapped: dict[str, Mapped] = {}  # buffer name -> its UCX memory handle and packed rkey (lazily)
         self._rdma = False  # whether this process's UCX has an RDMA transport (set in start())
 
@@ -115,13 +120,15 @@ class UCXTransport(TransportCore):
         """Starts the listener. The first agent of a process creates ucxx's context, whose notifier thread is tied to
         the running event loop: every agent of a process must run on that one loop."""
         worker_address = bytes(self._ucxx.get_worker_address())
-        self._rma = Rma.get(self._ucxx) if self.rma_reads else None
+        ucp = Ucp.get(self._ucxx) if self.native_batches or self.rma_reads else None
+        self._ucp = ucp if self.native_batches else None
+        self._rma = ucp if self.rma_reads and ucp is not None and ucp.rma else None
         self._rdma = any(t.startswith(("rc", "dc")) for t in available_transports())
         caps = CAP_RMA_READ if self._rma is not None else 0
         self._hello_body = BodyWriter().blob(self.host_id.encode()).blob(worker_address).u64(caps).build()
         self._server = TransferServer(self._ucxx, self._registry, self._stats, hello_body=self._hello_body,
                                       attach_data_endpoint=self.attach_data_endpoint, timeout_s=self.timeout_s,
-                                      rma=self._rma, local_memh=self._local_memh)
+                                      ucp=self._ucp, rma=self._rma, local_memh=self._local_memh)
         self.port = self._server.start(self.port)
         logger.info("transfer agent listening on %s (%d lanes per peer)", self.address, self.num_lanes)
 
@@ -364,8 +371,16 @@ class UCXTransport(TransportCore):
 
     async def _send_pieces(self, lane: Lane, seq: int, tag_base: int, view: Memory, pieces: list[Piece],
                            deadline: float) -> None:
-        sends = [lane.send_payload(view.slice(p.src_offset, p.nbytes), tag_base | i)
-                 for i, p in enumerate(pieces)]
+        if self._ucp is not None:  # every piece posted into libucp now, one wait for all
+            batch = TagBatch(self._ucp)
+            ep = lane.data_out.ucp_endpoint
+            for i, p in enumerate(pieces):
+                batch.send(ep, view.ptr + p.src_offset, p.nbytes, tag_base | i)
+            remaining = max(0.001, deadline - asyncio.get_running_loop().time())
+            sends = [asyncio.to_thread(batch.wait, remaining)]
+        else:
+            sends = [lane.send_payload(view.slice(p.src_offset, p.nbytes), tag_base | i)
+                     for i, p in enumerate(pieces)]
 
         async def final_reply() -> None:
             kind, body = await lane.recv_message(seq, Slot.FINAL_HEADER, deadline)
@@ -413,12 +428,24 @@ class UCXTransport(TransportCore):
         body = BodyWriter().blob(token).u64(tag_base).regions([(p.src_offset, p.nbytes) for p in pieces]).build()
         seq = lane.next_seq()
         await self._request_ready(lane, seq, Kind.PULL, body, deadline)
-        recvs = [lane.recv_payload(view.slice(p.dst_offset, p.nbytes), tag_base | i)
-                 for i, p in enumerate(pieces)]
+        batch = None
+        if self._ucp is not None:
+            batch = TagBatch(self._ucp)
+            for i, p in enumerate(pieces):
+                batch.recv(view.ptr + p.dst_offset, p.nbytes, tag_base | i)
+            waiter = asyncio.ensure_future(asyncio.to_thread(
+                batch.wait, max(0.001, deadline - asyncio.get_running_loop().time())))
+            recvs: list[Any] = [asyncio.shield(waiter)]
+        else:
+            recvs = [lane.recv_payload(view.slice(p.dst_offset, p.nbytes), tag_base | i)
+                     for i, p in enumerate(pieces)]
         try:
             await gather_or_fail(recvs, deadline, f"{lane!r} pull payload")
         except BaseException:
             lane.abort()  # cancels receives still posted into our buffer
+            if batch is not None:
+                batch.abort()  # our own receives: cancelled here, waited for below
+                await asyncio.wait([waiter], timeout=CANCEL_WAIT_S + 1.0)
             raise
 
 

@@ -16,7 +16,7 @@ from .base import TransferRejected, TransferStats
 from .memory import Memory
 from .tokens import Push, TokenRegistry
 from .ucx_lane import Lane, bounded, gather_or_fail
-from .ucx_rma import ReadBatch, Rma
+from .ucx_native import CANCEL_WAIT_S, ReadBatch, TagBatch, Ucp
 from .wire import BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
 logger = logging.getLogger(__name__)
@@ -29,12 +29,13 @@ class TransferServer:
     """A ucxx listener and the lanes peers opened to it."""
 
     def __init__(self, ucxx: Any, registry: TokenRegistry, stats: TransferStats, *, hello_body: bytes,
-                 attach_data_endpoint: AttachDataEndpoint, timeout_s: float, rma: Rma | None = None,
-                 local_memh: LocalMemh | None = None) -> None:
+                 attach_data_endpoint: AttachDataEndpoint, timeout_s: float, ucp: Ucp | None = None,
+                 rma: Ucp | None = None, local_memh: LocalMemh | None = None) -> None:
         self._ucxx = ucxx
+        self._ucp = ucp  # posts an operation's pieces straight into libucp when set
         self._rma = rma  # serves OPEN_READ when set (our HELLO says so)
         self._local_memh = local_memh or (lambda memory: None)
-        self._reads: dict[bytes, set[asyncio.Future[None]]] = {}  # token -> read batches still running
+        self._reads: dict[bytes, set[asyncio.Future[None]]] = {}  # token -> batches still landing bytes
         self._registry = registry
         self._stats = stats
         self._hello_body = hello_body  # our host identity and worker address
@@ -49,9 +50,25 @@ class TransferServer:
         self._listener = self._ucxx.create_listener(self._serve, port=port)
         return int(self._listener.port)
 
+    def _track(self, token: bytes, aw: Awaitable[None]) -> asyncio.Future[None]:
+        """A future for `aw` (a batch landing bytes under `token`), which drain() waits for until it returns."""
+        future = asyncio.ensure_future(aw)
+        running = self._reads.setdefault(token, set())
+        running.add(future)
+
+        def forget(_: object) -> None:
+            running.discard(future)
+            if not running and self._reads.get(token) is running:
+                del self._reads[token]
+            if not future.cancelled():
+                future.exception()  # retrieved: a failure is reported through the expectation
+
+        future.add_done_callback(forget)
+        return future
+
     async def drain(self, tokens: list[bytes] | None = None) -> None:
-        """Waits for the read batches of `tokens` (None: all) to return; their expectations were failed first, so
-        they stop posting and their lanes get aborted. After this no byte lands under those tokens."""
+        """Waits for the batches landing bytes under `tokens` (None: all) to return; their expectations were failed
+        first, so they stop posting and what they posted is cancelled. After this no byte lands under those tokens."""
         futures = [f for token in (list(self._reads) if tokens is None else tokens) for f in self._reads.get(token, ())]
         if futures:
             _, pending = await asyncio.wait(futures, timeout=self._timeout_s)
@@ -140,9 +157,19 @@ class TransferServer:
         exp = push.expectation
         tag_base = new_payload_tag_base()
         exp.lanes.add(lane)
+        batch = waiter = None
         try:
-            recvs = [asyncio.ensure_future(lane.recv_payload(exp.memory.slice(offset, nbytes), tag_base | i))
-                     for i, (offset, nbytes) in enumerate(pieces)]
+            if self._ucp is not None:  # every piece posted into libucp now, one wait for all
+                batch = TagBatch(self._ucp)
+                exp.lanes.add(batch)
+                for i, (offset, nbytes) in enumerate(pieces):
+                    batch.recv(exp.memory.ptr + offset, nbytes, tag_base | i)
+                waiter = self._track(exp.token, asyncio.to_thread(
+                    batch.wait, max(0.001, exp.deadline - asyncio.get_running_loop().time())))
+                recvs: list[Any] = [asyncio.shield(waiter)]
+            else:
+                recvs = [asyncio.ensure_future(lane.recv_payload(exp.memory.slice(offset, nbytes), tag_base | i))
+                         for i, (offset, nbytes) in enumerate(pieces)]
             ready = BodyWriter().u64(push_id).u64(tag_base).build()
             await lane.send_message(seq, Slot.REPLY_HEADER, Kind.READY, ready, exp.deadline)
             await gather_or_fail(recvs, exp.deadline, f"{lane!r} receive payload")
@@ -150,11 +177,17 @@ class TransferServer:
                 raise exp.error
         except BaseException as exc:
             lane.abort()  # cancels the receives still posted into the buffer
+            if batch is not None:
+                batch.abort()  # our own receives (worker-wide in UCP): cancelled, then waited for
+                if waiter is not None:
+                    await asyncio.wait([waiter], timeout=CANCEL_WAIT_S + 1.0)
             error_type = KVTransferTimeout if isinstance(exc, KVTransferTimeout) else KVTransferError
             self._registry.finish_expectation(exp.token, error_type(f"push failed: {exc}"))
             raise KVTransferError(f"push failed: {exc}") from exc
         finally:
             exp.lanes.discard(lane)
+            if batch is not None:
+                exp.lanes.discard(batch)
             self._stats.seconds_receiving += time.perf_counter() - started
         nbytes = sum(n for _, n in pieces)
         self._stats.bytes_received += nbytes
@@ -174,17 +207,8 @@ class TransferServer:
         batch = ReadBatch(lane.abort, asyncio.get_running_loop())
         reads = [(exp.memory.ptr + offset, src_base + src_offset, nbytes)
                  for (offset, nbytes), (src_offset, _) in zip(pieces, src_pieces)]
-        future = asyncio.ensure_future(asyncio.to_thread(
+        future = self._track(exp.token, asyncio.to_thread(
             self._rma.read, lane.data_out.ucp_endpoint, rkey, reads, self._local_memh(exp.memory), batch))
-        running = self._reads.setdefault(exp.token, set())
-        running.add(future)
-
-        def forget(_: object) -> None:
-            running.discard(future)
-            if not running and self._reads.get(exp.token) is running:
-                del self._reads[exp.token]
-
-        future.add_done_callback(forget)
         exp.lanes.add(batch)
         try:
             await bounded(asyncio.shield(future), exp.deadline, f"{lane!r} read payload")
@@ -217,8 +241,16 @@ class TransferServer:
         try:
             ready = BodyWriter().u64(0).u64(tag_base).build()
             await lane.send_message(seq, Slot.REPLY_HEADER, Kind.READY, ready, deadline)
-            await gather_or_fail([lane.send_payload(exposure.memory.slice(offset, nbytes), tag_base | i)
-                                  for i, (offset, nbytes) in enumerate(pieces)], deadline, f"{lane!r} serve pull")
+            if self._ucp is not None:
+                batch = TagBatch(self._ucp)
+                ep = lane.data_out.ucp_endpoint
+                for i, (offset, nbytes) in enumerate(pieces):
+                    batch.send(ep, exposure.memory.ptr + offset, nbytes, tag_base | i)
+                sends: list[Any] = [asyncio.to_thread(batch.wait, max(0.001, deadline - asyncio.get_running_loop().time()))]
+            else:
+                sends = [lane.send_payload(exposure.memory.slice(offset, nbytes), tag_base | i)
+                         for i, (offset, nbytes) in enumerate(pieces)]
+            await gather_or_fail(sends, deadline, f"{lane!r} serve pull")
         except BaseException:
             lane.abort()
             self._stats.num_failures += 1

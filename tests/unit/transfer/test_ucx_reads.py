@@ -1,4 +1,4 @@
-"""The UCX backend's batch of RMA reads (transfer/ucx_rma.py): a push of many regions is one request and one reply,
+"""The UCX backend's batch of RMA reads (transfer/ucx_native.py): a push of many regions is one request and one reply,
 the receiver posting one UCX GET per piece; a peer that does not offer reads gets tagged sends. Real ucxx, one process."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pdserve.transfer.ucx import UCXTransport
-from pdserve.transfer.ucx_rma import ReadBatch, Rma
+from pdserve.transfer.ucx_native import ReadBatch, Ucp
 from pdserve.transfer.ucx_env import import_ucxx
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)]
@@ -46,7 +46,7 @@ async def test_many_regions_move_as_one_batch_of_reads_when_both_offer_it(sender
     await sender.start()
     await receiver.start()
     try:
-        rma = Rma.get(import_ucxx())
+        rma = Ucp.get(import_ucxx())
         assert rma is not None, "this ucxx build offers RMA"
         before = rma.posted
         got, want = await push_checkerboard(sender, receiver, 256)

@@ -1,22 +1,24 @@
-"""One-sided UCX reads (RMA GET) for the UCX backend: memory handles, packed remote keys, and a batch of reads
-posted at once. ucxx 0.52 exposes no RMA to Python, so this calls libucp (the library ucxx itself loaded) through
-ctypes on the handles ucxx gives out (context, endpoint).
+"""Direct libucp calls for the UCX backend, through ctypes on the handles ucxx gives out (context, worker, endpoint):
+batches of tagged sends/receives, and one-sided reads (RMA GET) with memory handles and packed remote keys.
 
-Why: a tagged UCX message costs a rendezvous round trip, a request and an event-loop completion each (about 50 us on
-this host), so KV scattered over many blocks (no two adjacent) moved at one message per block. A batch of reads is
-posted in one thread call, the pieces land straight in the registered buffer (no copy), and the batch waits on its
-requests once: the cost per region is a few microseconds whatever the fragmentation.
+Why: through ucxx's Python API every message costs a request object, a future, a notifier-thread wake-up and an
+event-loop callback (50-100 us per message on this host), so KV scattered over many blocks moved at that cost per
+block. A batch posts every piece with one ctypes call each (a few us) and waits for them all at once on a worker
+thread (the GIL is released in libucp and while it sleeps); the bytes still go straight from and into the registered
+buffers (no copy) with the protocol UCX picks (rendezvous with CMA, TCP, cuda_ipc, RDMA).
 
-    rma = Rma.get()                                     # None when libucp has no RMA here (then tagged sends)
-    mapped = rma.map(memory)                            # at register_buffer: memh + packed rkey (bytes)
-    batch = ReadBatch(lane.abort, loop)                 # what cancel/expiry abort
-    await asyncio.to_thread(rma.read, ep_handle, rkey_bytes, [(local_ptr, remote_addr, nbytes), ...], local_memh,
-                            batch)                      # posts every read, then waits for all (GIL released)
-    rma.unmap(mapped)
+    ucp = Ucp.get(ucxx)                                 # None when libucp cannot be loaded (then ucxx's API)
+    batch = TagBatch(ucp)                               # on the event loop thread
+    batch.send(ep_handle, ptr, nbytes, tag) / batch.recv(ptr, nbytes, tag)   # post, for every piece
+    await asyncio.to_thread(batch.wait, timeout_s)      # all done, or KVTransferError; batch.abort() cancels
+    # reads (opt-in, see ucx.py: a sender killed mid-read aborts the reader over CMA)
+    mapped = ucp.map(memory); ucp.unmap(mapped)         # memh + packed rkey (bytes) of a registered buffer
+    batch = ReadBatch(lane.abort, loop)
+    await asyncio.to_thread(ucp.read, ep_handle, rkey, [(local_ptr, remote_addr, nbytes), ...], local_memh, batch)
 
 The context is created by ucxx in MULTI thread mode, so these calls may run on any thread while ucxx's progress thread
-progresses the worker. Only the side whose memory is written posts reads (the receiver of a push), after it checked the
-token: no byte lands unchecked, and cancel/expiry stop the rest of a batch from being posted.
+progresses the worker. Only the side whose memory is written posts receives or reads, after it checked the token: no
+byte lands unchecked; abort() cancels what was posted.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ MEMORY_TYPE_HOST, MEMORY_TYPE_CUDA = 0, 1
 MEM_MAP_FIELD_ADDRESS, MEM_MAP_FIELD_LENGTH, MEM_MAP_FIELD_MEMORY_TYPE = 1 << 0, 1 << 1, 1 << 4
 OP_ATTR_FIELD_MEMH = 1 << 8
 FEATURE_RMA = 2
+FULL_TAG_MASK = (1 << 64) - 1
+CANCEL_WAIT_S = 5.0  # how long wait() waits for cancelled requests to complete before leaving them to UCX
 _PTR_SPACE = 1 << 64
 
 
@@ -109,15 +113,17 @@ class ReadBatch:
             self._loop.call_soon_threadsafe(self._abort_lane)
 
 
-class Rma:
-    """The process's libucp, bound to ucxx's context (one per process, like ucxx's own)."""
+class Ucp:
+    """The process's libucp, bound to ucxx's context and worker (one per process, like ucxx's own)."""
 
-    _instance: Rma | None = None
+    _instance: Ucp | None = None
     _lock = threading.Lock()
 
-    def __init__(self, lib: ctypes.CDLL, context: int, ucs: ctypes.CDLL | None) -> None:
+    def __init__(self, lib: ctypes.CDLL, context: int, worker: int, rma: bool, ucs: ctypes.CDLL | None) -> None:
         self._lib = lib
         self._context = context
+        self.worker = worker
+        self.rma = rma  # the context has UCP_FEATURE_RMA (reads possible)
         self._ucs = ucs
         self.posted = 0  # reads posted since start (stats; read by the benchmark)
         lib.ucp_mem_map.argtypes = [ctypes.c_void_p, ctypes.POINTER(_MemMapParams), ctypes.POINTER(ctypes.c_void_p)]
@@ -140,21 +146,30 @@ class Rma:
         lib.ucp_request_check_status.restype = ctypes.c_int
         lib.ucp_request_free.argtypes = [ctypes.c_void_p]
         lib.ucp_request_free.restype = None
+        lib.ucp_request_cancel.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.ucp_request_cancel.restype = None
+        lib.ucp_tag_send_nbx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64,
+                                         ctypes.POINTER(_RequestParam)]
+        lib.ucp_tag_send_nbx.restype = ctypes.c_void_p
+        lib.ucp_tag_recv_nbx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64,
+                                         ctypes.c_uint64, ctypes.POINTER(_RequestParam)]
+        lib.ucp_tag_recv_nbx.restype = ctypes.c_void_p
+        self._param = _RequestParam()  # no callback: requests are polled, then freed
         if ucs is not None:
             ucs.ucs_status_string.argtypes = [ctypes.c_int]
             ucs.ucs_status_string.restype = ctypes.c_char_p
 
     @classmethod
-    def get(cls, ucxx: Any) -> Rma | None:
-        """The process's Rma once ucxx's context exists (call after ucxx.get_worker_address()); None when libucp
-        cannot be found or the context lacks the RMA feature (callers then use tagged sends)."""
+    def get(cls, ucxx: Any) -> Ucp | None:
+        """The process's Ucp once ucxx's context exists (call after ucxx.get_worker_address()); None when libucp
+        cannot be loaded (callers then use ucxx's own API)."""
         with cls._lock:
             if cls._instance is None:
                 cls._instance = cls._load(ucxx)
             return cls._instance or None
 
     @classmethod
-    def _load(cls, ucxx: Any) -> Rma | Any:
+    def _load(cls, ucxx: Any) -> Ucp | Any:
         try:
             import libucx
 
@@ -164,13 +179,11 @@ class Rma:
                 ucs = ctypes.CDLL(os.path.join(libdir, "libucs.so.0"))
             except OSError:
                 ucs = None
-            context = ucxx.core._get_ctx().context
-            if not int(context.feature_flags) & FEATURE_RMA:
-                logger.info("UCX context has no RMA feature: KV moves by tagged sends")
-                return False
-            return cls(lib, int(context.handle), ucs)
+            ctx = ucxx.core._get_ctx()
+            return cls(lib, int(ctx.context.handle), int(ctx.worker.handle),
+                       bool(int(ctx.context.feature_flags) & FEATURE_RMA), ucs)
         except (ImportError, OSError, AttributeError) as exc:
-            logger.info("UCX RMA unavailable (%s): KV moves by tagged sends", exc)
+            logger.warning("libucp cannot be called directly (%s): one ucxx request per KV piece", exc)
             return False
 
     def status_string(self, status: int) -> str:
@@ -261,3 +274,76 @@ class Rma:
                 time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
         return error
+
+
+class TagBatch:
+    """Tagged sends or receives of one operation posted straight into libucp (one ctypes call per piece, no Python
+    future per message) and waited for together. Post on the event loop thread; wait() on a worker thread; abort()
+    from the loop cancels whatever is still posted (receives are worker-wide in UCP: an endpoint abort does not
+    reach them), and wait() returns only once every request completed or was cancelled, so nothing lands after it."""
+
+    def __init__(self, ucp: Ucp) -> None:
+        self._ucp = ucp
+        self._lib = ucp._lib
+        self._lock = threading.Lock()
+        self._pending: list[int] = []  # request pointers not yet freed (guarded by _lock)
+        self._error: str | None = None
+        self.aborted = False
+        self.num_posted = 0
+
+    def _posted(self, ptr: int | None, what: str) -> None:
+        self.num_posted += 1
+        status = _status_of_ptr(ptr)
+        if status is None:
+            with self._lock:
+                self._pending.append(ptr)  # type: ignore[arg-type]
+        elif status != UCS_OK:
+            raise KVTransferError(f"{what}: {self._ucp.status_string(status)}")
+
+    def send(self, ep_handle: int, ptr: int, nbytes: int, tag: int) -> None:
+        self._posted(self._lib.ucp_tag_send_nbx(ep_handle, ptr, nbytes, tag, ctypes.byref(self._ucp._param)),
+                     "ucp_tag_send_nbx")
+
+    def recv(self, ptr: int, nbytes: int, tag: int) -> None:
+        self._posted(self._lib.ucp_tag_recv_nbx(self._ucp.worker, ptr, nbytes, tag, FULL_TAG_MASK,
+                                                ctypes.byref(self._ucp._param)), "ucp_tag_recv_nbx")
+
+    def abort(self) -> None:
+        """Cancels every request still posted (an `Abortable` of tokens.py); wait() then raises."""
+        with self._lock:
+            self.aborted = True
+            for req in self._pending:
+                self._lib.ucp_request_cancel(self._ucp.worker, req)
+
+    def wait(self, timeout_s: float) -> None:
+        """Blocking: returns once every request completed; KVTransferError if any failed, was cancelled, or the
+        timeout passed (then the rest are cancelled and waited for, up to CANCEL_WAIT_S more)."""
+        deadline = time.monotonic() + timeout_s
+        pause = 20e-6
+        while True:
+            with self._lock:
+                still = []
+                for req in self._pending:
+                    status = self._lib.ucp_request_check_status(req)
+                    if status == UCS_INPROGRESS:
+                        still.append(req)
+                        continue
+                    if status != UCS_OK and self._error is None:
+                        self._error = self._ucp.status_string(status)
+                    self._lib.ucp_request_free(req)
+                self._pending = still
+                if not still:
+                    break
+                if time.monotonic() > deadline:
+                    if self._error is None:
+                        self._error = "timed out"
+                    if time.monotonic() > deadline + CANCEL_WAIT_S:
+                        self._pending = []  # left to UCX (never freed) rather than freed while in use
+                        logger.error("%d UCX requests did not finish after being cancelled", len(still))
+                        break
+                    for req in still:
+                        self._lib.ucp_request_cancel(self._ucp.worker, req)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        if self._error is not None or self.aborted:
+            raise KVTransferError(f"UCX tagged batch failed: {self._error or 'aborted'}")
