@@ -378,6 +378,132 @@ void attend_decode_vec(int64_t row, int64_t group, const scalar_t* q, scalar_t* 
   }
 }
 
+
+// The decode path for blocks of a multiple of 16 tokens and a GQA group known at compile time: the
+// keys are walked block by block (one table lookup and one base pointer per block, no division per
+// key), a head group's query vectors and accumulators stay in registers, and the whole next block's
+// K and V rows are prefetched while this one is computed.
+template <typename scalar_t, int HD, int G>
+void attend_decode_blocks(int64_t row, const scalar_t* q, scalar_t* out, const scalar_t* k_cache,
+                          const scalar_t* v_cache, int64_t block_stride_k, int64_t block_stride_v,
+                          const int32_t* table, int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
+                          int64_t ctx_len, float scale) {
+  constexpr int NV = HD / kChunk;
+  const int64_t token_stride = num_kv_heads * HD;
+  const int64_t block_bytes = block_size * token_stride * static_cast<int64_t>(sizeof(scalar_t));
+  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  std::vector<v16> qv(num_heads * NV), acc(num_heads * NV, v16{});  // vector i * NV + c: head i
+  std::vector<float> m(num_heads, kNegBig), l(num_heads, 0.f);
+  for (int64_t i = 0; i < num_heads; ++i) {
+    load_row<scalar_t, NV>(q + (row * num_heads + i) * HD, &qv[i * NV]);
+    for (int c = 0; c < NV; ++c) qv[i * NV + c] *= scale;
+  }
+  const int64_t num_blocks = (ctx_len + block_size - 1) / block_size;
+  v16 t[G][kChunk], kr[NV], vr[NV];
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const scalar_t* kb = k_cache + static_cast<int64_t>(table[b]) * block_stride_k;
+    const scalar_t* vb = v_cache + static_cast<int64_t>(table[b]) * block_stride_v;
+    if (b + 1 < num_blocks) {  // blocks sit anywhere in memory: fetch the next one while this one computes
+      const char* nk = reinterpret_cast<const char*>(k_cache + static_cast<int64_t>(table[b + 1]) * block_stride_k);
+      const char* nv = reinterpret_cast<const char*>(v_cache + static_cast<int64_t>(table[b + 1]) * block_stride_v);
+      const int64_t used = std::min<int64_t>(block_size, ctx_len - (b + 1) * block_size) * token_stride *
+                           static_cast<int64_t>(sizeof(scalar_t));
+      for (int64_t off = 0; off < std::min(used, block_bytes); off += 64) {
+        __builtin_prefetch(nk + off);
+        __builtin_prefetch(nv + off);
+      }
+    }
+    const int64_t in_block = std::min<int64_t>(block_size, ctx_len - b * block_size);
+    for (int64_t c0 = 0; c0 < in_block; c0 += kChunk) {
+      const int64_t nk = std::min<int64_t>(kChunk, in_block - c0);
+      const auto ok = lane < static_cast<int32_t>(nk);
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const scalar_t* kh = kb + c0 * token_stride + h * HD;
+        const scalar_t* vh = vb + c0 * token_stride + h * HD;
+        v16 qh[G][NV];
+        for (int g = 0; g < G; ++g)
+          for (int c = 0; c < NV; ++c) qh[g][c] = qv[(h * G + g) * NV + c];
+        if (nk == kChunk) {
+          for (int j = 0; j < kChunk; ++j) {
+            load_row<scalar_t, NV>(kh + j * token_stride, kr);
+            for (int g = 0; g < G; ++g) {
+              v16 d = qh[g][0] * kr[0];
+              for (int c = 1; c < NV; ++c) d += qh[g][c] * kr[c];
+              t[g][j] = d;
+            }
+          }
+        } else {
+          for (int j = 0; j < kChunk; ++j) {
+            if (j < nk) {
+              load_row<scalar_t, NV>(kh + j * token_stride, kr);
+              for (int g = 0; g < G; ++g) {
+                v16 d = qh[g][0] * kr[0];
+                for (int c = 1; c < NV; ++c) d += qh[g][c] * kr[c];
+                t[g][j] = d;
+              }
+            } else {
+              for (int g = 0; g < G; ++g) t[g][j] = v16{};
+            }
+          }
+        }
+        float p[G][kChunk];
+        v16 a[G][NV];
+        for (int g = 0; g < G; ++g) {
+          const int64_t i = h * G + g;
+          const v16 sv = ok ? reduce16(t[g]) : splat(kNegBig);
+          const float m_new = std::max(m[i], hmax(sv));
+          const float correction = std::exp(m[i] - m_new);
+          const v16 pg = ok ? vexp(sv - m_new) : v16{};
+          l[i] = l[i] * correction + hsum(pg);
+          m[i] = m_new;
+          __builtin_memcpy(p[g], &pg, sizeof(pg));
+          for (int c = 0; c < NV; ++c) a[g][c] = acc[i * NV + c] * correction;
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          load_row<scalar_t, NV>(vh + j * token_stride, vr);
+          for (int g = 0; g < G; ++g) {
+            const float pj = p[g][j];
+            for (int c = 0; c < NV; ++c) a[g][c] += pj * vr[c];
+          }
+        }
+        for (int g = 0; g < G; ++g)
+          for (int c = 0; c < NV; ++c) acc[(h * G + g) * NV + c] = a[g][c];
+      }
+    }
+  }
+  for (int64_t i = 0; i < num_heads; ++i) {
+    scalar_t* dst = out + (row * num_heads + i) * HD;
+    const float inv = 1.f / l[i];
+    for (int c = 0; c < NV; ++c)
+      for (int e = 0; e < kChunk; ++e) dst[c * kChunk + e] = static_cast<scalar_t>(acc[i * NV + c][e] * inv);
+  }
+}
+
+// One decode: the block-walking path where the block size and the group allow, else attend_decode_vec.
+template <typename scalar_t, int HD>
+void attend_decode(int64_t row, int64_t group, const scalar_t* q, scalar_t* out, const scalar_t* k_cache,
+                   const scalar_t* v_cache, int64_t sk, int64_t sv, const int32_t* table, int64_t block_size,
+                   int64_t num_heads, int64_t num_kv_heads, int64_t ctx_len, float scale) {
+  if (block_size % kChunk == 0) {
+    switch (group) {
+#define PDSERVE_DECODE_GROUP(G)                                                                              \
+  case G:                                                                                                    \
+    return attend_decode_blocks<scalar_t, HD, G>(row, q, out, k_cache, v_cache, sk, sv, table, block_size, \
+                                                 num_heads, num_kv_heads, ctx_len, scale);
+      PDSERVE_DECODE_GROUP(1)
+      PDSERVE_DECODE_GROUP(2)
+      PDSERVE_DECODE_GROUP(3)
+      PDSERVE_DECODE_GROUP(4)
+      PDSERVE_DECODE_GROUP(8)
+#undef PDSERVE_DECODE_GROUP
+      default:
+        break;
+    }
+  }
+  attend_decode_vec<scalar_t, HD>(row, group, q, out, k_cache, v_cache, sk, sv, table, block_size, num_heads,
+                                  num_kv_heads, ctx_len, scale);
+}
+
 }  // namespace
 
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -442,10 +568,10 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
           const WorkItem& w = decodes[it - num_tiles];
           const int32_t* table = tables + w.seq * max_blocks;
           if (head_dim == 64)
-            attend_decode_vec<scalar_t, 64>(w.row_begin, group, qp, op, kp, vp, sk, sv, table, block_size,
+            attend_decode<scalar_t, 64>(w.row_begin, group, qp, op, kp, vp, sk, sv, table, block_size,
                                             num_heads, num_kv_heads, ctx[w.seq], sc);
           else
-            attend_decode_vec<scalar_t, 128>(w.row_begin, group, qp, op, kp, vp, sk, sv, table, block_size,
+            attend_decode<scalar_t, 128>(w.row_begin, group, qp, op, kp, vp, sk, sv, table, block_size,
                                              num_heads, num_kv_heads, ctx[w.seq], sc);
           continue;
         }

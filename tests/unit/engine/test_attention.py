@@ -63,6 +63,25 @@ def test_kernel_matches_reference(kernel, num_heads, num_kv_heads, head_dim, dty
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 2, 64), (16, 2, 128), (3, 3, 64)])
+def test_decodes_match_reference_at_other_block_sizes(kernel, block_size, num_heads, num_kv_heads, head_dim):
+    """Decodes take the block-walking path when the block holds a multiple of 16 tokens (32 here) and the
+    per-key path otherwise (8): contexts ending anywhere in a block, one block, several, and a prefill chunk."""
+    cache = PagedKVCache(1, 64, block_size, num_kv_heads, head_dim)
+    g = torch.Generator().manual_seed(5)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
+    seqs = [(1, 1), (15, 1), (16, 1), (31, 1), (32, 1), (33, 1), (70, 1), (129, 1), (40, 8)]
+    meta, T = make_step(seqs, cache, seed=6)
+    q = torch.randn(T, num_heads, head_dim, generator=g)
+    k = torch.randn(T, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(T, num_kv_heads, head_dim, generator=g)
+    cache.write(0, meta.slot_mapping, k, v)
+    want = ReferenceAttention(num_heads, num_kv_heads, head_dim)(q, k, v, 0, meta, cache)
+    got = PagedAttention(kernel, head_dim)(q, k, v, 0, meta, cache)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
 def test_kernel_reads_strided_blocks(kernel):
     """A cache whose blocks are not adjacent in memory (block-major layouts interleave layers)."""
     nkv, hd, bs = 2, 64, 16
