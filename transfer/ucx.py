@@ -371,13 +371,14 @@ class UCXTransport(TransportCore):
 
     async def _send_pieces(self, lane: Lane, seq: int, tag_base: int, view: Memory, pieces: list[Piece],
                            deadline: float) -> None:
-        if self._ucp is not None:  # every piece posted into libucp now, one wait for all
+        if self._ucp is not None and len(pieces) > 1:  # all but the last piece posted into libucp now
             batch = TagBatch(self._ucp)
             ep = lane.data_out.ucp_endpoint
-            for i, p in enumerate(pieces):
+            for i, p in enumerate(pieces[:-1]):
                 batch.send(ep, view.ptr + p.src_offset, p.nbytes, tag_base | i)
-            remaining = max(0.001, deadline - asyncio.get_running_loop().time())
-            sends = [asyncio.to_thread(batch.wait, remaining)]
+            last = pieces[-1]
+            sends = [batch.finish(lane.send_payload(view.slice(last.src_offset, last.nbytes),
+                                                    tag_base | (len(pieces) - 1)), deadline)]
         else:
             sends = [lane.send_payload(view.slice(p.src_offset, p.nbytes), tag_base | i)
                      for i, p in enumerate(pieces)]
@@ -429,12 +430,13 @@ class UCXTransport(TransportCore):
         seq = lane.next_seq()
         await self._request_ready(lane, seq, Kind.PULL, body, deadline)
         batch = None
-        if self._ucp is not None:
+        if self._ucp is not None and len(pieces) > 1:
             batch = TagBatch(self._ucp)
-            for i, p in enumerate(pieces):
+            for i, p in enumerate(pieces[:-1]):
                 batch.recv(view.ptr + p.dst_offset, p.nbytes, tag_base | i)
-            waiter = asyncio.ensure_future(asyncio.to_thread(
-                batch.wait, max(0.001, deadline - asyncio.get_running_loop().time())))
+            last = pieces[-1]
+            waiter = asyncio.ensure_future(batch.finish(
+                lane.recv_payload(view.slice(last.dst_offset, last.nbytes), tag_base | (len(pieces) - 1)), deadline))
             recvs: list[Any] = [asyncio.shield(waiter)]
         else:
             recvs = [lane.recv_payload(view.slice(p.dst_offset, p.nbytes), tag_base | i)

@@ -3,14 +3,15 @@ batches of tagged sends/receives, and one-sided reads (RMA GET) with memory hand
 
 Why: through ucxx's Python API every message costs a request object, a future, a notifier-thread wake-up and an
 event-loop callback (50-100 us per message on this host), so KV scattered over many blocks moved at that cost per
-block. A batch posts every piece with one ctypes call each (a few us) and waits for them all at once on a worker
-thread (the GIL is released in libucp and while it sleeps); the bytes still go straight from and into the registered
+block. A batch posts every piece but the last with one ctypes call each (a few us) and the last through ucxx, whose
+completion wakes the event loop; by then the others are (about always) complete, else a worker thread polls them
+(the GIL is released in libucp and while it sleeps). The bytes still go straight from and into the registered
 buffers (no copy) with the protocol UCX picks (rendezvous with CMA, TCP, cuda_ipc, RDMA).
 
     ucp = Ucp.get(ucxx)                                 # None when libucp cannot be loaded (then ucxx's API)
     batch = TagBatch(ucp)                               # on the event loop thread
-    batch.send(ep_handle, ptr, nbytes, tag) / batch.recv(ptr, nbytes, tag)   # post, for every piece
-    await asyncio.to_thread(batch.wait, timeout_s)      # all done, or KVTransferError; batch.abort() cancels
+    batch.send(ep_handle, ptr, nbytes, tag) / batch.recv(ptr, nbytes, tag)   # post, for every piece but the last
+    await batch.finish(last_piece_through_ucxx, deadline)  # all done, or KVTransferError; batch.abort() cancels
     # reads (opt-in, see ucx.py: a sender killed mid-read aborts the reader over CMA)
     mapped = ucp.map(memory); ucp.unmap(mapped)         # memh + packed rkey (bytes) of a registered buffer
     batch = ReadBatch(lane.abort, loop)
@@ -24,13 +25,14 @@ byte lands unchecked; abort() cancels what was posted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pdserve.errors import KVTransferError
@@ -315,23 +317,56 @@ class TagBatch:
             for req in self._pending:
                 self._lib.ucp_request_cancel(self._ucp.worker, req)
 
+    def poll(self) -> bool:
+        """One non-blocking pass (event loop or thread): True once every request completed (raises KVTransferError
+        like wait() if one failed)."""
+        self._sweep()
+        if self._pending:
+            return False
+        if self._error is not None or self.aborted:
+            raise KVTransferError(f"UCX tagged batch failed: {self._error or 'aborted'}")
+        return True
+
+    def _sweep(self) -> None:
+        """Frees the completed requests from the oldest on, stopping at the first still in flight (requests complete
+        about in posting order, so a pass costs a call or two rather than one ctypes call per piece)."""
+        with self._lock:
+            done = 0
+            for req in self._pending:
+                status = self._lib.ucp_request_check_status(req)
+                if status == UCS_INPROGRESS:
+                    break
+                if status != UCS_OK and self._error is None:
+                    self._error = self._ucp.status_string(status)
+                self._lib.ucp_request_free(req)
+                done += 1
+            del self._pending[:done]
+
+    async def finish(self, last: Awaitable[Any], deadline: float) -> None:
+        """Awaits `last` (the operation's final piece, posted through ucxx so that its completion wakes the event loop
+        instead of a poll), then the batch: usually already complete by then, else waited for on a worker thread."""
+        try:
+            await last
+        except BaseException:
+            self.abort()  # then wait until the cancelled requests are done: nothing lands after this returns
+            with contextlib.suppress(KVTransferError):
+                await asyncio.to_thread(self.wait, 0.0)
+            raise
+        if not self.poll():
+            await asyncio.to_thread(self.wait, max(0.001, deadline - asyncio.get_running_loop().time()))
+
     def wait(self, timeout_s: float) -> None:
         """Blocking: returns once every request completed; KVTransferError if any failed, was cancelled, or the
         timeout passed (then the rest are cancelled and waited for, up to CANCEL_WAIT_S more)."""
         deadline = time.monotonic() + timeout_s
         pause = 20e-6
         while True:
+            before = len(self._pending)
+            self._sweep()
             with self._lock:
-                still = []
-                for req in self._pending:
-                    status = self._lib.ucp_request_check_status(req)
-                    if status == UCS_INPROGRESS:
-                        still.append(req)
-                        continue
-                    if status != UCS_OK and self._error is None:
-                        self._error = self._ucp.status_string(status)
-                    self._lib.ucp_request_free(req)
-                self._pending = still
+                still = self._pending
+                if len(still) < before:
+                    pause = 20e-6
                 if not still:
                     break
                 if time.monotonic() > deadline:

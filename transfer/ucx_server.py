@@ -159,13 +159,14 @@ class TransferServer:
         exp.lanes.add(lane)
         batch = waiter = None
         try:
-            if self._ucp is not None:  # every piece posted into libucp now, one wait for all
+            if self._ucp is not None and len(pieces) > 1:  # all but the last piece posted into libucp now
                 batch = TagBatch(self._ucp)
                 exp.lanes.add(batch)
-                for i, (offset, nbytes) in enumerate(pieces):
+                for i, (offset, nbytes) in enumerate(pieces[:-1]):
                     batch.recv(exp.memory.ptr + offset, nbytes, tag_base | i)
-                waiter = self._track(exp.token, asyncio.to_thread(
-                    batch.wait, max(0.001, exp.deadline - asyncio.get_running_loop().time())))
+                offset, nbytes = pieces[-1]
+                waiter = self._track(exp.token, batch.finish(
+                    lane.recv_payload(exp.memory.slice(offset, nbytes), tag_base | (len(pieces) - 1)), exp.deadline))
                 recvs: list[Any] = [asyncio.shield(waiter)]
             else:
                 recvs = [asyncio.ensure_future(lane.recv_payload(exp.memory.slice(offset, nbytes), tag_base | i))
@@ -241,12 +242,14 @@ class TransferServer:
         try:
             ready = BodyWriter().u64(0).u64(tag_base).build()
             await lane.send_message(seq, Slot.REPLY_HEADER, Kind.READY, ready, deadline)
-            if self._ucp is not None:
+            if self._ucp is not None and len(pieces) > 1:
                 batch = TagBatch(self._ucp)
                 ep = lane.data_out.ucp_endpoint
-                for i, (offset, nbytes) in enumerate(pieces):
+                for i, (offset, nbytes) in enumerate(pieces[:-1]):
                     batch.send(ep, exposure.memory.ptr + offset, nbytes, tag_base | i)
-                sends: list[Any] = [asyncio.to_thread(batch.wait, max(0.001, deadline - asyncio.get_running_loop().time()))]
+                offset, nbytes = pieces[-1]
+                sends: list[Any] = [batch.finish(lane.send_payload(exposure.memory.slice(offset, nbytes),
+                                                                   tag_base | (len(pieces) - 1)), deadline)]
             else:
                 sends = [lane.send_payload(exposure.memory.slice(offset, nbytes), tag_base | i)
                          for i, (offset, nbytes) in enumerate(pieces)]
