@@ -3,9 +3,9 @@
 its step times, and the serving stack's cost around a decode step and per streamed token, from one real
 colocated worker), then for each configuration (2 workers: 1P:1D and 2 colocated; 4 workers: 2P:2D and
 4 colocated) starts the real cluster, runs the bench's random dataset at a fixed rate, and simulates the
-very same requests and arrivals (same BenchConfig, same seed) with the calibration and the cores the
-workers share: the machine's, less what other processes (not this run's) used during that run, measured
-from /proc. Prints measured vs simulated goodput, TTFT p50 and TPOT p50 and their ratios; --json writes them.
+very same requests and arrivals (same BenchConfig, same seed) with the calibration and the machine's cores
+shared by the workers, the router and the client (what other processes used during each run is measured
+from /proc and printed, to judge the run by). Prints measured vs simulated goodput, TTFT p50 and TPOT p50 and their ratios; --json writes them.
 
     python benchmarks/simulator_validation.py --json /tmp/simval.json
 """
@@ -73,8 +73,10 @@ def main() -> int:
                     help="engine step times only (no serving-stack overheads), as before")
     ap.add_argument("--no-step-factor", action="store_true",
                     help="keep the engine's own step times (no serving_step_factor from the serving calibration)")
-    ap.add_argument("--no-outside-load", action="store_true",
-                    help="no contention probe: simulate as if no other process wanted the cores")
+    ap.add_argument("--probe-outside-load", action="store_true",
+                    help="before each configuration, estimate other processes' runnable threads with the "
+                         "contention probe (planner/calibrate.py; noisy, and it also counts the two vCPUs slowing "
+                         "each other as outside load: docs/simulator.md)")
     args = ap.parse_args()
     model = str(ensure_builtin_model("tiny"))
     cores = available_cpus()
@@ -98,7 +100,7 @@ def main() -> int:
                                 random_range_ratio=0.5, request_rate=args.rate, num_prompts=args.num_prompts,
                                 seed=args.seed, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
                                 max_duration_s=120, tokenizer=model)
-            probe = {"outside_runnable": 0.0} if args.no_outside_load else contention_probe(
+            probe = {"outside_runnable": 0.0} if not args.probe_outside_load else contention_probe(
                 EngineConfig(model=model, num_threads=max(1, cores // split.num_workers)), split.num_workers)
             t0, busy0, own0 = time.monotonic(), busy_cpu_s(), own_cpu_s(cluster)
             measured = asyncio.run(run_benchmark(bench)).summary
