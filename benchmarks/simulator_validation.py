@@ -5,7 +5,8 @@ colocated worker), then for each configuration (2 workers: 1P:1D and 2 colocated
 4 colocated) starts the real cluster, runs the bench's random dataset at a fixed rate, and simulates the
 very same requests and arrivals (same BenchConfig, same seed) with the calibration and the machine's cores
 shared by the workers, the router and the client (what other processes used during each run is measured
-from /proc and printed, to judge the run by). Prints measured vs simulated goodput, TTFT p50 and TPOT p50 and their ratios; --json writes them.
+from /proc and printed, to judge the run by). Prints measured vs simulated goodput, TTFT p50 and TPOT p50
+and their ratios; --json writes them.
 
     python benchmarks/simulator_validation.py --json /tmp/simval.json
 """
