@@ -134,7 +134,8 @@ def main() -> int:
           "TTFT p50 measured | simulated | sim/meas | TPOT p50 measured | simulated | sim/meas |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['config']} | {r['probe']['outside_runnable']:.2f} | {r['outside_cores']:.2f} | {r['measured_goodput']:.2f} | {r['sim_goodput']:.2f} | "
+        print(f"| {r['config']} | {r['probe']['outside_runnable']:.2f} | {r['outside_cores']:.2f} | "
+              f"{r['measured_goodput']:.2f} | {r['sim_goodput']:.2f} | "
               f"{r['goodput_ratio']:.2f} | {r['measured_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | "
               f"{r['ttft_ratio']:.2f} | {r['measured_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} | "
               f"{r['tpot_ratio']:.2f} |")

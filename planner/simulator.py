@@ -4,13 +4,14 @@
 A simulated worker is a continuous-batching engine: each step runs every running decode sequence
 and as many prefill tokens as the chunk budget leaves (`--max-num-batched-tokens` minus the decodes),
 and takes StepModel.step_s(decodes, prefill tokens, context tokens) seconds, the model calibrated on
-real workers (planner/calibrate.py), plus the serving stack's own cost of a decode step where that was
-calibrated too. Each worker counts its steps as a real engine does (StepTimes) and the policy learns every
-worker's speed from them at the router's poll interval, as the router does. With `num_cores`, busy workers
-share the cores the router and clients leave (their CPU per streamed token times the token rate).
-A remote prefill's KV reaches its decode worker after latency + bytes / bandwidth; it joins the decode batch at its next step. Each worker has an LRU prefix
-cache of its KV pool's size; a store (optional) holds every published prompt block. Does not simulate
-preemption, KV exhaustion or failures.
+real workers (planner/calibrate.py), times the served-step factor plus the serving stack's own cost of a
+decode step where those were calibrated too. Each worker counts its steps as a real engine does (StepTimes)
+and the policy learns every worker's speed from them at the router's poll interval, as the router does.
+With `num_cores`, a step slows by the fair share of those cores among the busy workers, the router and
+clients (their CPU per streamed token times the token rate) and `outside_runnable` threads of others.
+A remote prefill's KV reaches its decode worker after latency + bytes / bandwidth; it joins the decode
+batch at its next step. Each worker has an LRU prefix cache of its KV pool's size; a store (optional)
+holds every published prompt block. Does not simulate preemption, KV exhaustion or failures.
 """
 
 from __future__ import annotations
