@@ -27,6 +27,10 @@ class EngineConfig:
     num_threads: int | None = field(default=None, metadata=_h(
         "torch intra-op threads for the forward pass; unset: the cores this process may use (CPU affinity "
         "and cgroup quota); `pdserve up` gives each worker its share"))
+    elastic_threads: bool = field(default=False, metadata=_h(
+        "grow the forward pass's threads from --num-threads up to all the cores this process may use while other "
+        "processes leave them idle, and give them back when those processes want them (measured from /proc/stat "
+        "every 100 ms); `pdserve up` turns it on when it splits the cores among several workers"))
     seed: int = field(default=0, metadata=_h("sampling seed for requests without their own"))
     dtype: str = field(default="float32", metadata=_h("weights and KV dtype", choices=["float32", "bfloat16", "float16"]))
     device: str = field(default="cpu", metadata=_h("torch device (cpu or cuda)"))

@@ -29,7 +29,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
-from pdserve.engine.threads import available_cpus
+from pdserve.engine.threads import ElasticThreads, available_cpus
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.spec.speculator import Speculator, build_speculator
 from pdserve.engine.step_times import StepTimes
@@ -74,6 +74,9 @@ class LLMEngine:
         self.config = config
         self.num_threads = config.num_threads or available_cpus()
         torch.set_num_threads(self.num_threads)
+        # --elastic-threads: up to every allowed core while the other processes leave cores idle
+        self.elastic_threads = (ElasticThreads(self.num_threads, available_cpus())
+                                if config.elastic_threads and config.device.startswith("cpu") else None)
         model_dir = Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
         mc = self.model_config
@@ -110,8 +113,10 @@ class LLMEngine:
         self.full_block_hook: Callable[[Sequence, int], None] | None = None
         self._logits: dict[str, list[torch.Tensor]] = {}
         logger.info("engine ready: %s, %d layers, %d KV blocks x %d tokens (%.0f MiB), max_model_len %d, "
-                    "%d thread(s), attention %s, linear %s", mc.architecture, mc.num_layers, num_blocks,
-                    config.block_size, self.kv_cache.nbytes / 2**20, self.max_model_len, self.num_threads,
+                    "%s thread(s), attention %s, linear %s", mc.architecture, mc.num_layers, num_blocks,
+                    config.block_size, self.kv_cache.nbytes / 2**20, self.max_model_len,
+                    f"{self.num_threads}-{self.elastic_threads.ceiling} (elastic)"
+                    if self.elastic_threads and self.elastic_threads.ceiling > self.num_threads else self.num_threads,
                     self.model.attention_name, getattr(linear, "kind", "torch"))
 
     # ---- requests ---------------------------------------------------------------------------
@@ -208,6 +213,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.elastic_threads is not None:
+            self.elastic_threads.update()
         num_prompt_tokens = num_decodes = 0
         hook = self.layer_hook
         on_layer_done = None if hook is None else (lambda i: hook(i, batch))

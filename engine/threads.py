@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,3 +34,82 @@ def available_cpus() -> int:
     if quota is not None:
         n = min(n, max(1, math.ceil(quota)))
     return max(1, n)
+
+
+def _allowed_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def read_cpu_busy_seconds(cpus: set[int]) -> float | None:
+    """Seconds the given CPUs have spent busy since boot (user, nice, system, irq, softirq, steal from
+    /proc/stat; idle and iowait left out), or None where /proc/stat cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        f = [int(x) for x in rest.split()]
+        busy += f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
+    return busy / hz
+
+
+class ElasticThreads:
+    """Grows the forward pass's thread count into cores that other processes leave idle, and gives them
+    back when they want them.
+
+    `pdserve up` starts one prefill and one decode worker with one core's worth of threads each on a
+    2-core machine; while one of them has nothing to do, the other can use both cores (a burst of
+    prompts at the start, the decode tail at the end). Every `interval_s`, from /proc/stat: the cores
+    the other processes kept busy = the allowed CPUs' busy time minus this process's own CPU time;
+    the thread count for the next steps = the cores left (rounded), never below `floor` (the share it
+    was given) nor above `ceiling` (the cores it may use). Call `update()` before each step."""
+
+    def __init__(self, floor: int, ceiling: int, interval_s: float = 0.1, *,
+                 set_threads: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 read_busy: Callable[[], float | None] | None = None,
+                 read_own: Callable[[], float] = time.process_time) -> None:
+        self.floor, self.ceiling = max(1, floor), max(1, floor, ceiling)
+        self.interval_s = interval_s
+        self._set_threads = set_threads or _set_torch_threads
+        self._clock, self._read_own = clock, read_own
+        cpus = _allowed_cpus()
+        self._read_busy = read_busy or (lambda: read_cpu_busy_seconds(cpus))
+        self.threads = self.floor
+        self.changes = 0  # how many times the count moved (exported for tests and logs)
+        self._mark = self._sample()
+
+    def _sample(self) -> tuple[float, float | None, float]:
+        return self._clock(), self._read_busy(), self._read_own()
+
+    def update(self) -> int:
+        """Re-decide at most once per interval; returns the thread count in force."""
+        now = self._clock()
+        if self.ceiling == self.floor or now - self._mark[0] < self.interval_s:
+            return self.threads
+        t0, busy0, own0 = self._mark
+        self._mark = sample = self._sample()
+        _, busy1, own1 = sample
+        if busy0 is None or busy1 is None:  # no /proc/stat: keep the share given
+            return self.threads
+        window = sample[0] - t0
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / window  # cores the other processes kept busy
+        target = min(self.ceiling, max(self.floor, round(self.ceiling - others)))
+        if target != self.threads:
+            self.threads = target
+            self.changes += 1
+            self._set_threads(target)
+        return self.threads
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)

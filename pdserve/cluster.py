@@ -213,7 +213,8 @@ class Cluster:
 
     def worker_threads(self) -> int:
         """Each engine process's share of the cores this process may use (at least one): 1 prefill +
-        1 decode on 2 cores get one thread each, one colocated worker gets both."""
+        1 decode on 2 cores get one thread each, one colocated worker gets both. A worker given less than
+        the whole machine also gets --elastic-threads (it may use the cores its neighbours leave idle)."""
         s = self.spec
         return max(1, available_cpus() // max(1, s.num_prefill + s.num_decode + s.num_colocated))
 
@@ -224,6 +225,9 @@ class Cluster:
         model = ["--model", s.model] if s.model else []
         metrics_flags, metrics_url = self._metrics_endpoint()
         threads = [] if "--num-threads" in (*s.worker_args, *extra) else ["--num-threads", str(self.worker_threads())]
+        if threads and self.worker_threads() < available_cpus() and not any(
+                a.endswith("elastic-threads") for a in (*s.worker_args, *extra)):
+            threads.append("--elastic-threads")  # a worker whose neighbours idle may use their cores
         # With etcd the routers find the worker there; without, it registers with every router replica.
         registration = self._etcd_flags() or ["--router", self.router_address]
         argv = self._cmd(role, "--host", s.host, "--port", str(port), *registration,

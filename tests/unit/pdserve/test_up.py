@@ -22,3 +22,27 @@ def test_per_role_flags_reach_only_their_role(tmp_path):
     decode = cluster.start_worker("decode", 0).argv
     assert "bfloat16" in prefill and "2048" not in prefill and prefill.count("--num-threads") == 1
     assert "2048" in decode and "bfloat16" not in decode and "32" in prefill and "32" in decode
+
+
+def test_workers_sharing_the_cores_get_elastic_threads(tmp_path, monkeypatch):
+    """1 prefill + 1 decode on 2 cores: one thread each, elastic (either may take the other's idle core);
+    an explicit --num-threads is the user's and gets no elastic flag; a lone colocated worker has all cores."""
+    import pdserve.cluster as cluster_mod
+
+    monkeypatch.setattr(cluster_mod, "available_cpus", lambda: 2)
+
+    class Spawned:
+        def __init__(self, name, argv, address):
+            self.argv = argv
+
+    def argv(role, **flags):
+        c = UpConfig(model=str(tmp_path), store_nodes=0, **flags)
+        cluster = Cluster(cluster_spec(c, str(tmp_path), "info"))
+        cluster._spawn = Spawned
+        return cluster.start_worker(role, 0).argv
+
+    prefill = argv("prefill")
+    assert prefill[prefill.index("--num-threads") + 1] == "1" and "--elastic-threads" in prefill
+    assert "--elastic-threads" not in argv("prefill", prefill_args="--num-threads 1")
+    colocated = argv("worker", colocated=True)
+    assert colocated[colocated.index("--num-threads") + 1] == "2" and "--elastic-threads" not in colocated
