@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from vs_vllm import port_in_use, resolve_model, wait_up  # noqa: E402
+from vs_vllm import port_in_use, resolve_model, stop_server, wait_up  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROLES = ("router", "prefill", "decode", "worker", "kvstore-master", "kvstore-node")
@@ -81,19 +81,6 @@ def start(tree: Path, mode: str, model: Path, port: int, log: Path, env_extra: d
     env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", "PYTHONPATH": str(tree), **env_extra}
     return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             cwd=tree)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    time.sleep(2)
 
 
 def pids_of(pgid: int, role: str) -> list[int]:
@@ -225,7 +212,7 @@ def main() -> int:
                                   f"{r['completed']}/{r['sent']}  CPU ms/out-token: "
                                   + " ".join(f"{k}={v:.3f}" for k, v in sorted(per_tok.items())), flush=True)
                     finally:
-                        stop(proc)
+                        stop_server(proc)
                     port += 1
     load1 = os.getloadavg()
     print(f"\n{started:%Y-%m-%d %H:%M} UTC, load {load0[0]:.2f} -> {load1[0]:.2f}\n")
