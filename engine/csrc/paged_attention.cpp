@@ -423,24 +423,20 @@ void attend_decode_blocks(int64_t row, const scalar_t* q, scalar_t* out, const s
         v16 qh[G][NV];
         for (int g = 0; g < G; ++g)
           for (int c = 0; c < NV; ++c) qh[g][c] = qv[(h * G + g) * NV + c];
-        if (nk == kChunk) {
-          for (int j = 0; j < kChunk; ++j) {
-            load_row<scalar_t, NV>(kh + j * token_stride, kr);
-            for (int g = 0; g < G; ++g) {
-              v16 d = qh[g][0] * kr[0];
-              for (int c = 1; c < NV; ++c) d += qh[g][c] * kr[c];
-              t[g][j] = d;
-            }
+        auto score = [&](int j) {  // key j of the chunk dotted with each of the group's query vectors
+          load_row<scalar_t, NV>(kh + j * token_stride, kr);
+          for (int g = 0; g < G; ++g) {
+            v16 d = qh[g][0] * kr[0];
+            for (int c = 1; c < NV; ++c) d += qh[g][c] * kr[c];
+            t[g][j] = d;
           }
+        };
+        if (nk == kChunk) {  // a whole chunk: a fixed trip count the compiler unrolls
+          for (int j = 0; j < kChunk; ++j) score(j);
         } else {
           for (int j = 0; j < kChunk; ++j) {
             if (j < nk) {
-              load_row<scalar_t, NV>(kh + j * token_stride, kr);
-              for (int g = 0; g < G; ++g) {
-                v16 d = qh[g][0] * kr[0];
-                for (int c = 1; c < NV; ++c) d += qh[g][c] * kr[c];
-                t[g][j] = d;
-              }
+              score(j);
             } else {
               for (int g = 0; g < G; ++g) t[g][j] = v16{};
             }
