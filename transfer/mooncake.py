@@ -361,9 +361,7 @@ class MooncakeTransport(TransportCore):
         nbytes = total_bytes(local)
         self._stats.bytes_received += nbytes
         self._stats.num_served += 1
-        exp.land(nbytes)
-        if exp.done:
-            self._registry.finish_expectation(exp.token, None)
+        self._registry.land(exp, nbytes)
         return nbytes
 
     async def _send(self, exposure: Exposure, session: str, local: list[Region], remote: list[Region]) -> int:

@@ -162,6 +162,12 @@ class TokenRegistry:
         for token in list(self._exposures):
             self.cancel(token)
 
+    def land(self, exp: Expectation, nbytes: int) -> None:
+        """Counts `nbytes` more as landed under `exp`, and finishes it (the token forgotten) once all landed."""
+        exp.land(nbytes)
+        if exp.done:
+            self.finish_expectation(exp.token, None)
+
     def finish_expectation(self, token: bytes, error: KVTransferError | None) -> None:
         """Forgets the token (any later use is rejected); fails the expectation when `error` is given."""
         exp = self._expectations.pop(token, None)

@@ -14,7 +14,7 @@ from pdserve.errors import KVTransferError, KVTransferTimeout
 
 from .base import TransferRejected, TransferStats
 from .memory import Memory
-from .tokens import Push, TokenRegistry
+from .tokens import Expectation, Push, TokenRegistry
 from .ucx_lane import Lane, bounded, gather_or_fail
 from .ucx_native import CANCEL_WAIT_S, ReadBatch, TagBatch, Ucp
 from .wire import BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
@@ -182,21 +182,27 @@ class TransferServer:
                 batch.abort()  # our own receives (worker-wide in UCP): cancelled, then waited for
                 if waiter is not None:
                     await asyncio.wait([waiter], timeout=CANCEL_WAIT_S + 1.0)
-            error_type = KVTransferTimeout if isinstance(exc, KVTransferTimeout) else KVTransferError
-            self._registry.finish_expectation(exp.token, error_type(f"push failed: {exc}"))
-            raise KVTransferError(f"push failed: {exc}") from exc
+            raise self._fail(exp, exc) from exc
         finally:
             exp.lanes.discard(lane)
             if batch is not None:
                 exp.lanes.discard(batch)
             self._stats.seconds_receiving += time.perf_counter() - started
+        await self._landed(lane, seq, Slot.FINAL_HEADER, exp, pieces)
+
+    def _fail(self, exp: Expectation, exc: BaseException) -> KVTransferError:
+        """Fails the expectation a served push broke (a timeout stays a timeout); returns the error to raise."""
+        error_type = KVTransferTimeout if isinstance(exc, KVTransferTimeout) else KVTransferError
+        self._registry.finish_expectation(exp.token, error_type(f"push failed: {exc}"))
+        return KVTransferError(f"push failed: {exc}")
+
+    async def _landed(self, lane: Lane, seq: int, slot: Slot, exp: Expectation, pieces: list[tuple[int, int]]) -> None:
+        """A served push's pieces are all in the buffer: counts them, finishes the expectation once whole, says DONE."""
         nbytes = sum(n for _, n in pieces)
         self._stats.bytes_received += nbytes
         self._stats.num_served += 1
-        exp.land(nbytes)
-        if exp.done:
-            self._registry.finish_expectation(exp.token, None)
-        await lane.send_message(seq, Slot.FINAL_HEADER, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
+        self._registry.land(exp, nbytes)
+        await lane.send_message(seq, slot, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
 
     async def _read(self, lane: Lane, seq: int, push: Push, rkey: bytes, src_base: int,
                     pieces: list[tuple[int, int]], src_pieces: list[tuple[int, int]]) -> None:
@@ -218,19 +224,11 @@ class TransferServer:
         except BaseException as exc:
             batch.abort()  # stops posting; the lane (and reads in flight) go once posting stopped
             await asyncio.wait([future], timeout=self._timeout_s)
-            error_type = KVTransferTimeout if isinstance(exc, KVTransferTimeout) else KVTransferError
-            self._registry.finish_expectation(exp.token, error_type(f"push failed: {exc}"))
-            raise KVTransferError(f"push failed: {exc}") from exc
+            raise self._fail(exp, exc) from exc
         finally:
             exp.lanes.discard(batch)
             self._stats.seconds_receiving += time.perf_counter() - started
-        nbytes = sum(n for _, n in pieces)
-        self._stats.bytes_received += nbytes
-        self._stats.num_served += 1
-        exp.land(nbytes)
-        if exp.done:
-            self._registry.finish_expectation(exp.token, None)
-        await lane.send_message(seq, Slot.REPLY_HEADER, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
+        await self._landed(lane, seq, Slot.REPLY_HEADER, exp, pieces)
 
     async def _serve_pull(self, lane: Lane, seq: int, token: bytes, tag_base: int,
                           pieces: list[tuple[int, int]]) -> None:
