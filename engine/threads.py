@@ -43,6 +43,9 @@ def _allowed_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/stat's unit (USER_HZ)
+
+
 def read_cpu_busy_seconds(cpus: set[int]) -> float | None:
     """Seconds the given CPUs have spent busy since boot (user, nice, system, irq, softirq, steal from
     /proc/stat; idle and iowait left out), or None where /proc/stat cannot be read (not Linux)."""
@@ -50,7 +53,6 @@ def read_cpu_busy_seconds(cpus: set[int]) -> float | None:
         lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
         return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     busy = 0
     for line in lines:
         name, _, rest = line.partition(" ")
@@ -58,7 +60,7 @@ def read_cpu_busy_seconds(cpus: set[int]) -> float | None:
             continue
         f = [int(x) for x in rest.split()]
         busy += f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
-    return busy / hz
+    return busy / _CLK_TCK
 
 
 class ElasticThreads:

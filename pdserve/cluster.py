@@ -224,8 +224,9 @@ class Cluster:
         extra = {"prefill": s.prefill_args, "decode": s.decode_args, "worker": s.decode_args}[role]
         model = ["--model", s.model] if s.model else []
         metrics_flags, metrics_url = self._metrics_endpoint()
-        threads = [] if "--num-threads" in (*s.worker_args, *extra) else ["--num-threads", str(self.worker_threads())]
-        if threads and self.worker_threads() < available_cpus() and not any(
+        share = self.worker_threads()
+        threads = [] if "--num-threads" in (*s.worker_args, *extra) else ["--num-threads", str(share)]
+        if threads and share < available_cpus() and not any(
                 a.endswith("elastic-threads") for a in (*s.worker_args, *extra)):
             threads.append("--elastic-threads")  # a worker whose neighbours idle may use their cores
         # With etcd the routers find the worker there; without, it registers with every router replica.
