@@ -58,6 +58,11 @@ class EngineConfig:
         "a sequence whose recent accepted / proposed ratio falls below this decodes without speculation for a "
         "while (doubling pauses up to 64 steps between probes), so workloads where proposals miss stay near "
         "plain-decode speed"))
+    speculative_cost_control: bool = field(default=True, metadata=_h(
+        "choose each step's number of speculative tokens (none, 1, 2, 4 ... --num-speculative-tokens) by the "
+        "tokens per second this engine measured for each choice at the same batch size, so speculation is "
+        "skipped where verifying the extra rows costs more than it gains (larger batches); off: always propose "
+        "up to --num-speculative-tokens"))
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -263,6 +263,8 @@ class LLMEngine:
                 finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
                 num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens))
         self.num_prompt_tokens_computed += num_prompt_tokens
+        if self.scheduler.speculator is not None:  # its cost control learns from the step's time
+            self.scheduler.speculator.end_step(num_prompt_tokens, sum(len(o.new_token_ids) for o in outputs))
         self.step_times.record(num_prompt_tokens, num_decodes, time.perf_counter() - started)
         return outputs
 

@@ -114,7 +114,12 @@ class Scheduler:
         """Ask the speculator for proposals for these scheduled decodes and give each the slots its
         proposals need, from free blocks only. Returns the budget used."""
         assert self.speculator is not None
-        wanted = [(item, self.speculator.num_tokens_for(item.seq)) for item in items if not item.seq.keep_blocks]
+        if not items:
+            return 0
+        limit = self.speculator.plan(len(items))  # 0 where speculating is measured slower at this batch size
+        if limit == 0:
+            return 0
+        wanted = [(item, self.speculator.num_tokens_for(item.seq, limit)) for item in items if not item.seq.keep_blocks]
         wanted = [(item, k) for item, k in wanted if k > 0]
         if not wanted:
             return 0

@@ -93,6 +93,7 @@ class DraftProposer:
         self.generator = torch.Generator().manual_seed(config.seed ^ DRAFT_SEED_SALT)
         self.states: dict[str, Sequence] = {}  # req_id -> the draft's copy (tokens whose KV it holds)
         self.num_tokens_computed = 0  # tokens the draft ran (catch-up prefills and its own proposals)
+        self.num_catchup_tokens = 0  # of which catch-up (beyond the two tokens a verify step leaves unfed)
         logger.info("draft model %s: %s, %d layers, %s, %d KV blocks (%.0f MiB)", draft_dir, mc.architecture,
                     mc.num_layers, self.dtype, num_blocks, self.kv_cache.nbytes / 2**20)
 
@@ -115,6 +116,9 @@ class DraftProposer:
             if n <= 0:
                 continue
             budget -= n if pending > 1 else 0  # single-token feeds are not catch-up
+            # after a verify step the draft lacks at most its own last proposal and the bonus token; more
+            # is catching up (a new sequence's context, or tokens decoded without speculation)
+            self.num_catchup_tokens += max(0, n - 2)
             batch.append(ScheduledSeq(state, n))
             if n == pending:
                 active.append((i, state, k))

@@ -12,6 +12,7 @@ from pdserve.engine.spec.proposer import Proposal
 
 class NgramProposer:
     name = "ngram"
+    num_catchup_tokens = 0  # no model, nothing to catch up
 
     def __init__(self, min_n: int, max_n: int) -> None:
         if not 1 <= min_n <= max_n:

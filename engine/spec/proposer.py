@@ -23,6 +23,7 @@ class Proposal:
 
 class Proposer(Protocol):
     name: str
+    num_catchup_tokens: int  # tokens it computed to catch up with sequences' contexts (a draft's prefill), so far
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
         """At most num_tokens[i] tokens to follow seqs[i].token_ids (fewer, or none, is fine)."""

@@ -2,15 +2,20 @@
 and the counters. Called by the scheduler (propose, for the decodes it schedules) and by the engine
 (verify, after the forward pass).
 
-Speculation turns itself down per sequence: when a sequence's acceptance rate (an exponential
-average of accepted / proposed) falls below `speculative_min_acceptance`, it decodes plainly for a
-pause that doubles on every failed probe (1, 2, 4 ... 64 steps), so a workload where proposals miss
-pays for about one verify in every 64 steps.
+Speculation turns itself down in two ways. Per sequence, by acceptance: when a sequence's acceptance
+rate (an exponential average of accepted / proposed) falls below `speculative_min_acceptance`, it
+decodes plainly for a pause that doubles on every failed probe (1, 2, 4 ... 64 steps), so a workload
+where proposals miss pays for about one verify in every 64 steps. Per step, by cost
+(`speculative_cost_control`, engine/spec/cost.py): the k of each step (0: none) is the one whose
+measured tokens per second at this batch size is highest, so where verifying extra rows costs more
+than acceptance gives back (larger batches on a CPU) the engine decodes plainly.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import torch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.model_config import ModelConfig
 from pdserve.engine.sequence import Sequence
+from pdserve.engine.spec.cost import SpeculationCost
 from pdserve.engine.spec.ngram import NgramProposer
 from pdserve.engine.spec.proposer import Proposal, Proposer
 from pdserve.engine.spec.rejection import verify
@@ -38,21 +44,53 @@ class SpecState:
     next_pause: int = 1  # pause after the next failed probe
 
 
+@dataclass(slots=True)
+class PlannedStep:
+    """What the cost control needs to judge the step being run."""
+
+    num_decodes: int
+    k: int  # the most tokens a sequence may speculate in it
+    started: float  # clock() when it was planned (before proposing)
+    num_verified: int = 0  # sequences whose proposals were verified
+    num_catchup_tokens: int = 0  # the proposer's catch-up work in it (a draft's prefill): not a typical step
+
+
 class Speculator:
-    def __init__(self, config: EngineConfig, proposer: Proposer) -> None:
+    def __init__(self, config: EngineConfig, proposer: Proposer,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.num_speculative_tokens = config.num_speculative_tokens
         self.min_acceptance = config.speculative_min_acceptance
         self.proposer = proposer
+        self.cost = SpeculationCost(config.num_speculative_tokens) if config.speculative_cost_control else None
+        self.clock = clock
+        self.step: PlannedStep | None = None
         self.num_proposed_tokens = 0
         self.num_accepted_tokens = 0
         self.num_drafts = 0  # verify steps with at least one proposed token
+        self.num_steps_by_k: dict[int, int] = {}  # k planned -> decode steps (what the cost control chose)
 
     @property
     def name(self) -> str:
         return self.proposer.name
 
-    def num_tokens_for(self, seq: Sequence) -> int:
-        """Tokens `seq` may speculate this step (0: decode plainly)."""
+    def plan(self, num_decodes: int) -> int:
+        """The most tokens a sequence may speculate in a step decoding `num_decodes` sequences (0: none);
+        starts that step's clock."""
+        k = self.num_speculative_tokens if self.cost is None else self.cost.choose(num_decodes)
+        self.step = PlannedStep(num_decodes, k, self.clock())
+        self.num_steps_by_k[k] = self.num_steps_by_k.get(k, 0) + 1
+        return k
+
+    def end_step(self, num_prompt_tokens: int, num_tokens: int) -> None:
+        """The planned step emitted num_tokens; a decode-only step's time is the cost control's sample."""
+        step, self.step = self.step, None
+        if step is None or self.cost is None or num_prompt_tokens or step.num_catchup_tokens:
+            return
+        self.cost.record(step.num_decodes, step.k if step.num_verified else 0, num_tokens,
+                         self.clock() - step.started)
+
+    def num_tokens_for(self, seq: Sequence, limit: int) -> int:
+        """Tokens `seq` may speculate this step, at most `limit` (0: decode plainly)."""
         state = seq.spec
         if state is None:
             state = seq.spec = SpecState()
@@ -60,10 +98,13 @@ class Speculator:
             state.pause_steps -= 1
             return 0
         # never past max_tokens: the last token of a request is the target's own draw
-        return max(0, min(self.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1))
+        return max(0, min(limit, seq.params.max_tokens - seq.num_output_tokens - 1))
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
+        catchup_before = self.proposer.num_catchup_tokens
         proposals = self.proposer.propose(seqs, num_tokens)
+        if self.step is not None:
+            self.step.num_catchup_tokens += self.proposer.num_catchup_tokens - catchup_before
         for p, k in zip(proposals, num_tokens):
             assert len(p.token_ids) <= k, (len(p.token_ids), k)
         return proposals
@@ -74,6 +115,8 @@ class Speculator:
         tokens, num_accepted = verify(logits, proposal, draft_probs, seq.params, generator)
         m = len(proposal)
         if m:
+            if self.step is not None:
+                self.step.num_verified += 1
             self.num_proposed_tokens += m
             self.num_accepted_tokens += num_accepted
             self.num_drafts += 1
@@ -126,7 +169,7 @@ def build_speculator(config: EngineConfig, target: ModelConfig, num_blocks: int,
                 raise ValueError(f"--speculative draft: give --draft-model DIR (a smaller model with the tokenizer "
                                  f"of {target_dir}); only the built-in models have a built-in draft")
         proposer = DraftProposer(config, draft_dir, target_dir, target, num_blocks, max_model_len)
-    logger.info("speculative decoding: %s, %d tokens per step", proposer.name, config.num_speculative_tokens)
-    logger.info("speculative decoding: %s, %d tokens per step", proposer.name, config.num_speculative_tokens)
+    logger.info("speculative decoding: %s, up to %d tokens per step%s", proposer.name, config.num_speculative_tokens,
+                ", chosen per step by measured cost" if config.speculative_cost_control else "")
     return Speculator(config, proposer)
 

@@ -1,7 +1,12 @@
 """Speculative decoding through the engine on the built-in tiny model, for both proposers (n-gram, and
 the built-in tiny-draft): greedy output identical with and without it, rejected proposals leave no
 blocks and no KV behind (cached blocks hold exactly the KV a plain engine computes), random aborts
-leak nothing (target pool and draft pool), config errors are clear."""
+leak nothing (target pool and draft pool), config errors are clear; the cost control, against a modelled
+clock, keeps speculating where it pays and falls back to plain decoding where it costs more.
+
+The mechanism tests speculate on every step (FIXED: no cost control, whose choices follow measured
+time); the cost control's own tests drive it with a clock that advances by a modelled cost of each
+forward pass."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+FIXED = {"speculative_cost_control": False}
 
 
 def repetitive_prompts(engine: LLMEngine, n: int = 4, seed: int = 0) -> list[list[int]]:
@@ -57,7 +63,8 @@ PROPOSERS = ["ngram", "draft"]
                          ids=["k4", "k1", "k7-small-chunks"])
 def test_greedy_equals_plain_decode(tiny_model_dir, plain, prompts, proposer, config):
     want = [c.token_ids for c in plain.generate(prompts, GREEDY)]
-    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative=proposer, **config))
+    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative=proposer, **FIXED,
+                                  **config))
     got = [c.token_ids for c in spec.generate(prompts, GREEDY)]
     assert got == want
     s = spec.stats()
@@ -72,7 +79,7 @@ def test_cached_blocks_hold_only_accepted_kv(tiny_model_dir, prompts, proposer):
     """Every block in the prefix-cache index after speculative decoding holds the KV a plain engine
     computes for the same tokens (a rejected proposal's KV in one of them would differ by far)."""
     cfg = dict(model=str(tiny_model_dir), num_kv_blocks=256, block_size=4)  # small blocks: many fill during decode
-    spec = LLMEngine(EngineConfig(speculative=proposer, **cfg))
+    spec = LLMEngine(EngineConfig(speculative=proposer, **FIXED, **cfg))
     ref = LLMEngine(EngineConfig(**cfg))
     assert [c.token_ids for c in spec.generate(prompts, GREEDY)] == [c.token_ids for c in ref.generate(prompts, GREEDY)]
     assert spec.stats()["spec_proposed_tokens"] > spec.stats()["spec_accepted_tokens"] > 0
@@ -92,7 +99,7 @@ def test_cached_blocks_hold_only_accepted_kv(tiny_model_dir, prompts, proposer):
 
 @pytest.mark.parametrize("proposer", PROPOSERS)
 def test_random_aborts_leak_no_blocks(tiny_model_dir, prompts, proposer):
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, speculative=proposer))
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, speculative=proposer, **FIXED))
     rng = random.Random(7)
     live: list[str] = []
     for i in range(60):
@@ -116,7 +123,7 @@ def test_random_aborts_leak_no_blocks(tiny_model_dir, prompts, proposer):
 
 @pytest.mark.parametrize("proposer", PROPOSERS)
 def test_sampled_output_reproduces_with_a_seed(tiny_model_dir, prompts, proposer):
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative=proposer))
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative=proposer, **FIXED))
     p = SamplingParams(max_tokens=30, temperature=0.8, seed=42, ignore_eos=True)
     a = engine.generate(prompts[:2], p)
     b = engine.generate(prompts[:2], p)
@@ -126,7 +133,7 @@ def test_sampled_output_reproduces_with_a_seed(tiny_model_dir, prompts, proposer
 
 def test_logprobs_and_stop_tokens_inside_accepted_runs(tiny_model_dir, plain, prompts):
     want = plain.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=True))
-    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="ngram"))
+    spec = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="ngram", **FIXED))
     got = spec.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=True))
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids
@@ -138,6 +145,65 @@ def test_logprobs_and_stop_tokens_inside_accepted_runs(tiny_model_dir, plain, pr
     assert out.token_ids == want[0].token_ids[:want[0].token_ids.index(stop_at) + 1]
     assert out.finish_reason == "stop"
     assert _all_free(spec)
+
+
+class ModelledClock:
+    """The speculator's clock, advanced only by a modelled cost of each forward pass (target and draft)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, runner, seconds_for_rows) -> None:
+        execute = runner.execute
+
+        def costed(batch, *args, **kwargs):
+            self.now += seconds_for_rows(sum(item.num_new_tokens for item in batch))
+            return execute(batch, *args, **kwargs)
+
+        runner.execute = costed
+
+
+def _costed_engine(tiny_model_dir, target_s, draft_s) -> LLMEngine:
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="draft"))
+    clock = ModelledClock()
+    engine.scheduler.speculator.clock = clock
+    clock.charge(engine.runner, target_s)
+    clock.charge(engine.scheduler.speculator.proposer.runner, draft_s)
+    return engine
+
+
+def test_cost_control_falls_back_where_speculating_costs_more(tiny_model_dir, plain, prompts):
+    """Compute-bound steps (every row costs the same, the draft half as much): 8 sequences speculating
+    make fewer tokens per second than decoding plainly, however much is accepted, so after measuring
+    each choice the engine stops proposing for that batch size; the output is unchanged."""
+    batch = (prompts * 2)[:8]
+    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+    engine = _costed_engine(tiny_model_dir, lambda rows: 0.001 * rows, lambda rows: 0.0005 * rows)
+    assert [c.token_ids for c in engine.generate(batch, params)] == [c.token_ids for c in plain.generate(batch, params)]
+    spec = engine.scheduler.speculator
+    b = spec.cost.buckets[8]
+    assert b.best == 0
+    measured = {k: c.num_samples for k, c in b.choices.items()}
+    assert measured[0] > 3 * sum(n for k, n in measured.items() if k), measured  # plain after a few probes
+    assert spec.num_steps_by_k[0] > sum(n for k, n in spec.num_steps_by_k.items() if k)
+    assert _all_free(engine)
+
+
+def test_cost_control_keeps_speculating_where_it_pays(tiny_model_dir, plain, prompts):
+    """Memory-bound steps (the weights' read dominates, rows nearly free, a draft step 0.1 of the
+    target's): at batch 1 speculating with the bfloat16 draft makes more tokens per second, so the
+    engine keeps doing it; the output is unchanged."""
+    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+    engine = _costed_engine(tiny_model_dir, lambda rows: 0.010 + 0.0001 * rows, lambda rows: 0.001 + 0.0001 * rows)
+    got = engine.generate(prompts[:1], params)[0].token_ids
+    assert got == plain.generate(prompts[:1], params)[0].token_ids
+    spec = engine.scheduler.speculator
+    assert spec.cost.buckets[1].best > 0
+    assert spec.num_steps_by_k.get(0, 0) < 0.2 * sum(spec.num_steps_by_k.values()), spec.num_steps_by_k
+    assert spec.stats()["spec_accepted_tokens"] > len(got) // 2
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -1,0 +1,124 @@
+"""Speculation's cost control: how many tokens to speculate this step (0: none) so that the step makes the
+most tokens per second, judged from the step times this engine measures on itself.
+
+Speculating trades a forward pass over B rows for one over up to B * (1 + k) rows plus the proposer's own
+work (a draft model's k steps). That pays while a step is bound by reading the weights (small batches) and
+stops paying once the extra rows cost compute, or when the draft is slow against the target. Where the
+crossover lies depends on the machine, the model, the draft and the acceptance, so it is measured rather
+than configured: per batch-size bucket, an exponential average of emitted tokens per second for each
+choice of k (0, the powers of two below the limit, the limit). The best choice is used; each other one is
+tried at least MIN_SAMPLES times first and probed again at doubling intervals (MIN .. MAX_PROBE_INTERVAL
+steps of the bucket), so a change of workload, context length or load is noticed.
+
+Per-sequence acceptance (pausing a sequence whose proposals miss) is the Speculator's; this module
+decides per step, for the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+WINDOW = 3  # measurements per choice whose median is its rate: one step slowed by something else is outvoted
+MIN_SAMPLES = 2  # steps each choice is measured before the rates are compared
+MIN_PROBE_INTERVAL = 8  # bucket steps between probes of a choice that is not the best...
+MAX_PROBE_INTERVAL = 64  # ...doubling while the best stays the best (a probe of a slow choice: <= 1/64 of steps)
+MAX_PROBE_TRIES = 4  # steps a probe is kept for when they cannot measure it (a draft catching up first)
+
+
+def candidate_ks(max_k: int) -> tuple[int, ...]:
+    """The choices of k: 0 (no speculation), 1, 2, 4 ... below max_k, and max_k."""
+    ks = {0, max_k}
+    k = 1
+    while k < max_k:
+        ks.add(k)
+        k *= 2
+    return tuple(sorted(ks))
+
+
+def bucket_of(num_decodes: int) -> int:
+    """Batch sizes measured together: exact up to 8, then buckets of ratio sqrt(2) (9-11, 12-16, 17-22 ...)."""
+    if num_decodes <= 8:
+        return num_decodes
+    return 2 + math.ceil(2 * math.log2(num_decodes))  # 9 -> 9, 11 -> 9, 12 -> 10, 16 -> 10, 17 -> 11
+
+
+@dataclass(slots=True)
+class Choice:
+    rates: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))  # tokens per second, newest last
+    num_samples: int = 0
+    last_measured: int = -1  # the bucket's step count when last measured
+
+    @property
+    def tokens_per_s(self) -> float:
+        return statistics.median(self.rates) if self.rates else 0.0
+
+
+@dataclass(slots=True)
+class Bucket:
+    choices: dict[int, Choice]
+    num_steps: int = 0  # steps planned in this bucket
+    best: int = -1
+    next_probe: int = 0
+    probe_interval: int = MIN_PROBE_INTERVAL
+    probing: int | None = None  # the choice being probed, until a step measures it
+    probe_tries: int = 0
+
+
+@dataclass(slots=True)
+class SpeculationCost:
+    max_k: int
+    ks: tuple[int, ...] = field(init=False)
+    buckets: dict[int, Bucket] = field(default_factory=dict)  # bucket_of(batch size) -> its measurements
+
+    def __post_init__(self) -> None:
+        self.ks = candidate_ks(self.max_k)
+
+    def _bucket(self, num_decodes: int) -> Bucket:
+        key = bucket_of(num_decodes)
+        b = self.buckets.get(key)
+        if b is None:
+            b = self.buckets[key] = Bucket({k: Choice() for k in self.ks})
+        return b
+
+    def choose(self, num_decodes: int) -> int:
+        """k for a step decoding `num_decodes` sequences: an unmeasured choice first (largest k first),
+        a due probe of the least recently measured other choice, else the best."""
+        b = self._bucket(num_decodes)
+        b.num_steps += 1
+        unmeasured = [k for k in self.ks if b.choices[k].num_samples < MIN_SAMPLES]
+        if unmeasured:
+            return min(unmeasured, key=lambda k: (b.choices[k].num_samples, -k))
+        if b.probing is None and b.num_steps >= b.next_probe:
+            b.next_probe = b.num_steps + b.probe_interval
+            b.probe_interval = min(2 * b.probe_interval, MAX_PROBE_INTERVAL)
+            b.probing = min((k for k in self.ks if k != b.best), key=lambda k: b.choices[k].last_measured)
+            b.probe_tries = 0
+        if b.probing is not None:
+            b.probe_tries += 1
+            k = b.probing
+            if b.probe_tries >= MAX_PROBE_TRIES:
+                b.probing = None
+            return k
+        return b.best
+
+    def record(self, num_decodes: int, k: int, num_tokens: int, seconds: float) -> None:
+        """A decode-only step that speculated up to k tokens per sequence (0: none was proposed) emitted
+        num_tokens in `seconds` (proposing, the forward pass and verification)."""
+        if seconds <= 0 or k not in self.ks:
+            return
+        b = self._bucket(num_decodes)
+        c = b.choices[k]
+        c.rates.append(num_tokens / seconds)
+        c.num_samples += 1
+        c.last_measured = b.num_steps
+        if k == b.probing:
+            b.probing = None
+        if all(x.num_samples >= MIN_SAMPLES for x in b.choices.values()):
+            best = max(self.ks, key=lambda x: b.choices[x].tokens_per_s)
+            if best != b.best:  # the ranking changed: look at the others again soon
+                b.best = best
+                b.probe_interval = MIN_PROBE_INTERVAL
+                b.next_probe = b.num_steps + MIN_PROBE_INTERVAL
