@@ -33,10 +33,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+TOP_P_CANDIDATES = 256
+
+
+def _drop_after_top_p(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """sorted_probs [B, n] descending (a row's mass, not necessarily all of it): True where the mass
+    strictly before a token already reaches top_p [B] (the top token always stays)."""
+    return (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
+
+
 def apply_top_k_top_p_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """`apply_top_k_top_p` for a whole batch at once. logits [B, V]; top_k [B] long (0: off); top_p [B]
-    float (1.0: off). One topk over the batch's largest k; a sort only for the rows that use top-p
-    (and then only over their top-k candidates when every one of them also sets top-k)."""
+    float (1.0: off). One topk over the batch's largest k; for the rows that use top-p, a top-256
+    and its cumulative mass, with a whole-row sort only for rows whose top 256 hold less than top_p."""
     B, V = logits.shape
     k_on = (top_k > 0) & (top_k < V)
     if bool(k_on.any()):
@@ -49,14 +58,32 @@ def apply_top_k_top_p_batch(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     if bool(p_on.any()):
         rows = p_on.nonzero().flatten()
         sub = logits[rows]
-        sorted_logits, order = torch.sort(sub, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p[rows][:, None]
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        # Only the candidates can be kept: the top TOP_P_CANDIDATES tokens of each row when they hold
+        # at least top_p of its mass (every token after them has that much mass before it: dropped),
+        # else the whole row. A top-k of 256 and a sort of that is ~10x cheaper than sorting 32K.
+        n_cand = min(TOP_P_CANDIDATES, V)
+        cand_logits, cand_idx = torch.topk(sub, n_cand, dim=-1)  # descending
+        cand_probs = (cand_logits - torch.logsumexp(sub, -1, keepdim=True)).exp()
+        drop = torch.ones_like(sub, dtype=torch.bool).scatter(1, cand_idx, _drop_after_top_p(cand_probs, top_p[rows]))
+        whole = (cand_probs.sum(-1) < top_p[rows]).nonzero().flatten()
+        if whole.numel():  # rows whose mass is spread wider: sort them whole
+            w_logits, w_idx = torch.sort(sub[whole], dim=-1, descending=True)
+            w_drop = _drop_after_top_p(w_logits.softmax(-1), top_p[rows][whole])
+            drop[whole] = torch.zeros_like(w_drop).scatter(1, w_idx, w_drop)
         logits = logits.clone()
         logits[rows] = sub.masked_fill(drop, float("-inf"))
     return logits
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs [B, V] (rows need not be normalised), by inverse CDF at the uniforms
+    u [B] in [0, 1): the first token whose cumulative mass exceeds u times the row's total. Exact like
+    torch.multinomial, but one random number per row instead of one per vocabulary entry (multinomial
+    draws V exponentials a row: ~45 ms for 60 x 32000 on one core, this ~3 ms). A token of zero mass
+    is never chosen: its cumulative mass equals its predecessor's, which already failed the test."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.double() * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 class Sampler:
@@ -78,16 +105,13 @@ class Sampler:
             top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long)
             top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
             probs = apply_top_k_top_p_batch(logits[idx] / temps[:, None], top_k, top_p).softmax(-1)
-            drawn = torch.empty(len(rows), dtype=torch.long)
-            shared = [j for j, i in enumerate(rows) if generators[i] is None]
+            # one uniform per row: seeded rows from their own generator, the rest from the engine's
+            u = torch.rand(len(rows), generator=self.generator)
             for j, i in enumerate(rows):
                 gen = generators[i]
                 if gen is not None:
-                    drawn[j] = torch.multinomial(probs[j], 1, generator=gen)[0]
-            if shared:
-                sel = torch.tensor(shared)
-                drawn[sel] = torch.multinomial(probs[sel], 1, generator=self.generator)[:, 0]
-            token_ids[idx] = drawn
+                    u[j] = torch.rand(1, generator=gen)[0]
+            token_ids[idx] = draw(probs, u)
         chosen = token_ids.tolist()
         logprobs = None
         if any(p.logprobs for p in params):

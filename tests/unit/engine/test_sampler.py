@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.engine.sampler import Sampler, apply_top_k_top_p
+from pdserve.engine.sampler import Sampler, apply_top_k_top_p, draw
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequest
 
@@ -98,3 +98,58 @@ def test_batched_filter_matches_the_per_row_reference():
         want = apply_top_k_top_p(logits[row], int(top_k[row]), float(top_p[row]))
         assert torch.equal(torch.isfinite(got[row]), torch.isfinite(want)), row
         assert torch.equal(got[row][torch.isfinite(got[row])], want[torch.isfinite(want)])
+
+
+def test_batched_top_p_over_a_large_vocabulary_matches_the_reference():
+    """Rows whose top-256 candidates hold top_p (peaked) and rows where they do not (flat: the whole-row
+    sort), with and without top-k, against the per-row full sort."""
+    from pdserve.engine.sampler import TOP_P_CANDIDATES, apply_top_k_top_p_batch
+
+    g = torch.Generator().manual_seed(7)
+    V = 4 * TOP_P_CANDIDATES
+    peaked = torch.randn(3, V, generator=g) * 6
+    flat = torch.randn(3, V, generator=g) * 0.1
+    logits = torch.cat([peaked, flat])
+    top_k = torch.tensor([0, 20, 0, 0, 600, 0])
+    top_p = torch.tensor([0.9, 0.95, 0.5, 0.9, 0.8, 0.3])
+    probs = logits.softmax(-1)
+    assert (torch.topk(probs[:3], TOP_P_CANDIDATES).values.sum(-1) > 0.95).all()  # the candidate path
+    assert (torch.topk(probs[3:], TOP_P_CANDIDATES).values.sum(-1) < 0.3).all()  # the whole-row path
+    got = apply_top_k_top_p_batch(logits, top_k, top_p)
+    for row in range(6):
+        want = apply_top_k_top_p(logits[row], int(top_k[row]), float(top_p[row]))
+        assert torch.equal(torch.isfinite(got[row]), torch.isfinite(want)), row
+        assert 1 < int(torch.isfinite(want).sum()) < V, row  # the filters did cut, and kept more than one
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_mass():
+    probs = torch.tensor([0.0, 0.4, 0.0, 0.25, 0.2, 0.1, 0.05, 0.0])  # unnormalised rows work too: x 3
+    n = 40000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3))
+    ids = draw((probs * 3).expand(n, -1), u)
+    counts = torch.bincount(ids, minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0
+    # chi-square, 4 degrees of freedom: 18.47 is the p = 0.001 bound
+    assert _chi_square(counts, probs.double()) < 18.47
+    # power: the same counts are far from a neighbouring (shifted) distribution
+    assert _chi_square(counts, torch.roll(probs, 1).double()) > 1000
+    # the edges: u = 0 takes the first token with mass, u just under 1 the last
+    edge = draw(probs[None].expand(2, -1), torch.tensor([0.0, 1.0 - 1e-7]))
+    assert edge.tolist() == [1, 6]
+
+
+def test_temperature_sampling_matches_softmax_of_scaled_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    sampler = Sampler(seed=5)
+    n = 6000
+    params = [SamplingParams(temperature=0.7)] * n
+    ids, _ = sampler.sample(logits.expand(n, -1), params, [None] * n)
+    counts = torch.bincount(torch.tensor(ids), minlength=5).double()
+    assert _chi_square(counts, (logits[0] / 0.7).softmax(-1).double()) < 18.47  # df 4, p = 0.001
+    assert _chi_square(counts, logits[0].softmax(-1).double()) > 50  # temperature 1 would be told apart
