@@ -44,11 +44,12 @@ def make_step(seqs: list[tuple[int, int]], cache: PagedKVCache, seed: int) -> tu
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (12, 4, 64), (8, 8, 32), (6, 1, 128), (16, 1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference(kernel, num_heads, num_kv_heads, head_dim, dtype):
-    cache = PagedKVCache(2, 96, 16, num_kv_heads, head_dim, dtype=dtype)
+    cache = PagedKVCache(2, 128, 16, num_kv_heads, head_dim, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     cache.kv.copy_(torch.randn(cache.kv.shape, generator=g).to(dtype))
-    # decodes of several lengths, a fresh prompt, a chunk with history, a chunk ending mid-block, one token
-    seqs = [(1, 1), (17, 1), (100, 1), (37, 37), (80, 33), (48, 16), (5, 5), (130, 1)]
+    # decodes of several lengths, a fresh prompt, a chunk with history, a chunk ending mid-block, one token;
+    # prompts and chunks over several of the prefill path's 64-key softmax blocks, ending inside one
+    seqs = [(1, 1), (17, 1), (100, 1), (37, 37), (80, 33), (48, 16), (5, 5), (130, 1), (200, 70), (129, 129)]
     meta, T = make_step(seqs, cache, seed=2)
     q = torch.randn(T, num_heads, head_dim, generator=g).to(dtype)
     k = torch.randn(T, num_kv_heads, head_dim, generator=g).to(dtype)
