@@ -38,11 +38,20 @@ class NodeTiers:
 
     # ---- writes -----------------------------------------------------------------------------------
     async def begin_write(self, values: Sequence[StoredValue]) -> list[Region]:
-        """Pinned DRAM regions for the values, making room first when DRAM is full."""
-        if self.pool.num_free_dram_frames >= len(values):
+        """Pinned DRAM regions for the values, making room first when DRAM is full.
+
+        Only takes free frames directly while no move is under way: a write arriving during a demotion
+        queues behind it rather than take the frames that demotion is freeing for the write before it
+        (which then found too few and was refused: thousands of lost blocks in a trace replay)."""
+        n = len(values)
+        if self.pool.num_free_dram_frames >= n and not self._lock.locked():
             return self.pool.begin_write(values)
         async with self._lock:
-            await self._make_dram_room(len(values))
+            while self.pool.num_free_dram_frames < n:
+                before = self.pool.num_free_dram_frames
+                await self._make_dram_room(n)
+                if self.pool.num_free_dram_frames <= before:
+                    break  # nothing movable (pinned, or no SSD frame free): begin_write refuses
             return self.pool.begin_write(values)
 
     async def _make_dram_room(self, n: int) -> None:

@@ -1,13 +1,18 @@
 """The node pool's tier bookkeeping: one slot space over DRAM and SSD frames, LRU demotion,
-promotion, pins that keep a frame from being moved or reused, and checksums on the way back."""
+promotion, pins that keep a frame from being moved or reused, and checksums on the way back; and
+NodeTiers' moves under concurrency."""
 
 from __future__ import annotations
+
+import asyncio
+import zlib
 
 import pytest
 
 from pdserve.engine.block_hash import BlockHash
 from pdserve.errors import InvalidRequest, Overloaded
 from pdserve.kvstore.node_pool import NodePool
+from pdserve.kvstore.node_tiers import NodeTiers
 from pdserve.kvstore.values import StoredValue, ValueMeta
 
 SLOT = 4096
@@ -140,3 +145,41 @@ def test_tier_changes_queue_for_the_master_until_acknowledged() -> None:
     p.ack_tier_changes(p.tier_changes())
     p.report_all_tiers()  # re-registered: the master assumes DRAM again
     assert p.tier_changes() == {key(0): True}
+
+
+class SlowSSD:
+    """The SSDTier surface NodeTiers uses; each write waits until `release` is set."""
+
+    is_on = True
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.num_writes = 0
+
+    async def write(self, runs) -> list[int]:
+        self.num_writes += 1
+        await self.release.wait()
+        return [zlib.crc32(v) for _, views in runs for v in views]
+
+
+async def test_a_write_during_a_demotion_does_not_take_the_frames_it_frees() -> None:
+    p = pool(4, 8)
+    for i in range(3):
+        write(p, value(i, i))
+    assert p.num_free_dram_frames == 1
+    ssd = SlowSSD()
+    tiers = NodeTiers(p, ssd, batch_blocks=1)
+    first = asyncio.create_task(tiers.begin_write([value(10, 4), value(11, 5), value(12, 6)]))  # demotes 2
+    await asyncio.sleep(0.01)
+    assert ssd.num_writes == 1
+    second = asyncio.create_task(tiers.begin_write([value(13, 7)]))  # one frame is free right now
+    await asyncio.sleep(0.01)
+    assert not second.done()  # queued behind the demotion, not holding the free frame
+    ssd.release.set()
+    regions = await asyncio.wait_for(first, 5)
+    assert len(regions) == 3
+    p.commit([value(10, 4), value(11, 5), value(12, 6)], regions)
+    regions = await asyncio.wait_for(second, 5)  # made its own room: the last older value moved too
+    p.commit([value(13, 7)], regions)
+    assert p.num_values == 7 and p.num_ssd_values == 3
+    assert all(p.on_ssd(key(i)) for i in range(3))
