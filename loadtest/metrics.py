@@ -66,6 +66,10 @@ class PrefixHits:
     ideal_unbounded: float | None = None
     ideal_lru: float | None = None
     ideal_lru_blocks: int | None = None
+    # prompt tokens the unbounded ideal hits and the server missed (loadtest.mooncake.ideal_misses): with no
+    # earlier request holding the first missed block past its prefill yet, or with one that was
+    ideal_missed_in_flight_tokens: int | None = None
+    ideal_missed_computed_tokens: int | None = None
 
 
 def prefix_hits(results: list[RequestResult]) -> PrefixHits:

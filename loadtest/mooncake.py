@@ -128,3 +128,44 @@ def ideal_hit_ratio(requests: list[BenchRequest], counted_ids: set[str], block_s
             hit_tokens += num_hit * block_size
             prompt_tokens += r.prompt_len
     return hit_tokens / prompt_tokens if prompt_tokens else None
+
+
+@dataclass(frozen=True, slots=True)
+class IdealMisses:
+    """Prompt tokens the unbounded ideal serves from cache and the server did not, split by whether the
+    server could have had them: each request's shortfall is charged to its first block the server missed."""
+
+    in_flight_tokens: int  # no earlier request holding that block had its first token when this one started
+    computed_tokens: int  # an earlier request holding it had its first token (prefill done) before this started
+
+
+def ideal_misses(requests: list[BenchRequest], measured: dict[str, tuple[int, float, float | None]],
+                 block_size: int) -> IdealMisses:
+    """`requests` as sent (send order); `measured`: request id -> (cached tokens, start time, first-token
+    time or None) of the counted requests, times on one clock. The ideal is `ideal_hit_ratio`'s, unbounded."""
+    computed_at: dict[int, float] = {}  # hash id -> earliest first-token time of an earlier request holding it
+    seen: set[int] = set()
+    in_flight = computed = 0
+    for r in requests:
+        assert r.hash_ids is not None, "ideal misses need trace requests"
+        num_ideal = 0
+        for h in r.hash_ids[: (r.prompt_len - 1) // block_size]:
+            if h not in seen:
+                break
+            num_ideal += 1
+        m = measured.get(r.request_id)
+        if m is not None:
+            cached, started, first_token = m
+            num_hit = min(num_ideal, cached // block_size)
+            if num_hit < num_ideal:
+                missed = (num_ideal - num_hit) * block_size
+                if computed_at.get(r.hash_ids[num_hit], float("inf")) <= started:
+                    computed += missed
+                else:
+                    in_flight += missed
+        first_token = m[2] if m is not None else None
+        for h in r.hash_ids[: r.prompt_len // block_size]:
+            seen.add(h)
+            if first_token is not None and first_token < computed_at.get(h, float("inf")):
+                computed_at[h] = first_token
+    return IdealMisses(in_flight, computed)

@@ -83,6 +83,9 @@ def format_summary(result: BenchResult) -> str:
             lines.append(_row(f"Trace ideal, LRU {hits.ideal_lru_blocks} blocks:", f"{hits.ideal_lru:.3f}"))
         if hits.hit_ratio is not None and hits.ideal_unbounded:
             lines.append(_row("Measured / unbounded ideal:", f"{hits.hit_ratio / hits.ideal_unbounded:.2f}"))
+        if hits.ideal_missed_in_flight_tokens is not None:
+            lines.append(_row("Ideal hits missed, prefix in flight:", hits.ideal_missed_in_flight_tokens))
+            lines.append(_row("Ideal hits missed, prefix computed:", hits.ideal_missed_computed_tokens))
     if (spec := s.spec_decode) is not None:
         lines.append(f"{'Speculative decoding (server metrics)':-^{WIDTH}}")
         lines.append(_row("Drafts / proposed / accepted tokens:",

@@ -23,7 +23,7 @@ from .backends import BACKENDS, Backend
 from .config import BenchConfig
 from .datasets import build_requests
 from .metrics import CANCELLED, SLO, PrefixHits, Summary, summarize, throughput_timeline
-from .mooncake import ideal_hit_ratio
+from .mooncake import ideal_hit_ratio, ideal_misses
 from .request import BenchRequest, RequestResult
 from .server_metrics import scrape_settled_spec_counters, scrape_spec_counters, spec_decode_delta
 from .tokens import TokenCodec
@@ -222,6 +222,11 @@ def _fill_ideal_hits(hits: PrefixHits, config: BenchConfig, requests: list[Bench
     if config.ideal_lru_blocks is not None:
         hits.ideal_lru_blocks = config.ideal_lru_blocks
         hits.ideal_lru = ideal_hit_ratio(replayed, counted, config.scaled_block_size, config.ideal_lru_blocks)
+    measured = {r.request_id: (r.usage_cached_tokens or 0, r.start_time, r.chunk_times[0] if r.chunk_times else None)
+                for r in results if r.request_id in counted}
+    misses = ideal_misses(replayed, measured, config.scaled_block_size)
+    hits.ideal_missed_in_flight_tokens = misses.in_flight_tokens
+    hits.ideal_missed_computed_tokens = misses.computed_tokens
 
 
 def _ms(seconds: float | None) -> float | None:

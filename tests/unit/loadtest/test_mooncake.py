@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pdserve.loadtest.config import DEFAULT_TRACE_PATH, BenchConfig
-from pdserve.loadtest.mooncake import (block_token_ids, ideal_hit_ratio, load_trace, mooncake_requests,
-                                      scaled_lengths)
+from pdserve.loadtest.mooncake import (IdealMisses, block_token_ids, ideal_hit_ratio, ideal_misses, load_trace,
+                                      mooncake_requests, scaled_lengths)
 from pdserve.loadtest.tokens import TokenCodec
 
 ROWS = [
@@ -93,6 +93,22 @@ def test_ideal_hit_ratio_follows_the_engine_rules(trace_path: str) -> None:
     # a prompt of exactly two whole blocks looks up only the first: its last token is computed
     two_blocks = dataclasses.replace(requests[1], request_id="again", prompt_len=32)
     assert ideal_hit_ratio([requests[0], two_blocks], {"again"}, 16) == pytest.approx(16 / 32)
+
+
+def test_ideal_misses_say_whether_the_prefix_was_computed_yet(trace_path: str) -> None:
+    requests = mooncake_requests(config(trace_path), TokenCodec(None, 1000))  # bench-1 ideally hits 2 blocks
+    # bench-1 started after bench-0's first token and got one of its two ideal blocks: 16 tokens lost
+    measured = {"bench-0": (0, 0.0, 1.0), "bench-1": (16, 2.0, 3.0), "bench-2": (0, 2.0, 3.0)}
+    assert ideal_misses(requests, measured, 16) == IdealMisses(in_flight_tokens=0, computed_tokens=16)
+    # bench-1 started before bench-0's prefill finished: both blocks were still in flight
+    measured["bench-1"] = (0, 0.5, 3.0)
+    assert ideal_misses(requests, measured, 16) == IdealMisses(in_flight_tokens=32, computed_tokens=0)
+    # a full hit misses nothing; an uncounted request still fills the ideal (as in ideal_hit_ratio)
+    measured["bench-1"] = (32, 0.5, 3.0)
+    assert ideal_misses(requests, measured, 16) == IdealMisses(0, 0)
+    del measured["bench-0"]
+    measured["bench-1"] = (0, 2.0, 3.0)
+    assert ideal_misses(requests, measured, 16) == IdealMisses(in_flight_tokens=32, computed_tokens=0)
 
 
 def test_text_prompts(trace_path: str) -> None:
