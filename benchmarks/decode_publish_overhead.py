@@ -5,7 +5,8 @@ decode-shaped engine on its own thread (AsyncEngine) with the real KVStoreClient
 transport. Rounds alternate publishing off / on (`decode/block_publisher.py` hooked into the engine),
 each round a batch of fresh prompts decoded to the same length; per round: mean step time of the
 steps that only decode, tokens/s, blocks staged / dropped / put, and the engine-thread time spent
-staging. Prints a markdown table and the on/off ratio of the medians.
+staging, and how long each block took from staging to the end of its put (the window in which a
+decode failover loses that block). Prints a markdown table and the on/off ratio of the medians.
 
     .venv/bin/python benchmarks/decode_publish_overhead.py [--model small] [--batch 16] [--rounds 3]
 """
@@ -85,7 +86,7 @@ async def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--rounds", type=int, default=6, help="rounds per mode (off and on alternate)")
     ap.add_argument("--num-threads", type=int, default=1)
-    ap.add_argument("--gather-s", type=float, default=0.02, help="the publisher's wait for more blocks before a put")
+    ap.add_argument("--gather-s", type=float, default=0.0, help="the publisher's wait for more blocks before a put")
     ap.add_argument("--stage-only", action="store_true",
                     help="diagnosis: stage blocks but never put them (isolates the engine-thread copy)")
     args = ap.parse_args()
@@ -131,6 +132,7 @@ async def main() -> int:
             before = (publisher.stats.num_staged_blocks, publisher.stats.num_dropped_blocks,
                       publisher.stats.num_puts, publisher.stats.stage_seconds)
             decode_only.clear()
+            publisher.recent_settle_s.clear()
             cpu0 = _cpu_s(os.getpid()), sum(_cpu_s(p.pid) for p in cluster.procs)
             tok_s = await _round(engine, llm, step_s, r, args.batch, args.prompt_len, args.max_tokens)
             await publisher.wait_idle(30)
@@ -139,7 +141,9 @@ async def main() -> int:
             s = publisher.stats
             if r == 0:
                 continue
+            settle = sorted(publisher.recent_settle_s) or [0.0]
             rows.append(dict(on=on, step_ms=1e3 * statistics.mean(steps), steps=len(steps), tok_s=tok_s,
+                             settle_ms=[1e3 * settle[int(q * (len(settle) - 1))] for q in (0.5, 0.9, 1.0)],
                              staged=s.num_staged_blocks - before[0], dropped=s.num_dropped_blocks - before[1],
                              puts=s.num_puts - before[2], stage_ms=1e3 * (s.stage_seconds - before[3]),
                              cpu_ms=1e3 * cpu[0], store_cpu_ms=1e3 * cpu[1]))
@@ -150,12 +154,14 @@ async def main() -> int:
               f"gather {args.gather_s} s, batch {args.batch}, prompt {args.prompt_len}, {args.max_tokens} tokens each, "
               f"block {llm.config.block_size} tokens = {llm.kv_cache.layout().block_nbytes / 2**10:.0f} KiB")
         print("| round | publish | decode steps | mean step ms | tok/s | blocks staged | dropped | puts | "
-              "staging ms (engine thread) | CPU ms, this process | CPU ms, store processes |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "staging ms (engine thread) | CPU ms, this process | CPU ms, store processes | "
+              "staged -> stored ms p50 / p90 / max |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for i, row in enumerate(rows, 1):
             print(f"| {i} | {'on' if row['on'] else 'off'} | {row['steps']} | {row['step_ms']:.2f} | "
                   f"{row['tok_s']:.0f} | {row['staged']} | {row['dropped']} | {row['puts']} | {row['stage_ms']:.1f} | "
-                  f"{row['cpu_ms']:.0f} | {row['store_cpu_ms']:.0f} |")
+                  f"{row['cpu_ms']:.0f} | {row['store_cpu_ms']:.0f} | "
+                  + (" / ".join(f"{x:.1f}" for x in row["settle_ms"]) if row["on"] else "") + " |")
         med = {on: statistics.median(r["step_ms"] for r in rows if r["on"] == on) for on in (False, True)}
         pairs = [b["step_ms"] / a["step_ms"] for a, b in zip(rows[::2], rows[1::2])]  # each on round / the off before
         on_rows = [r for r in rows if r["on"]]

@@ -6,6 +6,12 @@ the store); the event loop then puts what is queued in one background put at a t
 most `max_pending_blocks` are staged and not yet stored; beyond that blocks are dropped and
 counted (a failover then recomputes from the first missing block). Prompt-only blocks are not
 this module's: prefill (or decode's local prefill, `prefill/store_prefix.py`) publishes those.
+
+A put starts as soon as the loop sees a staged block, carrying every block queued by then; blocks staged
+while a put is in flight go together in the next one (batches form under load without a wait). The
+window from staging to the end of the put is what a failover at that moment loses: `wait_settled` lets
+the stream hold a request's next token until its staged blocks are settled (stored, or given up), so
+that a failover never recomputes more than the last block.
 """
 
 from __future__ import annotations
@@ -30,27 +36,34 @@ class PublisherStats:
     num_dropped_blocks: int = 0  # generated blocks not published: queue or staging full
     num_puts: int = 0  # background puts started (each carries every block queued when it started)
     stage_seconds: float = 0.0  # engine-thread time spent staging (the cost a decode step pays)
+    num_settled_blocks: int = 0  # staged blocks whose put finished (stored or not)
+    settle_seconds: float = 0.0  # summed over those: staging -> end of its put (a failover's loss window)
+    num_holds: int = 0  # stream messages held by wait_settled until their request's blocks settled
+    hold_seconds: float = 0.0  # summed time those messages were held
+    num_hold_timeouts: int = 0  # holds that gave up at their bound
 
 
 class GeneratedBlockPublisher:
     def __init__(self, store: KVStoreClient, block_size: int, loop: asyncio.AbstractEventLoop,
-                 max_pending_blocks: int = 64, gather_s: float = 0.02) -> None:
+                 max_pending_blocks: int = 64, gather_s: float = 0.0) -> None:
         if max_pending_blocks < 1 or gather_s < 0:
             raise ValueError("max_pending_blocks must be >= 1 and gather_s >= 0")
         self.store = store
         self.block_size = block_size
         self.loop = loop
         self.max_pending_blocks = max_pending_blocks
-        # a put waits this long for more blocks first: the sequences of a batch fill their blocks at about the
-        # same step, and one put of many blocks costs the loop (and the store) far less than many of one each
+        # a put first waits this long for more blocks (0: none; blocks arriving during a put go in the next)
         self.gather_s = gather_s
         self.stats = PublisherStats()
+        self.recent_settle_s: deque[float] = deque(maxlen=4096)  # per block, staging -> end of its put (benchmarks)
         # sequence -> leading blocks already handed on (engine thread only; a finished sequence drops out)
         self._done: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()  # guards _num_pending (engine thread adds, event loop subtracts)
+        self._lock = threading.Lock()  # guards _num_pending, _unsettled (engine thread adds, event loop subtracts)
         self._num_pending = 0
-        self._queue: deque[StagedBlocks] = deque()  # event loop only
+        self._unsettled: dict[str, int] = {}  # request id -> its blocks staged and not yet settled
+        self._queue: deque[tuple[StagedBlocks, str, float]] = deque()  # (blocks, request id, staged at); loop only
         self._flusher: asyncio.Task | None = None
+        self._settled = asyncio.Event()  # replaced by a fresh one each time a put finishes (event loop)
 
     @property
     def num_pending_blocks(self) -> int:
@@ -80,7 +93,9 @@ class GeneratedBlockPublisher:
             if num_staged < n:
                 self._done_pending(n - num_staged)
             if staged is not None:
-                self.loop.call_soon_threadsafe(self._enqueue, staged)
+                with self._lock:  # before the step's outputs reach the stream, so a hold sees these blocks
+                    self._unsettled[seq.req_id] = self._unsettled.get(seq.req_id, 0) + num_staged
+                self.loop.call_soon_threadsafe(self._enqueue, staged, seq.req_id, time.perf_counter())
         except Exception:  # noqa: BLE001 - publishing is best effort; the step goes on
             logger.exception("[%s] staging generated blocks failed", seq.req_id)
         finally:
@@ -91,24 +106,66 @@ class GeneratedBlockPublisher:
             self._num_pending -= n
 
     # ---- event loop ------------------------------------------------------------------------------
-    def _enqueue(self, staged: StagedBlocks) -> None:
-        self._queue.append(staged)
+    def _enqueue(self, staged: StagedBlocks, req_id: str, staged_at: float) -> None:
+        self._queue.append((staged, req_id, staged_at))
         if self._flusher is None or self._flusher.done():
             self._flusher = self.loop.create_task(self._flush())
 
     async def _flush(self) -> None:
         """One put at a time, each carrying everything queued when it starts (a batch under load)."""
         while self._queue:
-            if self.gather_s:
-                await asyncio.sleep(self.gather_s)
+            await asyncio.sleep(self.gather_s)  # 0: one pass of the loop, for the rest of the same step's blocks
             batch = list(self._queue)
             self._queue.clear()
-            merged = StagedBlocks(tuple(h for s in batch for h in s.hashes), tuple(x for s in batch for x in s.slots))
+            merged = StagedBlocks(tuple(h for s, _, _ in batch for h in s.hashes),
+                                  tuple(x for s, _, _ in batch for x in s.slots))
             self.stats.num_puts += 1
             try:
                 await self.store.put_staged(merged)  # never raises; frees the slots on every path
             finally:
                 self._done_pending(len(merged.slots))
+                self._settle(batch)
+
+    def _settle(self, batch: list[tuple[StagedBlocks, str, float]]) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            for staged, req_id, _ in batch:
+                left = self._unsettled.get(req_id, 0) - len(staged.slots)
+                if left > 0:
+                    self._unsettled[req_id] = left
+                else:
+                    self._unsettled.pop(req_id, None)
+        for staged, _, staged_at in batch:
+            self.stats.num_settled_blocks += len(staged.slots)
+            self.stats.settle_seconds += len(staged.slots) * (now - staged_at)
+            self.recent_settle_s.extend([now - staged_at] * len(staged.slots))
+        settled, self._settled = self._settled, asyncio.Event()
+        settled.set()
+
+    def has_unsettled(self, req_id: str) -> bool:
+        return req_id in self._unsettled
+
+    async def wait_settled(self, req_id: str, timeout_s: float) -> bool:
+        """(event loop) Wait, at most timeout_s, until every block staged for req_id so far is settled: stored,
+        or its put failed. False when the bound was reached first (counted)."""
+        if req_id not in self._unsettled:
+            return True
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        self.stats.num_holds += 1
+        try:
+            while req_id in self._unsettled:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stats.num_hold_timeouts += 1
+                    return False
+                try:
+                    await asyncio.wait_for(self._settled.wait(), left)
+                except TimeoutError:
+                    pass
+            return True
+        finally:
+            self.stats.hold_seconds += time.perf_counter() - started
 
     async def wait_idle(self, timeout_s: float) -> None:
         """(tests, shutdown) Wait, bounded, until every staged block was put."""
