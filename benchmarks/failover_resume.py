@@ -1,11 +1,13 @@
-"""Tokens recomputed per decode failover, with and without decode publishing its generated blocks.
+"""Tokens recomputed per decode failover: decode publishing its generated blocks with the stream held
+until each block is stored (the default), publishing without the hold, and not publishing.
 
 For each mode a real cluster (router, 1 prefill, 2 decode, a store master and node): `--kills` streams,
 each with its decode worker killed with SIGKILL after a random number of streamed tokens, at whatever
 moment that is (no synchronisation with the publisher: a block still being put then is lost with the
 worker). The router's `pdserve:failover_recomputed_tokens` histogram gives what each failover computed
 again; the streamed tokens are checked against an offline fault-free run (greedy). The killed worker
-is restarted before the next stream. Prints one markdown row per failover and a summary per mode.
+is restarted before the next stream. Prints one markdown row per failover and a summary per mode, with
+the gaps between streamed tokens before the kill (what the hold costs the stream).
 
     .venv/bin/python benchmarks/failover_resume.py [--kills 6]
 """
@@ -38,14 +40,18 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [10 + (seed * 7919 + i * 104729) % 2000 for i in range(n)]
 
 
-async def _one(cluster, prompt: list[int], max_tokens: int, kill_after: int) -> tuple[list[int], list[str], int]:
+async def _one(cluster, prompt: list[int], max_tokens: int, kill_after: int
+               ) -> tuple[list[int], list[str], int, list[float]]:
     tokens: list[int] = []
+    arrivals: list[float] = []  # per message before the kill
     workers: list[str] = []
     killed_at = -1
     async with Client(cluster.router_address) as client:
         async for msg in client.generate(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                          timeout_s=120):
             tokens.extend(msg.token_ids)
+            if killed_at < 0:
+                arrivals.append(time.perf_counter())
             if msg.decode_worker and msg.decode_worker not in workers:
                 workers.append(msg.decode_worker)
             if killed_at < 0 and len(tokens) >= kill_after:
@@ -54,15 +60,19 @@ async def _one(cluster, prompt: list[int], max_tokens: int, kill_after: int) -> 
                 killed_at = len(tokens)
                 cluster.kill(victim.name)
                 workers.append(f"killed:{victim.name}")
-    return tokens, workers, killed_at
+    return tokens, workers, killed_at, [b - a for a, b in zip(arrivals[1:], arrivals[2:])]  # after the first token
 
 
-async def run_mode(model: str, publish: bool, args, reference) -> list[dict]:
+MODES = {"publish + hold": [], "publish, no hold": ["--store-publish-hold-ms", "0"],
+         "no publish": ["--no-store-publish-generated"]}
+
+
+async def run_mode(model: str, mode: str, args, reference) -> list[dict]:
     spec = ClusterSpec(model=model, num_prefill=1, num_decode=2, num_store_nodes=1,
                        router_args=["--local-prefill-threshold", "0", "--health-interval-s", "0.2",
                                     "--unhealthy-after", "2", "--max-retries", "3"],
                        worker_args=["--kv-cache-memory-mb", "64", "--max-num-batched-tokens", "128"],
-                       decode_args=[] if publish else ["--no-store-publish-generated"],
+                       decode_args=MODES[mode],
                        store_args=["--capacity-mb", "64"], log_dir=tempfile.mkdtemp(prefix="failover-bench-"))
     cluster = await asyncio.to_thread(start_cluster, spec, 180.0)
     rng = random.Random(args.seed)
@@ -72,11 +82,11 @@ async def run_mode(model: str, publish: bool, args, reference) -> list[dict]:
             prompt = _prompt(args.prompt_len, seed=100 + k)
             before = scrape(f"{cluster.http_url}/metrics")
             kill_after = rng.randint(args.block_size, args.max_tokens - 50)
-            tokens, workers, killed_at = await _one(cluster, prompt, args.max_tokens, kill_after)
+            tokens, workers, killed_at, gaps = await _one(cluster, prompt, args.max_tokens, kill_after)
             after = scrape(f"{cluster.http_url}/metrics")
             n = total(after, f"{METRIC}_count") - total(before, f"{METRIC}_count")
             recomputed = total(after, f"{METRIC}_sum") - total(before, f"{METRIC}_sum")
-            rows.append(dict(publish=publish, killed_at=killed_at, failovers=int(n), recomputed=int(recomputed),
+            rows.append(dict(mode=mode, gaps=gaps, killed_at=killed_at, failovers=int(n), recomputed=int(recomputed),
                              full=args.prompt_len + killed_at, identical=tokens == reference(prompt)))
             for p in cluster.procs:  # the killed worker comes back before the next stream
                 if not p.alive():
@@ -94,6 +104,7 @@ async def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=300)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--modes", default="", help=f"comma-separated subset of: {', '.join(MODES)}")
     args = ap.parse_args()
     model = str(ensure_builtin_model("tiny"))
     llm = LLMEngine(EngineConfig(model=model, kv_cache_memory_mb=64, max_num_batched_tokens=128))
@@ -109,24 +120,28 @@ async def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
     rows = []
-    for publish in (True, False):
-        rows += await run_mode(model, publish, args, reference)
+    modes = [m for m in MODES if m in args.modes.split(",")] if args.modes else list(MODES)
+    for mode in modes:
+        rows += await run_mode(model, mode, args, reference)
     load1 = os.getloadavg()[0]
     print(f"# decode failover recompute, {started}, load {load0:.1f} -> {load1:.1f}, prompt {args.prompt_len} "
           f"tokens, {args.max_tokens} generated, block {args.block_size}")
-    print("| decode publishes generated blocks | killed after (tokens streamed) | failovers | tokens recomputed | "
+    print("| decode | killed after (tokens streamed) | failovers | tokens recomputed | "
           "full recompute would be | identical tokens |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {'yes' if r['publish'] else 'no'} | {r['killed_at']} | {r['failovers']} | {r['recomputed']} | "
+        print(f"| {r['mode']} | {r['killed_at']} | {r['failovers']} | {r['recomputed']} | "
               f"{r['full']} | {r['identical']} |")
-    for publish in (True, False):
-        rs = [r for r in rows if r["publish"] == publish]
+    for mode in modes:
+        rs = [r for r in rows if r["mode"] == mode]
         rec = [r["recomputed"] for r in rs]
-        print(f"\npublish {'on' if publish else 'off'}: {len(rs)} failovers, recomputed per failover mean "
+        gaps = sorted(g for r in rs for g in r["gaps"]) or [0.0]
+        print(f"\n{mode}: {len(rs)} failovers, recomputed per failover mean "
               f"{sum(rec) / len(rec):.1f}, max {max(rec)} tokens; <= one block in "
               f"{sum(x <= args.block_size for x in rec)}/{len(rec)}; identical tokens {sum(r['identical'] for r in rs)}"
-              f"/{len(rs)}")
+              f"/{len(rs)}; gap between streamed tokens before the kill: mean {1e3 * sum(gaps) / len(gaps):.1f} ms, "
+              f"p50 {1e3 * gaps[len(gaps) // 2]:.1f}, p99 {1e3 * gaps[int(0.99 * (len(gaps) - 1))]:.1f}, "
+              f"max {1e3 * gaps[-1]:.1f}")
     return 0
 
 

@@ -41,6 +41,10 @@ class WorkerConfig:
     store_publish_generated: bool = field(default=True, metadata=_h(
         "decode: with a store, publish each block of generated text as soon as it is full (in the background), "
         "so a failover elsewhere resumes from stored KV and a follow-up turn reuses its whole history"))
+    store_publish_hold_ms: float = field(default=100.0, metadata=_h(
+        "decode: with store_publish_generated, a stream's next token waits at most this long for the request's "
+        "newly full blocks to be stored, so a failover at any moment recomputes at most the last block (the "
+        "engine keeps stepping meanwhile; 0: never wait)"))
     store_publish_queue_blocks: int = field(default=64, metadata=_h(
         "decode: generated blocks staged for the store and not yet stored, at most; beyond it blocks are "
         "dropped (counted), never waited for"))
@@ -79,6 +83,8 @@ class WorkerConfig:
             raise ValueError("drain_timeout_s must be > 0")
         if self.transfer_lanes < 1:
             raise ValueError("transfer_lanes must be >= 1")
+        if self.store_publish_hold_ms < 0:
+            raise ValueError("store_publish_hold_ms must be >= 0")
         if self.store_publish_queue_blocks < 1:
             raise ValueError("store_publish_queue_blocks must be >= 1")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -110,3 +110,22 @@ async def test_a_full_queue_drops_and_counts_instead_of_waiting(llm):
 def test_queue_bound_is_checked():
     with pytest.raises(ValueError):
         GeneratedBlockPublisher(None, BS, None, max_pending_blocks=0)
+
+
+async def test_a_request_is_unsettled_from_staging_until_its_put_ends(llm):
+    store = FakeStore(llm)
+    store.gate.clear()
+    publisher = GeneratedBlockPublisher(store, BS, asyncio.get_running_loop(), max_pending_blocks=1000)
+    seq = _run(llm, [[500 + i for i in range(16)]], 20, publisher)[0]  # fills the first generated block
+    assert publisher.stats.num_staged_blocks == 1
+    assert publisher.has_unsettled(seq.req_id)  # from staging on (engine thread), before the loop saw it
+    assert not await publisher.wait_settled(seq.req_id, 0.05)  # the put is stuck: the bound gives up
+    assert publisher.stats.num_hold_timeouts == 1
+    waiter = asyncio.create_task(publisher.wait_settled(seq.req_id, 5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    store.gate.set()
+    assert await asyncio.wait_for(waiter, 5)
+    assert not publisher.has_unsettled(seq.req_id) and await publisher.wait_settled(seq.req_id, 0)
+    assert publisher.stats.num_holds == 2 and publisher.stats.num_settled_blocks == 1
+    assert publisher.stats.settle_seconds >= 0.05
