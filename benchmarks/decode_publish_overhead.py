@@ -86,7 +86,7 @@ async def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--rounds", type=int, default=6, help="rounds per mode (off and on alternate)")
     ap.add_argument("--num-threads", type=int, default=1)
-    ap.add_argument("--gather-s", type=float, default=0.0, help="the publisher's wait for more blocks before a put")
+    ap.add_argument("--gather-s", type=float, default=0.005, help="the publisher's wait for more blocks before a put")
     ap.add_argument("--stage-only", action="store_true",
                     help="diagnosis: stage blocks but never put them (isolates the engine-thread copy)")
     args = ap.parse_args()
