@@ -152,6 +152,28 @@ async def test_wrong_token_rejected_and_destination_untouched(agents) -> None:
     assert receiver.stats.num_rejected >= 1 and sender.stats.num_rejected >= 1
 
 
+async def test_rejected_push_of_many_pieces_ends_at_once_and_the_peer_stays_usable(agents) -> None:
+    """A push of many pieces over several lanes refused by its token: it ends as a rejection (not a timeout of
+    payload left in flight), writes nothing, and leaves the peer usable (UCX: the same lanes) for the next push,
+    which lands whole. (Guards any protocol that sends payload before the answer, as a tried one did.)"""
+    sender, receiver, src, dst = agents
+    dst[:] = 5
+    regions = [(i << 20, 1 << 20) for i in range(6)]  # 1 MiB pieces: the sender spreads them over lanes
+    pool = getattr(sender, "_pools", {}).get(receiver.address)  # UCX: the lanes earlier tests of the module opened
+    lanes = set(pool._lanes) if pool is not None else set()
+    for _ in range(3):
+        with pytest.raises(TransferRejected):
+            await sender.push(receiver.address, token(), "src", regions, regions[::-1])
+    assert (dst == 5).all()
+    tok = token()
+    exp = receiver.expect(tok, "dst", regions, timeout_s=5)
+    await sender.push(receiver.address, tok, "src", regions, regions[::-1])
+    await exp.wait()
+    assert np.array_equal(gather_bytes(dst, regions[::-1]), src[:6 << 20])
+    if pool is not None:
+        assert lanes and lanes <= pool._lanes  # no lane was dropped by the rejections
+
+
 async def test_replay_after_completion_rejected(agents) -> None:
     sender, receiver, _, dst = agents
     tok = token()
