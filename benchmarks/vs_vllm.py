@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -111,6 +112,13 @@ def resolve_model(name: str) -> Path:
     return Path(name)
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds (one round: that round's figures)."""
+    if not runs:
+        return {}
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "round"}
+
+
 def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x"
 
@@ -125,6 +133,10 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rates", nargs="+", default=["4", "inf"])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every server this many times, the servers taking turns within each round (fresh "
+                         "prompts per round, the same for every server); the table gives medians, and each ratio "
+                         "is the median of the rounds' own ratios with their range")
     ap.add_argument("--max-duration-s", type=float, default=240.0, help="per bench run")
     ap.add_argument("--startup-timeout-s", type=float, default=300.0)
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/pdserve-vs-vllm"))
@@ -140,9 +152,9 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     load_start = os.getloadavg()
-    results: dict[tuple[str, str, str], dict] = {}  # (model, server, rate) -> numbers
+    results: dict[tuple[str, str, str], list[dict]] = {}  # (model, server, rate) -> numbers, a dict per round
     port = 8100
-    for name in args.models:
+    for name, rnd in ((n, r) for n in args.models for r in range(args.rounds)):
         model = resolve_model(name)
         for server in args.servers:
             log = args.out_dir / f"{name}-{server}.log"
@@ -151,7 +163,7 @@ def main() -> int:
                 print(f"[{name}] port {server_port} is already in use; stop what listens there first",
                       file=sys.stderr)
                 return 1
-            print(f"[{name}] starting {server} ...", flush=True)
+            print(f"[{name}] round {rnd + 1}/{args.rounds}: starting {server} ...", flush=True)
             t0 = time.monotonic()
             proc = start_server(server, model, server_port, log, args)
             try:
@@ -160,9 +172,10 @@ def main() -> int:
                     continue
                 print(f"[{name}] {server} up in {time.monotonic() - t0:.0f} s", flush=True)
                 for i, rate in enumerate(args.rates):
-                    seed = 1 + i  # fresh prompts per run, the same for every server
-                    r = bench(server_port, model, rate, seed, args.out_dir / f"{name}-{server}-rate{rate}.json", args)
-                    results[(name, server, rate)] = r
+                    seed = 1 + i + 100 * rnd  # fresh prompts per run, the same for every server
+                    out_json = args.out_dir / f"{name}-{server}-rate{rate}-round{rnd + 1}.json"
+                    r = bench(server_port, model, rate, seed, out_json, args)
+                    results.setdefault((name, server, rate), []).append(r | {"round": rnd})
                     print(f"[{name}] {server} rate={rate}: {r['output_tok_s']:.0f} out tok/s, TTFT "
                           f"{r['ttft_mean_ms']:.0f} ms, TPOT {r['tpot_mean_ms']:.1f} ms, "
                           f"{r['completed']}/{r['sent']} done", flush=True)
@@ -185,7 +198,9 @@ def render(results: dict, args: argparse.Namespace, started: datetime, load_star
         "`pdserve up --colocated`: one worker), one after another on the same 2 cores, each loaded by the same "
         f"`pdserve bench` runs: random {args.input_len}/{args.output_len} tokens, {args.num_prompts} prompts, at "
         f"{' and '.join(r if r != 'inf' else 'all at once' for r in args.rates)} req/s, each rate with its own "
-        "prompts (the same for every server). Ratios are pdserve / vLLM.",
+        "prompts (the same for every server). Ratios are pdserve / vLLM"
+        + (f"; {args.rounds} rounds, the servers taking turns in each: every figure is the median over the rounds, "
+           "every ratio the median of the rounds' own ratios (their range in brackets)." if args.rounds > 1 else "."),
         "",
         f"- Command: `{cmd.strip()}`",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC; load average at start {load_start[0]:.2f}, at end "
@@ -196,21 +211,29 @@ def render(results: dict, args: argparse.Namespace, started: datetime, load_star
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in args.models:
-        base_inf = results.get((name, "vllm", "inf"))
-        base_4 = results.get((name, "vllm", "4"))
+        base_inf_runs = results.get((name, "vllm", "inf"), [])
+        base_4_runs = results.get((name, "vllm", "4"), [])
         for server in args.servers:
-            inf, r4 = results.get((name, server, "inf")), results.get((name, server, "4"))
-            if inf is None and r4 is None:
+            inf_runs, r4_runs = results.get((name, server, "inf"), []), results.get((name, server, "4"), [])
+            if not inf_runs and not r4_runs:
                 lines.append(f"| {name} | {server} | did not start | | | | | | | |")
                 continue
+            inf, r4 = median_run(inf_runs), median_run(r4_runs)
 
-            def ratio(cur, base, key):
-                return fmt_ratio(cur[key] / base[key]) if cur and base and base[key] else "-"
-            done = " ".join(f"{r['completed']}/{r['sent']}" for r in (r4, inf) if r)
+            def ratio(runs, base_runs, key):
+                """The median of each round's own ratio (both servers measured in that round), and the range."""
+                by_round = {b["round"]: b[key] for b in base_runs if b[key]}
+                rs = sorted(r[key] / by_round[r["round"]] for r in runs if r["round"] in by_round)
+                if not rs:
+                    return "-"
+                mid = fmt_ratio(statistics.median(rs))
+                return mid if len(rs) == 1 else f"{mid} ({rs[0]:.2f}-{rs[-1]:.2f})"
+            done = " ".join(f"{sum(r['completed'] for r in runs)}/{sum(r['sent'] for r in runs)}"
+                            for runs in (r4_runs, inf_runs) if runs)
             lines.append(
-                f"| {name} | {server} | {inf['output_tok_s']:.0f} | {ratio(inf, base_inf, 'output_tok_s')} | "
-                f"{r4['ttft_mean_ms']:.0f} | {ratio(r4, base_4, 'ttft_mean_ms')} | {r4['tpot_mean_ms']:.1f} | "
-                f"{ratio(r4, base_4, 'tpot_mean_ms')} | {r4['ttft_p99_ms']:.0f} | {done} |"
+                f"| {name} | {server} | {inf['output_tok_s']:.0f} | {ratio(inf_runs, base_inf_runs, 'output_tok_s')} | "
+                f"{r4['ttft_mean_ms']:.0f} | {ratio(r4_runs, base_4_runs, 'ttft_mean_ms')} | {r4['tpot_mean_ms']:.1f} | "
+                f"{ratio(r4_runs, base_4_runs, 'tpot_mean_ms')} | {r4['ttft_p99_ms']:.0f} | {done} |"
                 if inf and r4 else f"| {name} | {server} | partial | | | | | | | {done} |")
     lines += ["", "Goals (issue 19): colocated >= 1.0x vLLM's output tok/s all at once and <= 1.0x its mean TTFT "
               "and TPOT at 4 req/s; disaggregated >= 0.8x all at once, with a TTFT at 4 req/s that does not grow "
