@@ -284,4 +284,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         if self.publisher is not None:
             stats.store_generated_blocks = self.publisher.stats.num_staged_blocks
             stats.store_generated_blocks_dropped = self.publisher.stats.num_dropped_blocks
+            stats.store_publish_holds = self.publisher.stats.num_holds
+            stats.store_publish_hold_seconds = self.publisher.stats.hold_seconds
+            stats.store_publish_hold_timeouts = self.publisher.stats.num_hold_timeouts
         stats.num_requests_active += len(self.reservations.reservations)

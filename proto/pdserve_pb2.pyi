@@ -151,7 +151,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens", "num_reservation_renewals", "store_generated_blocks", "store_generated_blocks_dropped", "draining", "target_role", "num_role_switches", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens", "num_decode_steps", "decode_step_seconds", "decode_step_seqs", "num_prefill_steps", "prefill_step_seconds", "prefill_step_tokens", "prefill_step_decode_seqs")
+    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "num_reserved_blocks", "num_reservations", "prefix_cache_queries", "prefix_cache_hits", "num_prompt_tokens_computed", "num_generation_tokens", "num_local_prefills", "num_remote_prefills", "kv_bytes_sent", "kv_bytes_received", "num_transfers_failed", "num_expired_reservations", "max_num_seqs", "block_size", "num_requests_active", "num_preemptions", "store_hit_tokens", "num_reservation_renewals", "store_generated_blocks", "store_generated_blocks_dropped", "store_publish_holds", "store_publish_hold_seconds", "store_publish_hold_timeouts", "draining", "target_role", "num_role_switches", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens", "num_decode_steps", "decode_step_seconds", "decode_step_seqs", "num_prefill_steps", "prefill_step_seconds", "prefill_step_tokens", "prefill_step_decode_seqs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,9 @@ class WorkerStats(_message.Message):
     NUM_RESERVATION_RENEWALS_FIELD_NUMBER: _ClassVar[int]
     STORE_GENERATED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STORE_GENERATED_BLOCKS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    STORE_PUBLISH_HOLDS_FIELD_NUMBER: _ClassVar[int]
+    STORE_PUBLISH_HOLD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STORE_PUBLISH_HOLD_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     TARGET_ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_ROLE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +220,9 @@ class WorkerStats(_message.Message):
     num_reservation_renewals: int
     store_generated_blocks: int
     store_generated_blocks_dropped: int
+    store_publish_holds: int
+    store_publish_hold_seconds: float
+    store_publish_hold_timeouts: int
     draining: bool
     target_role: WorkerRole
     num_role_switches: int
@@ -230,7 +236,7 @@ class WorkerStats(_message.Message):
     prefill_step_seconds: float
     prefill_step_tokens: int
     prefill_step_decode_seqs: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., num_reservation_renewals: _Optional[int] = ..., store_generated_blocks: _Optional[int] = ..., store_generated_blocks_dropped: _Optional[int] = ..., draining: _Optional[bool] = ..., target_role: _Optional[_Union[WorkerRole, str]] = ..., num_role_switches: _Optional[int] = ..., spec_num_drafts: _Optional[int] = ..., spec_num_draft_tokens: _Optional[int] = ..., spec_num_accepted_tokens: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_step_seqs: _Optional[int] = ..., num_prefill_steps: _Optional[int] = ..., prefill_step_seconds: _Optional[float] = ..., prefill_step_tokens: _Optional[int] = ..., prefill_step_decode_seqs: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_reserved_blocks: _Optional[int] = ..., num_reservations: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_expired_reservations: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., block_size: _Optional[int] = ..., num_requests_active: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., num_reservation_renewals: _Optional[int] = ..., store_generated_blocks: _Optional[int] = ..., store_generated_blocks_dropped: _Optional[int] = ..., store_publish_holds: _Optional[int] = ..., store_publish_hold_seconds: _Optional[float] = ..., store_publish_hold_timeouts: _Optional[int] = ..., draining: _Optional[bool] = ..., target_role: _Optional[_Union[WorkerRole, str]] = ..., num_role_switches: _Optional[int] = ..., spec_num_drafts: _Optional[int] = ..., spec_num_draft_tokens: _Optional[int] = ..., spec_num_accepted_tokens: _Optional[int] = ..., num_decode_steps: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_step_seqs: _Optional[int] = ..., num_prefill_steps: _Optional[int] = ..., prefill_step_seconds: _Optional[float] = ..., prefill_step_tokens: _Optional[int] = ..., prefill_step_decode_seqs: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "transfer_address", "model_fingerprint", "healthy", "stats")

@@ -104,6 +104,8 @@ async def test_decode_killed_mid_stream_resumes_from_stored_kv(cluster, tiny_mod
         # the survivor published the rest of the stream's blocks as they filled, dropping none
         assert survivor.stats.store_generated_blocks >= (MAX_TOKENS - num_streamed) // BLOCK - 1
         assert survivor.stats.store_generated_blocks_dropped == 0
+        # and held the stream while each block was being put (so a second failover would lose at most one block)
+        assert survivor.stats.store_publish_holds >= 1
 
     assert len(decode_workers) == 2, f"the stream did not move to another decode worker: {decode_workers}"
     assert tokens == expected.token_ids and finish == ["length"]
