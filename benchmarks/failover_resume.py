@@ -86,7 +86,9 @@ async def run_mode(model: str, mode: str, args, reference) -> list[dict]:
             after = scrape(f"{cluster.http_url}/metrics")
             n = total(after, f"{METRIC}_count") - total(before, f"{METRIC}_count")
             recomputed = total(after, f"{METRIC}_sum") - total(before, f"{METRIC}_sum")
-            rows.append(dict(mode=mode, gaps=gaps, killed_at=killed_at, failovers=int(n), recomputed=int(recomputed),
+            holds = {k: total(after, f"pdserve:store_publish_{k}_total") - total(before, f"pdserve:store_publish_{k}_total")
+                     for k in ("holds", "hold_seconds", "hold_timeouts")}  # the survivor's (the victim's are gone)
+            rows.append(dict(mode=mode, gaps=gaps, holds=holds, killed_at=killed_at, failovers=int(n), recomputed=int(recomputed),
                              full=args.prompt_len + killed_at, identical=tokens == reference(prompt)))
             for p in cluster.procs:  # the killed worker comes back before the next stream
                 if not p.alive():
@@ -141,7 +143,9 @@ async def main() -> int:
               f"{sum(x <= args.block_size for x in rec)}/{len(rec)}; identical tokens {sum(r['identical'] for r in rs)}"
               f"/{len(rs)}; gap between streamed tokens before the kill: mean {1e3 * sum(gaps) / len(gaps):.1f} ms, "
               f"p50 {1e3 * gaps[len(gaps) // 2]:.1f}, p99 {1e3 * gaps[int(0.99 * (len(gaps) - 1))]:.1f}, "
-              f"max {1e3 * gaps[-1]:.1f}")
+              f"max {1e3 * gaps[-1]:.1f}; after the failovers, the surviving workers held {sum(r['holds']['holds'] for r in rs):.0f} "
+              f"messages for {1e3 * sum(r['holds']['hold_seconds'] for r in rs):.0f} ms in all, "
+              f"{sum(r['holds']['hold_timeouts'] for r in rs):.0f} holds timed out")
     return 0
 
 
