@@ -250,7 +250,8 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
                         publish_prompt = True
                 if out.finished and seqs:
                     msg.timing.CopyFrom(decode_timing(seqs[0], request.prefilled, arrived_at, landed_at, first_out_at))
-                if not out.finished and self.publisher is not None and self.publisher.has_unsettled(req_id):
+                if not out.finished and self.publisher is not None and self.runtime.config.store_publish_hold_ms > 0 \
+                        and self.publisher.has_unsettled(req_id):
                     # a block of this request is still being put: hold the token that starts the next one until
                     # it is stored, so a failover from here on recomputes only the last block
                     await self.publisher.wait_settled(req_id, self.runtime.config.store_publish_hold_ms / 1000)
