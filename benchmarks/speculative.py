@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """Speculative decoding: time per output token (TPOT) with and without it, side by side in one run.
 
-In process (no servers), one engine per configuration (off, ngram, draft) over the same model,
-measured round-robin so load drift on a shared machine hits every configuration alike. Workloads:
+In process (no servers), one engine per configuration over the same model, measured round-robin so
+load drift on a shared machine hits every configuration alike: off, ngram, draft (both with the
+cost control that picks each step's k from measured step times, the default), and draft-fixed (the
+draft proposing k tokens on every step, no cost control). Each configuration first runs every
+workload and batch size once untimed (up to 256 tokens), so the cost control starts from its own measurements, as in a
+server that has been running. Workloads:
   repetitive  code-like: a chunk of the standard library's Python source, twice (an edit request
               that quotes the code it edits); what n-gram lookup is for
   random      random token ids
+A long --output-len on the tiny model measures the other repetitive case, text that repeats what the
+sequence itself generated: its greedy output falls into loops after a few hundred tokens (docs/speculative.md).
 Batch 1 and batch 8 (all requests at once; TPOT = (last token - first token) / (tokens - 1) per request,
 mean over requests, median over repetitions). Prints TPOT, the speedup (plain TPOT / speculative TPOT),
 the acceptance rate, and, for the draft, what prefilling it on the decode worker costs against the
 target's prefill (the choice docs/speculative.md explains).
 
     python benchmarks/speculative.py --size small --reps 3
+    python benchmarks/speculative.py --size tiny --workloads random --prompt-len 64 --output-len 3072 --configs off,ngram
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import Sequence
 
-CONFIGS = ("off", "ngram", "draft")
+CONFIGS: dict[str, dict] = {  # name -> EngineConfig fields
+    "off": {"speculative": "off"},
+    "ngram": {"speculative": "ngram"},
+    "draft": {"speculative": "draft"},
+    "draft-fixed": {"speculative": "draft", "speculative_cost_control": False},
+}
 
 
 def code_prompts(model_dir: Path, n: int, length: int) -> list[list[int]]:
@@ -102,6 +114,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--workloads", default="repetitive,random")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="off first, then the others to compare with it")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--json", default="", help="write the numbers here")
     args = parser.parse_args()
@@ -110,50 +124,77 @@ def main() -> None:
     builtin_draft_for(model)
     common = dict(model=str(model), num_threads=args.threads, enable_prefix_caching=False, num_kv_blocks=2048,
                   num_speculative_tokens=args.num_speculative_tokens)
-    engines = {c: LLMEngine(EngineConfig(speculative=c, **common)) for c in CONFIGS}
+    names = [c for c in args.configs.split(",")]
+    if names[0] != "off" or any(c not in CONFIGS for c in names):
+        parser.error(f"--configs: off first, then any of {', '.join(CONFIGS)}")
+    engines = {c: LLMEngine(EngineConfig(**CONFIGS[c], **common)) for c in names}
     vocab = engines["off"].model_config.vocab_size
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     workloads = {
-        "repetitive": code_prompts(model, max(batch_sizes), args.prompt_len),
-        "random": random_prompts(vocab, max(batch_sizes), args.prompt_len, 1),
+        "repetitive": lambda: code_prompts(model, max(batch_sizes), args.prompt_len),
+        "random": lambda: random_prompts(vocab, max(batch_sizes), args.prompt_len, 1),
     }
-    for e in engines.values():  # warm-up (kernels, allocator)
-        tpot_run(e, workloads["random"][:2], 8, "warm")
+    if any(w not in workloads for w in args.workloads.split(",")):
+        parser.error(f"--workloads: any of {', '.join(workloads)}")
+    workloads = {w: workloads[w]() for w in args.workloads.split(",")}
+    for e in engines.values():  # warm-up: kernels, allocator, and the cost control's first measurements
+        for prompts in workloads.values():
+            for bsz in batch_sizes:
+                tpot_run(e, prompts[:bsz], min(args.output_len, 256), "warm")
     tpot: dict[tuple[str, int, str], list[float]] = {}
     accept: dict[tuple[str, int, str], list[int]] = {}
+    steps_by_k: dict[tuple[str, int, str], dict[int, int]] = {}
     load_before = os.getloadavg()
     for rep in range(args.reps):
         for wname, prompts in workloads.items():
             for bsz in batch_sizes:
-                for c in CONFIGS if rep % 2 == 0 else reversed(CONFIGS):
+                for c in names if rep % 2 == 0 else reversed(names):
                     e = engines[c]
-                    s0 = e.stats()
+                    s0, k0 = e.stats(), steps_k(e)
                     tpot.setdefault((wname, bsz, c), []).append(tpot_run(e, prompts[:bsz], args.output_len, c))
-                    s1 = e.stats()
+                    s1, k1 = e.stats(), steps_k(e)
                     a = accept.setdefault((wname, bsz, c), [0, 0])
                     a[0] += s1["spec_accepted_tokens"] - s0["spec_accepted_tokens"]
                     a[1] += s1["spec_proposed_tokens"] - s0["spec_proposed_tokens"]
+                    ks = steps_by_k.setdefault((wname, bsz, c), {})
+                    for k, n in k1.items():
+                        ks[k] = ks.get(k, 0) + n - k0.get(k, 0)
     load_after = os.getloadavg()
     rows = []
     print(f"model {args.size}, k={args.num_speculative_tokens}, prompt {args.prompt_len}, output {args.output_len}, "
           f"{args.reps} reps; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    print(f"{'workload':<11} {'batch':>5} {'config':<6} {'TPOT ms':>8} {'speedup':>8} {'accepted/proposed':>18}")
+    print(f"{'workload':<11} {'batch':>5} {'config':<11} {'TPOT ms':>8} {'speedup':>8} {'accepted/proposed':>18}  "
+          "decode steps by k planned")
     for wname in workloads:
         for bsz in batch_sizes:
             base = statistics.median(tpot[(wname, bsz, "off")])
-            for c in CONFIGS:
+            for c in names:
                 t = statistics.median(tpot[(wname, bsz, c)])
                 acc, prop = accept[(wname, bsz, c)]
                 rate = f"{acc}/{prop} = {acc / prop:.2f}" if prop else "-"
-                print(f"{wname:<11} {bsz:>5} {c:<6} {t * 1000:>8.2f} {base / t:>7.2f}x {rate:>18}")
+                ks = {k: n for k, n in sorted(steps_by_k[(wname, bsz, c)].items()) if n}
+                print(f"{wname:<11} {bsz:>5} {c:<11} {t * 1000:>8.2f} {base / t:>7.2f}x {rate:>18}  "
+                      f"{' '.join(f'k{k}:{n}' for k, n in ks.items())}")
                 rows.append({"workload": wname, "batch": bsz, "config": c, "tpot_ms": t * 1000, "speedup": base / t,
                              "tpot_ms_reps": [x * 1000 for x in tpot[(wname, bsz, c)]],
-                             "accepted": acc, "proposed": prop})
+                             "accepted": acc, "proposed": prop, "steps_by_k": ks})
+    if "draft" not in engines:
+        write_json(args, load_before, load_after, rows, None)
+        return
     cost = draft_prefill_cost(engines["off"], engines["draft"], 1024)
     print(f"draft prefill of a 1024-token prompt on the decode worker: {cost['draft_prefill_s'] * 1000:.0f} ms "
           f"vs the target's prefill {cost['target_prefill_s'] * 1000:.0f} ms "
           f"({cost['draft_prefill_s'] / cost['target_prefill_s']:.2f}x); draft KV bytes per token "
           f"{cost['draft_kv_bytes_per_token_ratio']:.2f}x the target's")
+    write_json(args, load_before, load_after, rows, cost)
+
+
+def steps_k(engine: LLMEngine) -> dict[int, int]:
+    spec = engine.scheduler.speculator
+    return dict(spec.num_steps_by_k) if spec is not None else {}
+
+
+def write_json(args: argparse.Namespace, load_before, load_after, rows: list[dict], cost: dict | None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "load_before": load_before,
                                                "load_after": load_after, "rows": rows, "draft_prefill": cost},
