@@ -10,6 +10,12 @@ choice of k (0, the powers of two below the limit, the limit). The best choice i
 tried at least MIN_SAMPLES times first and probed again at doubling intervals (MIN .. MAX_PROBE_INTERVAL
 steps of the bucket), so a change of workload, context length or load is noticed.
 
+A draft model that is far behind a sequence (a new sequence's prompt, or many tokens decoded plainly) has
+to prefill first, which costs more than a step saves: where decoding plainly measured best, a probe only
+speculates with sequences the draft follows already (`catch_up_pays`), so a batch size where speculation
+does not pay never pays for the draft's prefill either. Another choice replaces the best only when it is
+SWITCH_MARGIN faster, so near-ties do not flap (every change of the best brings the probes back to 8 steps).
+
 Per-sequence acceptance (pausing a sequence whose proposals miss) is the Speculator's; this module
 decides per step, for the whole batch.
 """
@@ -25,6 +31,7 @@ WINDOW = 3  # measurements per choice whose median is its rate: one step slowed 
 MIN_SAMPLES = 2  # steps each choice is measured before the rates are compared
 MIN_PROBE_INTERVAL = 8  # bucket steps between probes of a choice that is not the best...
 MAX_PROBE_INTERVAL = 64  # ...doubling while the best stays the best (a probe of a slow choice: <= 1/64 of steps)
+SWITCH_MARGIN = 0.05  # another choice becomes the best when it is this much faster (no flapping between ties)
 MAX_PROBE_TRIES = 4  # steps a probe is kept for when they cannot measure it (a draft catching up first)
 
 
@@ -104,6 +111,12 @@ class SpeculationCost:
             return k
         return b.best
 
+    def catch_up_pays(self, num_decodes: int) -> bool:
+        """Whether a proposer may start (or resume) following sequences at this batch size: while its
+        choices are first measured, and while speculating is the best; not for a probe where decoding
+        plainly is the best, which would pay a draft's prefill to measure one step."""
+        return self._bucket(num_decodes).best != 0
+
     def record(self, num_decodes: int, k: int, num_tokens: int, seconds: float) -> None:
         """A decode-only step that speculated up to k tokens per sequence (0: none was proposed) emitted
         num_tokens in `seconds` (proposing, the forward pass and verification)."""
@@ -118,7 +131,9 @@ class SpeculationCost:
             b.probing = None
         if all(x.num_samples >= MIN_SAMPLES for x in b.choices.values()):
             best = max(self.ks, key=lambda x: b.choices[x].tokens_per_s)
-            if best != b.best:  # the ranking changed: look at the others again soon
+            if best != b.best and (b.best < 0 or b.choices[best].tokens_per_s >
+                                   (1 + SWITCH_MARGIN) * b.choices[b.best].tokens_per_s):
+                # the ranking changed: look at the others again soon
                 b.best = best
                 b.probe_interval = MIN_PROBE_INTERVAL
                 b.next_probe = b.num_steps + MIN_PROBE_INTERVAL

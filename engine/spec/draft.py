@@ -29,7 +29,7 @@ from pdserve.engine.models import BuildOptions, load_model
 from pdserve.engine.sampling_params import SEED_STRIDE, SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import Sequence
-from pdserve.engine.spec.proposer import Proposal
+from pdserve.engine.spec.proposer import IN_SYNC_TOKENS, Proposal
 from pdserve.engine.spec.rejection import target_probs
 
 logger = logging.getLogger(__name__)
@@ -93,9 +93,13 @@ class DraftProposer:
         self.generator = torch.Generator().manual_seed(config.seed ^ DRAFT_SEED_SALT)
         self.states: dict[str, Sequence] = {}  # req_id -> the draft's copy (tokens whose KV it holds)
         self.num_tokens_computed = 0  # tokens the draft ran (catch-up prefills and its own proposals)
-        self.num_catchup_tokens = 0  # of which catch-up (beyond the two tokens a verify step leaves unfed)
+        self.num_catchup_tokens = 0  # of which catch-up (feeds of more than IN_SYNC_TOKENS)
         logger.info("draft model %s: %s, %d layers, %s, %d KV blocks (%.0f MiB)", draft_dir, mc.architecture,
                     mc.num_layers, self.dtype, num_blocks, self.kv_cache.nbytes / 2**20)
+
+    def lag(self, seq: Sequence) -> int:
+        state = self.states.get(seq.req_id)
+        return max(0, seq.num_tokens - (state.num_computed_tokens if state is not None else 0))
 
     def release(self, seq: Sequence) -> None:
         state = self.states.pop(seq.req_id, None)
@@ -116,9 +120,8 @@ class DraftProposer:
             if n <= 0:
                 continue
             budget -= n if pending > 1 else 0  # single-token feeds are not catch-up
-            # after a verify step the draft lacks at most its own last proposal and the bonus token; more
-            # is catching up (a new sequence's context, or tokens decoded without speculation)
-            self.num_catchup_tokens += max(0, n - 2)
+            if pending > IN_SYNC_TOKENS:  # a new sequence's context, or many tokens decoded without speculation
+                self.num_catchup_tokens += n
             batch.append(ScheduledSeq(state, n))
             if n == pending:
                 active.append((i, state, k))

@@ -23,6 +23,9 @@ class NgramProposer:
         return [Proposal(lookup(np.asarray(s.token_ids, dtype=np.int64), self.min_n, self.max_n, k))
                 for s, k in zip(seqs, num_tokens)]
 
+    def lag(self, seq: Sequence) -> int:
+        return 0
+
     def release(self, seq: Sequence) -> None:
         pass
 

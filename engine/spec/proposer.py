@@ -14,6 +14,11 @@ import torch
 
 from pdserve.engine.sequence import Sequence
 
+# A proposer at most this many tokens behind a sequence (a draft model that has not yet run the newest
+# tokens) catches up within an ordinary step; further behind (a new sequence's prompt, or many tokens
+# decoded without speculation) it runs a prefill first, which costs more than a step saves.
+IN_SYNC_TOKENS = 8
+
 
 @dataclass(slots=True)
 class Proposal:
@@ -27,6 +32,10 @@ class Proposer(Protocol):
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
         """At most num_tokens[i] tokens to follow seqs[i].token_ids (fewer, or none, is fine)."""
+        ...
+
+    def lag(self, seq: Sequence) -> int:
+        """Tokens of `seq` the proposer would have to run before proposing (0: none, or it needs no model)."""
         ...
 
     def release(self, seq: Sequence) -> None:

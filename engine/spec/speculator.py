@@ -26,7 +26,7 @@ from pdserve.engine.model_config import ModelConfig
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.spec.cost import SpeculationCost
 from pdserve.engine.spec.ngram import NgramProposer
-from pdserve.engine.spec.proposer import Proposal, Proposer
+from pdserve.engine.spec.proposer import IN_SYNC_TOKENS, Proposal, Proposer
 from pdserve.engine.spec.rejection import verify
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class PlannedStep:
     k: int  # the most tokens a sequence may speculate in it
     started: float  # clock() when it was planned (before proposing)
     num_verified: int = 0  # sequences whose proposals were verified
+    catch_up: bool = True  # whether sequences the proposer lags far behind may speculate (and so catch up)
     num_catchup_tokens: int = 0  # the proposer's catch-up work in it (a draft's prefill): not a typical step
 
 
@@ -76,8 +77,11 @@ class Speculator:
     def plan(self, num_decodes: int) -> int:
         """The most tokens a sequence may speculate in a step decoding `num_decodes` sequences (0: none);
         starts that step's clock."""
-        k = self.num_speculative_tokens if self.cost is None else self.cost.choose(num_decodes)
-        self.step = PlannedStep(num_decodes, k, self.clock())
+        if self.cost is None:
+            k, catch_up = self.num_speculative_tokens, True
+        else:
+            k, catch_up = self.cost.choose(num_decodes), self.cost.catch_up_pays(num_decodes)
+        self.step = PlannedStep(num_decodes, k, self.clock(), catch_up=catch_up)
         self.num_steps_by_k[k] = self.num_steps_by_k.get(k, 0) + 1
         return k
 
@@ -97,6 +101,8 @@ class Speculator:
         if state.pause_steps > 0:
             state.pause_steps -= 1
             return 0
+        if self.step is not None and not self.step.catch_up and self.proposer.lag(seq) > IN_SYNC_TOKENS:
+            return 0  # a probe where plain decoding measured faster: only with proposers already in step
         # never past max_tokens: the last token of a request is the target's own draw
         return max(0, min(limit, seq.params.max_tokens - seq.num_output_tokens - 1))
 

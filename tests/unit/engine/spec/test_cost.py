@@ -120,3 +120,26 @@ def test_one_step_slowed_by_something_else_does_not_flip_the_choice():
     assert b.best == 4
     cost.record(1, 4, round(expected_tokens(0.9, 4)), 10 * memory_bound(1, 4))  # another process took the cores
     assert b.best == 4
+
+
+def test_catching_up_pays_while_measuring_and_where_speculating_is_best():
+    cost = SpeculationCost(4)
+    assert cost.catch_up_pays(1) and cost.catch_up_pays(8)  # nothing measured yet
+    simulate(cost, 1, memory_bound, 0.9, 100)
+    simulate(cost, 8, compute_bound, 0.9, 100)
+    assert cost.catch_up_pays(1) and not cost.catch_up_pays(8)
+
+
+def test_a_near_tie_does_not_flip_the_best():
+    cost = SpeculationCost(4)
+    for _ in range(MIN_SAMPLES):
+        for k in cost.ks:
+            cost.record(1, k, 4 if k == 4 else 1, 0.1)
+    b = cost.buckets[1]
+    assert b.best == 4
+    cost.record(1, 2, 4, 0.098)  # 2 % faster: within the margin
+    cost.record(1, 2, 4, 0.098)
+    assert b.best == 4
+    cost.record(1, 2, 4, 0.08)  # 25 % faster
+    cost.record(1, 2, 4, 0.08)
+    assert b.best == 2

@@ -167,7 +167,8 @@ class ModelledClock:
 
 
 def _costed_engine(tiny_model_dir, target_s, draft_s) -> LLMEngine:
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="draft"))
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=256, speculative="draft",
+                                    max_num_batched_tokens=2048))  # each batch's prompts in one step
     clock = ModelledClock()
     engine.scheduler.speculator.clock = clock
     clock.charge(engine.runner, target_s)
@@ -189,6 +190,10 @@ def test_cost_control_falls_back_where_speculating_costs_more(tiny_model_dir, pl
     measured = {k: c.num_samples for k, c in b.choices.items()}
     assert measured[0] > 3 * sum(n for k, n in measured.items() if k), measured  # plain after a few probes
     assert spec.num_steps_by_k[0] > sum(n for k, n in spec.num_steps_by_k.items() if k)
+    # the next batch of 8 is not worth the draft's prefill of its prompts: no catch-up, no proposals
+    catchup, proposed = spec.proposer.num_catchup_tokens, spec.num_proposed_tokens
+    assert [c.token_ids for c in engine.generate(batch, params)] == [c.token_ids for c in plain.generate(batch, params)]
+    assert (spec.proposer.num_catchup_tokens, spec.num_proposed_tokens) == (catchup, proposed)
     assert _all_free(engine)
 
 
