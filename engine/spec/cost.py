@@ -11,9 +11,10 @@ tried at least MIN_SAMPLES times first and probed again at doubling intervals (M
 steps of the bucket), so a change of workload, context length or load is noticed.
 
 A draft model that is far behind a sequence (a new sequence's prompt, or many tokens decoded plainly) has
-to prefill first, which costs more than a step saves: where decoding plainly measured best, a probe only
-speculates with sequences the draft follows already (`catch_up_pays`), so a batch size where speculation
-does not pay never pays for the draft's prefill either. Another choice replaces the best only when it is
+to prefill first, which can cost more than speculating saves: `saving_per_token_s` is what each emitted
+token saves at this batch size, which the Speculator weighs against the draft's prefill of that sequence
+times its remaining tokens; where plain decoding is best it is 0, so a probe there only speculates with
+sequences the draft follows already. Another choice replaces the best only when it is
 SWITCH_MARGIN faster, so near-ties do not flap (every change of the best brings the probes back to 8 steps).
 
 Per-sequence acceptance (pausing a sequence whose proposals miss) is the Speculator's; this module
@@ -111,11 +112,14 @@ class SpeculationCost:
             return k
         return b.best
 
-    def catch_up_pays(self, num_decodes: int) -> bool:
-        """Whether a proposer may start (or resume) following sequences at this batch size: while its
-        choices are first measured, and while speculating is the best; not for a probe where decoding
-        plainly is the best, which would pay a draft's prefill to measure one step."""
-        return self._bucket(num_decodes).best != 0
+    def saving_per_token_s(self, num_decodes: int) -> float | None:
+        """Seconds of step time each emitted token saves at this batch size with the best choice against
+        decoding plainly (0 where plain is best); None while the choices are first measured."""
+        b = self._bucket(num_decodes)
+        if b.best < 0:
+            return None
+        best, plain = b.choices[b.best].tokens_per_s, b.choices[0].tokens_per_s
+        return max(0.0, 1 / plain - 1 / best) if best > 0 and plain > 0 else 0.0
 
     def record(self, num_decodes: int, k: int, num_tokens: int, seconds: float) -> None:
         """A decode-only step that speculated up to k tokens per sequence (0: none was proposed) emitted

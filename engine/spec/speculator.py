@@ -52,7 +52,7 @@ class PlannedStep:
     k: int  # the most tokens a sequence may speculate in it
     started: float  # clock() when it was planned (before proposing)
     num_verified: int = 0  # sequences whose proposals were verified
-    catch_up: bool = True  # whether sequences the proposer lags far behind may speculate (and so catch up)
+    saving_per_token_s: float | None = None  # what speculating saves per emitted token now (None: unknown)
     num_catchup_tokens: int = 0  # the proposer's catch-up work in it (a draft's prefill): not a typical step
 
 
@@ -65,6 +65,7 @@ class Speculator:
         self.cost = SpeculationCost(config.num_speculative_tokens) if config.speculative_cost_control else None
         self.clock = clock
         self.step: PlannedStep | None = None
+        self.seconds_per_catchup_token: float | None = None  # measured, of the proposer's catch-up prefills
         self.num_proposed_tokens = 0
         self.num_accepted_tokens = 0
         self.num_drafts = 0  # verify steps with at least one proposed token
@@ -78,10 +79,10 @@ class Speculator:
         """The most tokens a sequence may speculate in a step decoding `num_decodes` sequences (0: none);
         starts that step's clock."""
         if self.cost is None:
-            k, catch_up = self.num_speculative_tokens, True
+            k, saving = self.num_speculative_tokens, None
         else:
-            k, catch_up = self.cost.choose(num_decodes), self.cost.catch_up_pays(num_decodes)
-        self.step = PlannedStep(num_decodes, k, self.clock(), catch_up=catch_up)
+            k, saving = self.cost.choose(num_decodes), self.cost.saving_per_token_s(num_decodes)
+        self.step = PlannedStep(num_decodes, k, self.clock(), saving_per_token_s=saving)
         self.num_steps_by_k[k] = self.num_steps_by_k.get(k, 0) + 1
         return k
 
@@ -101,16 +102,31 @@ class Speculator:
         if state.pause_steps > 0:
             state.pause_steps -= 1
             return 0
-        if self.step is not None and not self.step.catch_up and self.proposer.lag(seq) > IN_SYNC_TOKENS:
-            return 0  # a probe where plain decoding measured faster: only with proposers already in step
+        remaining = seq.params.max_tokens - seq.num_output_tokens
+        lag = self.proposer.lag(seq)
+        if lag > IN_SYNC_TOKENS and not self._catch_up_pays(lag, remaining):
+            return 0
         # never past max_tokens: the last token of a request is the target's own draw
-        return max(0, min(limit, seq.params.max_tokens - seq.num_output_tokens - 1))
+        return max(0, min(limit, remaining - 1))
+
+    def _catch_up_pays(self, lag: int, remaining: int) -> bool:
+        """Whether running `lag` tokens through the proposer (a draft's prefill) costs less than speculating
+        saves over the sequence's `remaining` tokens at the measured rates (unknown rates: yes, to learn them)."""
+        saving = self.step.saving_per_token_s if self.step is not None else None
+        if saving is None or self.seconds_per_catchup_token is None:
+            return True
+        return remaining * saving > lag * self.seconds_per_catchup_token
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
-        catchup_before = self.proposer.num_catchup_tokens
+        catchup_before, started = self.proposer.num_catchup_tokens, self.clock()
         proposals = self.proposer.propose(seqs, num_tokens)
+        catchup = self.proposer.num_catchup_tokens - catchup_before
+        if catchup:  # an upper bound per token: the call also drew the proposals
+            rate = (self.clock() - started) / catchup
+            old = self.seconds_per_catchup_token
+            self.seconds_per_catchup_token = rate if old is None else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * rate
         if self.step is not None:
-            self.step.num_catchup_tokens += self.proposer.num_catchup_tokens - catchup_before
+            self.step.num_catchup_tokens += catchup
         for p, k in zip(proposals, num_tokens):
             assert len(p.token_ids) <= k, (len(p.token_ids), k)
         return proposals

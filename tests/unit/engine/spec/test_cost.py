@@ -122,12 +122,15 @@ def test_one_step_slowed_by_something_else_does_not_flip_the_choice():
     assert b.best == 4
 
 
-def test_catching_up_pays_while_measuring_and_where_speculating_is_best():
+def test_saving_per_token_is_unknown_while_measuring_then_zero_where_plain_is_best():
     cost = SpeculationCost(4)
-    assert cost.catch_up_pays(1) and cost.catch_up_pays(8)  # nothing measured yet
+    assert cost.saving_per_token_s(1) is None and cost.saving_per_token_s(8) is None
     simulate(cost, 1, memory_bound, 0.9, 100)
     simulate(cost, 8, compute_bound, 0.9, 100)
-    assert cost.catch_up_pays(1) and not cost.catch_up_pays(8)
+    assert cost.saving_per_token_s(8) == 0.0
+    plain_s = memory_bound(1, 0)  # per token at batch 1
+    spec_s = memory_bound(1, 4) / round(expected_tokens(0.9, 4))
+    assert cost.saving_per_token_s(1) == pytest.approx(plain_s - spec_s)
 
 
 def test_a_near_tie_does_not_flip_the_best():

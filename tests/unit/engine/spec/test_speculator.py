@@ -209,6 +209,12 @@ def test_cost_control_keeps_speculating_where_it_pays(tiny_model_dir, plain, pro
     assert spec.cost.buckets[1].best > 0
     assert spec.num_steps_by_k.get(0, 0) < 0.2 * sum(spec.num_steps_by_k.values()), spec.num_steps_by_k
     assert spec.stats()["spec_accepted_tokens"] > len(got) // 2
+    # a new sequence's draft prefill is paid only where its remaining tokens win it back
+    long_prompt = torch.randint(3, engine.model_config.vocab_size, (500,), generator=torch.Generator().manual_seed(1))
+    for max_tokens, catches_up in [(3, False), (96, True)]:
+        before = spec.proposer.num_catchup_tokens
+        engine.generate([long_prompt.tolist()], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        assert (spec.proposer.num_catchup_tokens > before) == catches_up, (max_tokens, spec.seconds_per_catchup_token)
 
 
 @pytest.mark.parametrize("kwargs, needle", [
