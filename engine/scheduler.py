@@ -116,7 +116,8 @@ class Scheduler:
         assert self.speculator is not None
         if not items:
             return 0
-        limit = self.speculator.plan(len(items))  # 0 where speculating is measured slower at this batch size
+        # 0 where speculating is measured slower at this batch size
+        limit = self.speculator.plan(len(items), min(len(self.running) + len(self.waiting), self.config.max_num_seqs))
         if limit == 0:
             return 0
         wanted = [(item, self.speculator.num_tokens_for(item.seq, limit)) for item in items if not item.seq.keep_blocks]

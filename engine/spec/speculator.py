@@ -75,13 +75,16 @@ class Speculator:
     def name(self) -> str:
         return self.proposer.name
 
-    def plan(self, num_decodes: int) -> int:
+    def plan(self, num_decodes: int, num_seqs: int) -> int:
         """The most tokens a sequence may speculate in a step decoding `num_decodes` sequences (0: none);
-        starts that step's clock."""
+        starts that step's clock. num_seqs: the sequences running or waiting, the batch a sequence that
+        starts speculating now will mostly decode in (while a burst of prompts is prefilled, the first of
+        them decode in small batches)."""
         if self.cost is None:
             k, saving = self.num_speculative_tokens, None
         else:
-            k, saving = self.cost.choose(num_decodes), self.cost.saving_per_token_s(num_decodes)
+            k = self.cost.choose(num_decodes)
+            saving = self.cost.saving_per_token_s(max(num_decodes, num_seqs))
         self.step = PlannedStep(num_decodes, k, self.clock(), saving_per_token_s=saving)
         self.num_steps_by_k[k] = self.num_steps_by_k.get(k, 0) + 1
         return k
