@@ -54,6 +54,7 @@ class PlannedStep:
     num_verified: int = 0  # sequences whose proposals were verified
     saving_per_token_s: float | None = None  # what speculating saves per emitted token now (None: unknown)
     num_catchup_tokens: int = 0  # the proposer's catch-up work in it (a draft's prefill): not a typical step
+    capped: bool = False  # a sequence near max_tokens speculated fewer than k: not a typical step either
 
 
 class Speculator:
@@ -92,7 +93,7 @@ class Speculator:
     def end_step(self, num_prompt_tokens: int, num_tokens: int) -> None:
         """The planned step emitted num_tokens; a decode-only step's time is the cost control's sample."""
         step, self.step = self.step, None
-        if step is None or self.cost is None or num_prompt_tokens or step.num_catchup_tokens:
+        if step is None or self.cost is None or num_prompt_tokens or step.num_catchup_tokens or step.capped:
             return
         self.cost.record(step.num_decodes, step.k if step.num_verified else 0, num_tokens,
                          self.clock() - step.started)
@@ -110,6 +111,8 @@ class Speculator:
         if lag > IN_SYNC_TOKENS and not self._catch_up_pays(lag, remaining):
             return 0
         # never past max_tokens: the last token of a request is the target's own draw
+        if remaining - 1 < limit and self.step is not None:
+            self.step.capped = True
         return max(0, min(limit, remaining - 1))
 
     def _catch_up_pays(self, lag: int, remaining: int) -> bool:
