@@ -19,6 +19,7 @@ target's prefill (the choice docs/speculative.md explains).
 
     python benchmarks/speculative.py --size small --reps 3
     python benchmarks/speculative.py --size tiny --workloads random --prompt-len 64 --output-len 3072 --configs off,ngram
+    python benchmarks/speculative.py --size small --copy-check 512
 """
 
 from __future__ import annotations
@@ -84,6 +85,40 @@ def tpot_run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: 
     return statistics.mean((last[r] - first[r]) / (counts[r] - 1) for r in ids)
 
 
+def copy_check(engine: LLMEngine, num_prompts: int, gen_len: int, k: int) -> list[dict]:
+    """Whether the model's greedy output repeats text an n-gram lookup could find (no timing):
+    (a) prompt P + C + P, C being the model's own 64-token continuation of P: does it continue with C
+    again (as a trained model does when a prompt quotes what it is asked to reproduce)? (b) gen_len
+    greedy tokens after a random prompt: distinct tokens, and the tokens per verify step an n-gram
+    proposer (k, sizes 2-4) would get over that text (accepted + 1, replayed on the generated tokens)."""
+    import numpy as np
+
+    from pdserve.engine.spec.ngram import lookup
+
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
+    bases = random_prompts(engine.model_config.vocab_size, num_prompts, 64, 7)
+    conts = [c.token_ids for c in engine.generate(bases, greedy(64))]
+    again = [c.token_ids for c in engine.generate([b + c + b for b, c in zip(bases, conts)], greedy(64))]
+    longs = [c.token_ids for c in engine.generate(bases, greedy(gen_len))]
+    rows = []
+    for b, c, a, out in zip(bases, conts, again, longs):
+        prefix = next((i for i, (x, y) in enumerate(zip(c, a)) if x != y), len(c))
+        tokens = b + out
+        i, steps = len(b), 0
+        while i < len(tokens):
+            proposal = lookup(np.asarray(tokens[:i], dtype=np.int64), 2, 4, k)
+            n = 0
+            while n < len(proposal) and i + n < len(tokens) and tokens[i + n] == proposal[n]:
+                n += 1
+            i, steps = i + n + 1, steps + 1
+        rows.append({"pcp_equal_positions": sum(x == y for x, y in zip(c, a)), "pcp_common_prefix": prefix,
+                     "gen_len": len(out), "distinct": len(set(out)), "ngram_tokens_per_step": len(out) / steps})
+        print(f"P+C+P continues C: {rows[-1]['pcp_equal_positions']}/64 positions, common prefix {prefix}; "
+              f"{len(out)} greedy tokens: {len(set(out))} distinct, n-gram k={k} would emit "
+              f"{rows[-1]['ngram_tokens_per_step']:.2f} tokens per verify step")
+    return rows
+
+
 def draft_prefill_cost(target: LLMEngine, draft_engine: LLMEngine, length: int) -> dict[str, float]:
     """Seconds for the target's prefill of one prompt vs the draft's catch-up over it (the draft
     proposer's own runner), and the draft's KV bytes per token against the target's."""
@@ -115,12 +150,22 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--workloads", default="repetitive,random")
+    parser.add_argument("--copy-check", type=int, default=0, metavar="N",
+                        help="only check (no timing) whether the model's greedy text repeats what n-gram lookup "
+                             "could find: a prompt quoting the model's own continuation, and N-token generations")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="off first, then the others to compare with it")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--json", default="", help="write the numbers here")
     args = parser.parse_args()
 
     model = ensure_builtin_model(args.size)
+    if args.copy_check:
+        engine = LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, enable_prefix_caching=False,
+                                        num_kv_blocks=4096))
+        rows = copy_check(engine, 3, args.copy_check, args.num_speculative_tokens)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "copy_check": rows}, indent=2))
+        return
     builtin_draft_for(model)
     common = dict(model=str(model), num_threads=args.threads, enable_prefix_caching=False, num_kv_blocks=2048,
                   num_speculative_tokens=args.num_speculative_tokens)

@@ -80,6 +80,7 @@ class SpeculationCost:
     max_k: int
     ks: tuple[int, ...] = field(init=False)
     buckets: dict[int, Bucket] = field(default_factory=dict)  # bucket_of(batch size) -> its measurements
+    started_probe: bool = False  # whether the last choose() began a probe (its first step)
 
     def __post_init__(self) -> None:
         self.ks = candidate_ks(self.max_k)
@@ -96,6 +97,7 @@ class SpeculationCost:
         a due probe of the least recently measured other choice, else the best."""
         b = self._bucket(num_decodes)
         b.num_steps += 1
+        self.started_probe = False
         unmeasured = [k for k in self.ks if b.choices[k].num_samples < MIN_SAMPLES]
         if unmeasured:
             return min(unmeasured, key=lambda k: (b.choices[k].num_samples, -k))
@@ -104,6 +106,7 @@ class SpeculationCost:
             b.probe_interval = min(2 * b.probe_interval, MAX_PROBE_INTERVAL)
             b.probing = min((k for k in self.ks if k != b.best), key=lambda k: b.choices[k].last_measured)
             b.probe_tries = 0
+            self.started_probe = True
         if b.probing is not None:
             b.probe_tries += 1
             k = b.probing
@@ -114,10 +117,15 @@ class SpeculationCost:
 
     def saving_per_token_s(self, num_decodes: int) -> float | None:
         """Seconds of step time each emitted token saves at this batch size with the best choice against
-        decoding plainly (0 where plain is best); None while the choices are first measured."""
+        decoding plainly (0 where plain is best). A bucket still being measured answers with its nearest
+        measured neighbour's (batch sizes that come and go as requests finish); None before any is."""
+        key = bucket_of(num_decodes)
         b = self._bucket(num_decodes)
         if b.best < 0:
-            return None
+            measured = [k for k, x in self.buckets.items() if x.best >= 0]
+            if not measured:
+                return None
+            b = self.buckets[min(measured, key=lambda k: (abs(k - key), -k))]
         best, plain = b.choices[b.best].tokens_per_s, b.choices[0].tokens_per_s
         return max(0.0, 1 / plain - 1 / best) if best > 0 and plain > 0 else 0.0
 

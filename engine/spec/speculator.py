@@ -55,6 +55,7 @@ class PlannedStep:
     saving_per_token_s: float | None = None  # what speculating saves per emitted token now (None: unknown)
     num_catchup_tokens: int = 0  # the proposer's catch-up work in it (a draft's prefill): not a typical step
     capped: bool = False  # a sequence near max_tokens speculated fewer than k: not a typical step either
+    probe_catch_up: bool = False  # a probe of speculating where plain is best may start one sequence's draft
 
 
 class Speculator:
@@ -86,7 +87,8 @@ class Speculator:
         else:
             k = self.cost.choose(num_decodes)
             saving = self.cost.saving_per_token_s(max(num_decodes, num_seqs))
-        self.step = PlannedStep(num_decodes, k, self.clock(), saving_per_token_s=saving)
+        self.step = PlannedStep(num_decodes, k, self.clock(), saving_per_token_s=saving,
+                                probe_catch_up=saving == 0.0 and k > 0 and self.cost.started_probe)
         self.num_steps_by_k[k] = self.num_steps_by_k.get(k, 0) + 1
         return k
 
@@ -109,7 +111,11 @@ class Speculator:
         remaining = seq.params.max_tokens - seq.num_output_tokens
         lag = self.proposer.lag(seq)
         if lag > IN_SYNC_TOKENS and not self._catch_up_pays(lag, remaining):
-            return 0
+            if self.step is None or not self.step.probe_catch_up:
+                return 0
+            # no sequence may be in step with the draft (all new since plain became the best): one catches
+            # up, so the probe can measure speculation at all (at most one prefill per probe)
+            self.step.probe_catch_up = False
         # never past max_tokens: the last token of a request is the target's own draw
         if remaining - 1 < limit and self.step is not None:
             self.step.capped = True

@@ -131,6 +131,7 @@ def test_saving_per_token_is_unknown_while_measuring_then_zero_where_plain_is_be
     plain_s = memory_bound(1, 0)  # per token at batch 1
     spec_s = memory_bound(1, 4) / round(expected_tokens(0.9, 4))
     assert cost.saving_per_token_s(1) == pytest.approx(plain_s - spec_s)
+    assert cost.saving_per_token_s(7) == 0.0 and cost.saving_per_token_s(2) == cost.saving_per_token_s(1)  # neighbours
 
 
 def test_a_near_tie_does_not_flip_the_best():

@@ -189,11 +189,12 @@ def test_cost_control_falls_back_where_speculating_costs_more(tiny_model_dir, pl
     assert b.best == 0
     measured = {k: c.num_samples for k, c in b.choices.items()}
     assert measured[0] > 3 * sum(n for k, n in measured.items() if k), measured  # plain after a few probes
-    assert spec.num_steps_by_k[0] > sum(n for k, n in spec.num_steps_by_k.items() if k)
-    # the next batch of 8 is not worth the draft's prefill of its prompts: no catch-up, no proposals
+    # the next batch of 8 is not worth the draft's prefill of its prompts: only a probe may start one
+    # sequence's draft (so that it can measure at all), and almost nothing is proposed
     catchup, proposed = spec.proposer.num_catchup_tokens, spec.num_proposed_tokens
     assert [c.token_ids for c in engine.generate(batch, params)] == [c.token_ids for c in plain.generate(batch, params)]
-    assert (spec.proposer.num_catchup_tokens, spec.num_proposed_tokens) == (catchup, proposed)
+    assert spec.proposer.num_catchup_tokens - catchup <= 3 * (max(len(p) for p in batch) + params.max_tokens)
+    assert spec.num_proposed_tokens - proposed < 0.05 * len(batch) * params.max_tokens
     assert _all_free(engine)
 
 
