@@ -100,6 +100,17 @@ def mooncake_requests(config: BenchConfig, codec: TokenCodec) -> list[BenchReque
     return requests
 
 
+def _leading_hits(r: BenchRequest, block_size: int, cached) -> int:
+    """How many of r's lookup blocks are in `cached`, by the engine's rule: its first (prompt_len - 1) //
+    block_size blocks (the last prompt token is always computed), stopping at the first miss."""
+    n = 0
+    for h in r.hash_ids[: (r.prompt_len - 1) // block_size]:
+        if h not in cached:
+            break
+        n += 1
+    return n
+
+
 def ideal_hit_ratio(requests: list[BenchRequest], counted_ids: set[str], block_size: int,
                     capacity_blocks: int | None = None) -> float | None:
     """Prompt tokens an ideal prefix cache serves / prompt tokens, over the `counted_ids` requests,
@@ -114,11 +125,7 @@ def ideal_hit_ratio(requests: list[BenchRequest], counted_ids: set[str], block_s
     hit_tokens = prompt_tokens = 0
     for r in requests:
         assert r.hash_ids is not None, "ideal hit ratios need trace requests"
-        num_hit = 0
-        for h in r.hash_ids[: (r.prompt_len - 1) // block_size]:
-            if h not in cache:
-                break
-            num_hit += 1
+        num_hit = _leading_hits(r, block_size, cache)
         for h in r.hash_ids[: r.prompt_len // block_size]:
             cache[h] = None
             cache.move_to_end(h)
@@ -148,11 +155,7 @@ def ideal_misses(requests: list[BenchRequest], measured: dict[str, tuple[int, fl
     in_flight = computed = 0
     for r in requests:
         assert r.hash_ids is not None, "ideal misses need trace requests"
-        num_ideal = 0
-        for h in r.hash_ids[: (r.prompt_len - 1) // block_size]:
-            if h not in seen:
-                break
-            num_ideal += 1
+        num_ideal = _leading_hits(r, block_size, seen)
         m = measured.get(r.request_id)
         if m is not None:
             cached, started, first_token = m
