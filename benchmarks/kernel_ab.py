@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-from pdserve.engine.kernels import SOURCES, kernel_build_dir
+from pdserve.engine.kernels import CFLAGS, LDFLAGS, SOURCES, kernel_build_dir
 
 SHAPES = {"small": (12, 4), "tiny": (4, 2)}  # (heads, KV heads), head_dim 64
 
@@ -40,8 +40,7 @@ def build(src: Path):
     out = kernel_build_dir().parent / "ab" / h
     out.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=name, sources=[str(src / n) for n in SOURCES], build_directory=str(out),
-                              extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"])
+                              extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
 
 
 def cases(which: list[str], heads: int, kv_heads: int):

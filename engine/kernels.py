@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 _CSRC_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("module.cpp", "paged_attention.cpp", "fused_ops.cpp")
 MODULE_NAME = "pdserve_cpu_kernels"
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def kernel_build_dir() -> Path:
@@ -56,7 +58,7 @@ def load_kernel(verbose: bool = False):
         (build_dir / "lock").unlink(missing_ok=True)
         return cpp_extension.load(
             name=MODULE_NAME, sources=[str(_CSRC_DIR / n) for n in SOURCES], build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
             verbose=verbose)
 
 
