@@ -40,7 +40,7 @@ def build(src: Path):
     out = kernel_build_dir().parent / "ab" / h
     out.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=name, sources=[str(src / n) for n in SOURCES], build_directory=str(out),
-                              extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
+                              extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS))
 
 
 def cases(which: list[str], heads: int, kv_heads: int):

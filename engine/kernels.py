@@ -21,8 +21,12 @@ logger = logging.getLogger(__name__)
 _CSRC_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("module.cpp", "paged_attention.cpp", "fused_ops.cpp")
 MODULE_NAME = "pdserve_cpu_kernels"
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+# Tuples, copied into a fresh list per call: torch's load() appends its own -L/-l flags to the
+# extra_ldflags list it is given, so a shared list would grow on every call, change the build's hash,
+# and make the next load in that process rebuild the whole module under a new name
+# (pdserve_cpu_kernels_v1): minutes per worker start on 2 cores.
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def kernel_build_dir() -> Path:
@@ -58,7 +62,7 @@ def load_kernel(verbose: bool = False):
         (build_dir / "lock").unlink(missing_ok=True)
         return cpp_extension.load(
             name=MODULE_NAME, sources=[str(_CSRC_DIR / n) for n in SOURCES], build_directory=str(build_dir),
-            extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
             verbose=verbose)
 
 

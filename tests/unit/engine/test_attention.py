@@ -128,3 +128,17 @@ def test_a_stale_build_lock_does_not_block_loading(kernel):
     thread.start()
     assert done.wait(120), "load_kernel waited on a stale lock file"
     assert result[0] is not None
+
+
+def test_loading_twice_in_one_process_reuses_the_build(kernel):
+    """Every worker loads the module twice (attention and the fused ops). torch appends its own link
+    flags to the flag list it is handed; a shared list made the second load's hash differ, so torch
+    rebuilt the whole module as pdserve_cpu_kernels_v1 in every worker (minutes each on 2 cores, and
+    the CI run that shipped it timed out). The second load must be the first one's module."""
+    from pdserve.engine import kernels
+
+    cflags, ldflags = tuple(kernels.CFLAGS), tuple(kernels.LDFLAGS)
+    again = load_kernel()
+    assert again.__name__ == kernels.MODULE_NAME, f"a second load rebuilt the module as {again.__name__}"
+    assert again is kernel
+    assert (tuple(kernels.CFLAGS), tuple(kernels.LDFLAGS)) == (cflags, ldflags), "load_kernel changed the flags"
