@@ -28,32 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from vs_vllm import port_in_use, resolve_model, stop_server, wait_up  # noqa: E402
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROLES = ("router", "prefill", "decode", "worker", "kvstore-master", "kvstore-node")
-
-
-def group_cpu(pgid: int) -> dict[str, float]:
-    """CPU seconds (user + system, this process and its reaped children) per role of the processes in `pgid`."""
-    out: dict[str, float] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) != pgid:  # field 5: process group
-            continue
-        words = [a.decode(errors="replace") for a in argv]
-        role = next((w for w in words if w in ROLES), "up" if "up" in words else "other")
-        cpu = sum(int(x) for x in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
-        out[role] = out.get(role, 0.0) + cpu
-    return out
-
+from vs_vllm import group_cpu, port_in_use, resolve_model, stop_server, wait_up  # noqa: E402
 
 def package_tree(checkout: Path, out: Path) -> Path:
     """A folder holding `pdserve` as `checkout` lays it out (pyproject's package-dir: engine/ is pdserve.engine,

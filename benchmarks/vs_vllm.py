@@ -37,6 +37,49 @@ PEERS = ROOT.parent / "shared" / "peers"
 SERVERS = ("vllm", "pdserve-disagg", "pdserve-colocated")
 HEADING = "## pdserve vs vLLM-CPU"
 VLLM_PORT = 8000  # where ../shared/peers/vllm-cpu.sh serve listens
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# pdserve's processes by their subcommand; vLLM's by the titles it gives them (VLLM::EngineCore, VLLM::Worker...)
+ROLES = ("router", "prefill", "decode", "worker", "kvstore-master", "kvstore-node")
+
+
+def process_role(words: list[str]) -> str:
+    """A server process's role from its argv (vLLM rewrites its processes' titles)."""
+    for w in words:
+        if w in ROLES:
+            return w
+        if "EngineCore" in w:
+            return "vllm-engine-core"
+        if "Worker" in w and "VLLM" in w:
+            return "vllm-worker"
+    if "up" in words:
+        return "up"
+    return "vllm-api-server" if any("vllm" in w for w in words) else "other"
+
+
+def group_cpu(pgid: int) -> dict[str, float]:
+    """CPU seconds (user + system, each process and its reaped children) per role of the processes in `pgid`."""
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) != pgid:  # field 5: process group
+            continue
+        role = process_role([a.decode(errors="replace") for a in argv if a])
+        cpu = sum(int(x) for x in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
+        out[role] = out.get(role, 0.0) + cpu
+    return out
+
+
+def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """CPU milliseconds per output token, per role, between two `group_cpu` readings."""
+    return {role: 1000.0 * (after[role] - before.get(role, 0.0)) / max(tokens, 1)
+            for role in sorted(after) if after[role] - before.get(role, 0.0) > 0.0}
 
 
 def wait_up(port: int, proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -88,16 +131,22 @@ def stop_server(proc: subprocess.Popen) -> None:
     time.sleep(2)  # let the ports and the cores go quiet before the next server
 
 
-def bench(port: int, model: Path, rate: str, seed: int, out_json: Path, args: argparse.Namespace) -> dict:
+def bench(port: int, model: Path, rate: str, seed: int, out_json: Path, args: argparse.Namespace,
+          pgid: int | None = None) -> dict:
+    """One `pdserve bench` run; with `pgid` (the server's process group) also the CPU each of the server's
+    processes spent per output token."""
+    before = group_cpu(pgid) if pgid else {}
     argv = [sys.executable, "-m", "pdserve", "--log-level", "warning", "bench", "--base-url",
             f"http://127.0.0.1:{port}", "--dataset", "random", "--num-prompts", str(args.num_prompts),
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
             "--request-rate", rate, "--tokenizer", str(model), "--seed", str(seed), "--no-progress",
             "--max-duration-s", str(args.max_duration_s), "--result-json", str(out_json)]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=args.max_duration_s + 120)
+    after = group_cpu(pgid) if pgid else {}
     s = json.loads(out_json.read_text())["summary"]
     lat = s["latency"]
-    return {"output_tok_s": s["output_throughput"], "completed": s["num_completed"], "sent": s["num_sent"],
+    tokens = s["total_output_tokens"]
+    return {"cpu_ms_per_token": cpu_ms_per_token(before, after, tokens),"output_tok_s": s["output_throughput"], "completed": s["num_completed"], "sent": s["num_sent"],
             "failed": s["num_failed"],
             "ttft_mean_ms": lat["ttft"]["mean_ms"] if lat.get("ttft") else float("nan"),
             "tpot_mean_ms": lat["tpot"]["mean_ms"] if lat.get("tpot") else float("nan"),
@@ -116,7 +165,11 @@ def median_run(runs: list[dict]) -> dict:
     """Each figure's median over the rounds (one round: that round's figures)."""
     if not runs:
         return {}
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "round"}
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("round", "cpu_ms_per_token")}
+    roles = sorted({role for r in runs for role in r.get("cpu_ms_per_token", {})})
+    out["cpu_ms_per_token"] = {role: statistics.median(r.get("cpu_ms_per_token", {}).get(role, 0.0) for r in runs)
+                               for role in roles}
+    return out
 
 
 def fmt_ratio(x: float) -> str:
@@ -174,7 +227,7 @@ def main() -> int:
                 for i, rate in enumerate(args.rates):
                     seed = 1 + i + 100 * rnd  # fresh prompts per run, the same for every server
                     out_json = args.out_dir / f"{name}-{server}-rate{rate}-round{rnd + 1}.json"
-                    r = bench(server_port, model, rate, seed, out_json, args)
+                    r = bench(server_port, model, rate, seed, out_json, args, pgid=proc.pid)
                     results.setdefault((name, server, rate), []).append(r | {"round": rnd})
                     print(f"[{name}] {server} rate={rate}: {r['output_tok_s']:.0f} out tok/s, TTFT "
                           f"{r['ttft_mean_ms']:.0f} ms, TPOT {r['tpot_mean_ms']:.1f} ms, "
@@ -235,6 +288,23 @@ def render(results: dict, args: argparse.Namespace, started: datetime, load_star
                 f"{r4['ttft_mean_ms']:.0f} | {ratio(r4_runs, base_4_runs, 'ttft_mean_ms')} | {r4['tpot_mean_ms']:.1f} | "
                 f"{ratio(r4_runs, base_4_runs, 'tpot_mean_ms')} | {r4['ttft_p99_ms']:.0f} | {done} |"
                 if inf and r4 else f"| {name} | {server} | partial | | | | | | | {done} |")
+    cpu_rows = []
+    for name in args.models:
+        for server in args.servers:
+            for rate in args.rates:
+                runs = results.get((name, server, rate), [])
+                cpu = median_run(runs).get("cpu_ms_per_token") if runs else None
+                if not cpu:
+                    continue
+                by_role = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+                cpu_rows.append(f"| {name} | {server} | {'all at once' if rate == 'inf' else rate + '/s'} | "
+                                f"{sum(cpu.values()):.2f} | {by_role} |")
+    if cpu_rows:
+        lines += ["", "CPU milliseconds per output token (user + system from /proc, every process of the server, "
+                  "read around each bench run; medians over the rounds): where each server's cores went. The "
+                  "bench client ran on the same cores for every server.", "",
+                  "| model | server | rate | server CPU ms / token | by process |",
+                  "|---|---|---|---:|---|", *cpu_rows]
     lines += ["", "Goals (issue 19): colocated >= 1.0x vLLM's output tok/s all at once and <= 1.0x its mean TTFT "
               "and TPOT at 4 req/s; disaggregated >= 0.8x all at once, with a TTFT at 4 req/s that does not grow "
               "without bound."]
