@@ -57,11 +57,25 @@ ANALYSIS = "### What limits it"  # hand-written subsection, kept when the sectio
 
 
 # ---- deployments ------------------------------------------------------------------------------
-def cluster_spec(name: str, model: str, worker_args: list[str], router_args: list[str]) -> ClusterSpec:
+def cluster_spec(name: str, model: str, worker_args: list[str], router_args: list[str],
+                 log_level: str = "warning") -> ClusterSpec:
     disagg = name == "disagg"
     return ClusterSpec(model=model, num_prefill=1 if disagg else 0, num_decode=1 if disagg else 0,
                        num_colocated=0 if disagg else 2, router_args=router_args, worker_args=worker_args,
-                       log_level="warning")
+                       log_level=log_level)
+
+
+def planner_log_lines(cluster: Cluster, offset: int) -> tuple[list[str], int]:
+    """The planner's logged decisions in the router's log since byte `offset` (and the new offset): its
+    deployment runs at log level info, where every decision that is not a repeated hold is logged."""
+    try:
+        with open(cluster.log_dir / "router.log", "rb") as f:
+            f.seek(offset)
+            text = f.read()
+    except OSError:
+        return [], offset
+    lines = [ln for ln in text.decode(errors="replace").splitlines() if " planner " in ln or "is now" in ln]
+    return lines, offset + len(text)
 
 
 def cpu_seconds(cluster: Cluster) -> dict[str, float]:
@@ -314,7 +328,7 @@ def main() -> None:
             if args.planner != "off":  # its targets are this workload's SLO, so it starts now
                 spec = cluster_spec("disagg", model, worker_args, router_args + [
                     "--planner", args.planner, "--planner-tpot-slo-ms", str(slo["tpot_ms"]),
-                    "--planner-ttft-slo-ms", str(slo["ttft_ms"]), *shlex.split(args.planner_args)])
+                    "--planner-ttft-slo-ms", str(slo["ttft_ms"]), *shlex.split(args.planner_args)], log_level="info")
                 clusters["planner"] = start_cluster(spec, attempts=3)
                 asyncio.run(run_at(clusters["planner"], base_config("random", clusters["planner"], args), math.inf,
                                    args.seed + 999, 2, num_prompts=4))  # warm-up
@@ -323,6 +337,7 @@ def main() -> None:
                 k = i % len(deployments)
                 for deployment in deployments[k:] + deployments[:k]:  # rotate who goes first
                     cluster = clusters[deployment]
+                    log_offset = planner_log_lines(cluster, 0)[1] if deployment == "planner" else 0
                     idle = [c for d, c in clusters.items() if d != deployment]
                     idle0 = sum(sum(cpu_seconds(c).values()) - sum(os.times()[:2]) for c in idle)
                     result, cpu = asyncio.run(run_at(cluster, base_config(workload, cluster, args), rate, args.seed + i,
@@ -331,6 +346,9 @@ def main() -> None:
                     cpu["idle"] = (idle1 - idle0) / result.summary.duration_s if result.summary.duration_s else 0.0
                     row = run_row(deployment, workload, rate, result, cpu, slo_tpot, slo_both)
                     row["split"] = asyncio.run(split_of_cluster(cluster))
+                    if deployment == "planner":
+                        row["planner_log"] = planner_log_lines(cluster, log_offset)[0]
+                        print("\n".join("    " + ln for ln in row["planner_log"]), flush=True)
                     rows.append(row)
                     print(f"{deployment:9s} {workload:8s} rate {rate:6.2f}: ok {row['ok']}/{row['sent']}, goodput "
                           f"{row['goodput_tpot']:.2f} (TPOT) {row['goodput_both']:.2f} (+TTFT), TPOT p50 "
