@@ -16,6 +16,13 @@ O = output tokens per request):
         TTFT = P per_token_s / (1 - rho_p - per_seq_s (lam/N) O) + fixed_s
     share meeting a target (the predictions are typical values): 1 / (1 + (predicted/target)^4); 1/2 at it.
 
+Workers of different speeds (`Load.workers`, each worker's own step model as the router learnt it): a
+disaggregated split gives its prefill slots to the workers with the fewest seconds per prefill token (as
+planner.assign_roles does) and the rest decode; each pool is then one step model of the pool's combined
+rate (per field, n over the sum of the reciprocals: the policy spreads a pool's work by speed).
+Colocated: each worker takes a share of the requests in proportion to its own capacity
+1 / (P per_token_s + O per_seq_s) and is predicted alone at that rate; TTFT and TPOT are the shares' means.
+
 What it leaves out (and the simulator does not): chunk boundaries, preemption, KV capacity, bursts beyond
 what stall_s captures.
 """
@@ -81,6 +88,19 @@ class Load:
     step: StepModel  # the workers' step times (learnt or calibrated)
     stall_s: float = 0.0  # colocated: a request's first decode step waits this long behind queued prompts
     handoff_s: float = 0.01  # disaggregated: KV tail and decode admission between first and second token
+    workers: tuple[StepModel, ...] = ()  # each worker's own step model; () = every worker runs `step`
+
+
+def pooled(steps) -> StepModel:
+    """One step model for a pool that spreads its work by speed: per field, n / sum(1/x) (fields that are 0
+    everywhere stay 0)."""
+    steps = list(steps)
+
+    def comb(values: list[float]) -> float:
+        pos = [v for v in values if v > 0]
+        return len(values) / sum(1.0 / v for v in pos) if pos else 0.0
+    return StepModel(comb([s.fixed_s for s in steps]), comb([s.per_seq_s for s in steps]),
+                     comb([s.per_token_s for s in steps]), comb([s.per_context_token_s for s in steps]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,28 +127,37 @@ def share_meeting(predicted_s: float, target_s: float) -> float:
     return 1.0 / (1.0 + (predicted_s / target_s) ** 4)
 
 
+def _colocated(r: float, p: float, o: float, st: StepModel, stall_s: float) -> tuple[float, float]:
+    """(TTFT, TPOT) of one colocated worker taking `r` requests/s."""
+    rho_p = r * p * st.per_token_s
+    rho_d = r * o * st.per_seq_s
+    if rho_p + rho_d >= 1:
+        return math.inf, math.inf
+    ttft = p * st.per_token_s / (1 - rho_p - rho_d) + st.fixed_s
+    tpot = (st.fixed_s / (1 - rho_p) + stall_s / max(1.0, o - 1)) / (1 - rho_d / (1 - rho_p))
+    return ttft, tpot
+
+
 def predict(split: Split, load: Load, ttft_target_s: float, tpot_target_s: float) -> Prediction:
-    lam, p, o, st = load.arrival_rate, max(1.0, load.prompt_tokens), max(1.0, load.output_tokens), load.step
+    lam, p, o = load.arrival_rate, max(1.0, load.prompt_tokens), max(1.0, load.output_tokens)
     inf = math.inf
-    if split.num_colocated:
-        n = split.num_colocated
-        r = lam / n
-        rho_p = r * p * st.per_token_s
-        rho_d = r * o * st.per_seq_s
-        capacity = n / (p * st.per_token_s + o * st.per_seq_s)
-        if rho_p + rho_d >= 1:
-            ttft = tpot = inf
-        else:
-            ttft = p * st.per_token_s / (1 - rho_p - rho_d) + st.fixed_s
-            tpot = (st.fixed_s / (1 - rho_p) + load.stall_s / max(1.0, o - 1)) / (1 - rho_d / (1 - rho_p))
+    steps = list(load.workers) if len(load.workers) == split.num_workers else [load.step] * split.num_workers
+    if split.num_colocated and not (split.num_prefill or split.num_decode):
+        caps = [1.0 / (p * st.per_token_s + o * st.per_seq_s) for st in steps]
+        capacity = sum(caps)
+        parts = [_colocated(lam * c / capacity, p, o, st, load.stall_s) for c, st in zip(caps, steps)]
+        ttft = sum(c * t for c, (t, _) in zip(caps, parts)) / capacity
+        tpot = sum(c * t for c, (_, t) in zip(caps, parts)) / capacity
     else:
         np_, nd = split.num_prefill, split.num_decode
-        if np_ < 1 or nd < 1:
-            return Prediction(split, inf, inf, 0.0, 0.0, inf)
-        rho_p = lam / np_ * p * st.per_token_s
-        rho_d = lam / nd * o * st.per_seq_s
-        capacity = min(np_ / (p * st.per_token_s), nd / (o * st.per_seq_s))
-        ttft = inf if rho_p >= 1 else p * st.per_token_s / (1 - rho_p) + st.fixed_s
-        tpot = inf if rho_d >= 1 else (st.fixed_s + load.handoff_s / max(1.0, o - 1)) / (1 - rho_d)
+        if np_ < 1 or nd < 1 or split.num_colocated:
+            return Prediction(split, inf, inf, 0.0, 0.0, inf)  # mixed splits are not candidates
+        by_prefill_speed = sorted(steps, key=lambda st: st.per_token_s)
+        pre, dec = pooled(by_prefill_speed[:np_]), pooled(by_prefill_speed[np_:])
+        rho_p = lam / np_ * p * pre.per_token_s
+        rho_d = lam / nd * o * dec.per_seq_s
+        capacity = min(np_ / (p * pre.per_token_s), nd / (o * dec.per_seq_s) if dec.per_seq_s > 0 else inf)
+        ttft = inf if rho_p >= 1 else p * pre.per_token_s / (1 - rho_p) + pre.fixed_s
+        tpot = inf if rho_d >= 1 else (dec.fixed_s + load.handoff_s / max(1.0, o - 1)) / (1 - rho_d)
     meet = min(share_meeting(ttft, ttft_target_s), share_meeting(tpot, tpot_target_s))
     return Prediction(split, ttft, tpot, capacity, lam * meet, lam / capacity if capacity > 0 else inf)

@@ -24,7 +24,7 @@ import grpc
 
 from pdserve.planner.config import PlannerConfig
 from pdserve.planner.model import Prediction, Split, StepModel, candidate_splits, predict
-from pdserve.planner.signals import FinishedRequest, SignalWindow, Snapshot
+from pdserve.planner.signals import Arrival, FinishedRequest, MeasuredSpeed, SignalWindow, Snapshot
 from pdserve.proto import pdserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,23 @@ class Decision:
 
 
 def split_of(roles: Iterable[int]) -> Split:
+    """The split these roles make. With no prefill worker, a decode worker prefills every request itself
+    (router/policy.py: no prefill worker to send it to), so it counts as colocated: 1 decode + 1 colocated
+    is "2 colocated", and reaching all colocated from 1P:1D switches only the prefill worker."""
     roles = list(roles)
-    return Split(roles.count(pb.PREFILL), roles.count(pb.DECODE), roles.count(pb.COLOCATED))
+    p, d, c = roles.count(pb.PREFILL), roles.count(pb.DECODE), roles.count(pb.COLOCATED)
+    return Split(p, d, c) if p else Split(0, 0, d + c)
+
+
+def measured_speeds(workers, policy) -> tuple[MeasuredSpeed, ...]:
+    """Each worker's speed as the router learnt it from its step times (its `speed`, a
+    router/worker_speed.py WorkerSpeed), prefill at the policy's seconds per token for it."""
+    out = []
+    for w in workers:
+        sp = w.speed
+        out.append(MeasuredSpeed(policy.s_per_token(w), sp.decode_fit() if sp.has_decode() else None,
+                                 sp.decode_mean()))
+    return tuple(out)
 
 
 class SplitChooser:
@@ -69,10 +84,19 @@ class SplitChooser:
         near = [p for p in preds if self.score(p) * (1 + c.planner_margin) >= top]
         return min(near, key=lambda p: (p.utilization, str(p.split)))
 
-    def better(self, best: Prediction, cur: Prediction) -> bool:
-        """Worth a switch: a score higher than the current split's by more than the margin (a split that
-        already meets the targets is kept: a switch costs a drain)."""
-        return self.score(best) > self.score(cur) * (1 + self.config.planner_margin) + 1e-9
+    def better(self, best: Prediction, cur: Prediction) -> str:
+        """Why a switch is worth it ("" if it is not): a score higher than the current split's by more than
+        the margin (a split that already meets the targets is kept: a switch costs a drain); or, in slo
+        mode, the current split is overloaded (its queues grow without bound, so it misses any target in
+        time) and the best one has more capacity by more than the margin. The second matters when every
+        split is overloaded: all predict no goodput, and goodput alone would never move."""
+        m = self.config.planner_margin
+        if self.score(best) > self.score(cur) * (1 + m) + 1e-9:
+            return f"predicted {self.score(best):.2f} vs {self.score(cur):.2f}/s"
+        if self.config.planner == "slo" and cur.utilization >= 1 and best.capacity_rps > cur.capacity_rps * (1 + m):
+            return (f"current split overloaded (utilization {cur.utilization:.2f}): {best.split} has capacity "
+                    f"{best.capacity_rps:.2f}/s vs {cur.capacity_rps:.2f}/s")
+        return ""
 
     def decide(self, now: float, current: Split, snap: Snapshot) -> Decision:
         c = self.config
@@ -85,10 +109,12 @@ class SplitChooser:
         if best.split == current:
             self._candidate, self._streak = None, 0
             return Decision(now, "hold", current, current, f"current split is the best ({why})")
-        if not self.better(best, cur):
+        gain = self.better(best, cur)
+        if not gain:
             self._candidate, self._streak = None, 0
             return Decision(now, "hold", current, current,
                             f"gain of {best.split} below the {c.planner_margin:.0%} margin ({why})")
+        why = f"{gain}; {why}"
         if now - self.last_change_at < c.planner_hold_s:
             return Decision(now, "hold", current, current,
                             f"holding: changed {now - self.last_change_at:.0f} s ago (< {c.planner_hold_s:.0f} s); {why}")
@@ -126,14 +152,18 @@ class SplitChooser:
 def assign_roles(workers: list, target: Split, prefill_speed) -> list[tuple[object, int]]:
     """(worker, new role) for the workers that must switch to reach `target`, keeping as many as possible
     where they are; the fastest prefill workers (lowest `prefill_speed(worker)` s/token) take prefill
-    slots. Order: prefill workers gaining decode first (they drain no decode work), then decode-capable
+    slots. A target without prefill workers is met by decode workers as well as colocated ones (split_of).
+    Order: prefill workers gaining decode first (they drain no decode work), then decode-capable
     ones, those becoming prefill last, so a decode-capable worker stays routable through every drain."""
+    if not target.num_prefill:
+        target = Split(0, 0, target.num_workers)
     needs = {pb.PREFILL: target.num_prefill, pb.DECODE: target.num_decode, pb.COLOCATED: target.num_colocated}
     by_speed = sorted(workers, key=lambda w: (prefill_speed(w), w.address))
     movers = []
     for w in by_speed:
-        if needs.get(w.role, 0) > 0:
-            needs[w.role] -= 1
+        role = pb.COLOCATED if w.role == pb.DECODE and not target.num_prefill else w.role  # split_of's rule
+        if needs.get(role, 0) > 0:
+            needs[role] -= 1
         else:
             movers.append(w)
     plan = []
@@ -164,6 +194,9 @@ class Planner:
     def observe(self, request: FinishedRequest) -> None:
         self.window.add(request)
 
+    def observe_arrival(self, arrival: Arrival) -> None:
+        self.window.arrive(arrival)
+
     # ---- the loop ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -193,7 +226,8 @@ class Planner:
         current = split_of(w.role for w in workers)
         decode_capable = [w for w in workers if w.role in (pb.DECODE, pb.COLOCATED)]
         batch = sum(w.stats.num_running for w in decode_capable) / max(1, len(decode_capable))
-        snap = self.window.snapshot(now, self.policy.prefill_s_per_token, self.calibration, batch)
+        snap = self.window.snapshot(now, self.policy.prefill_s_per_token, self.calibration, batch,
+                                    measured_speeds(workers, self.policy))
         self.last_snapshot = snap
         decision = self.chooser.decide(now, current, snap)
         self.record(decision)

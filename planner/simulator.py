@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pdserve.engine.step_times import StepTimes
 from pdserve.planner.config import PlannerConfig
 from pdserve.planner.model import Split, StepModel
-from pdserve.planner.planner import SplitChooser, assign_roles, split_of
-from pdserve.planner.signals import FinishedRequest, SignalWindow
+from pdserve.planner.planner import SplitChooser, assign_roles, measured_speeds, split_of
+from pdserve.planner.signals import Arrival, FinishedRequest, SignalWindow
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import RouterConfig
 from pdserve.router.policy import RoutingPolicy, worker_load
@@ -228,6 +228,7 @@ class Simulation:
 
     # ---- requests ---------------------------------------------------------------------------------
     def _arrive(self, r: SimRequest) -> None:
+        self.window.arrive(Arrival(self.now, r.prompt_len, r.output_len))  # as the router's admission tells the planner
         stored = 0
         if self.store is not None:
             for h in r.hashes:
@@ -367,7 +368,8 @@ class Simulation:
         current = split_of(w.role for w in self.workers)
         decode_capable = [w for w in self.workers if w.role in (pb.DECODE, pb.COLOCATED)]
         batch = sum(len(w.running) for w in decode_capable) / max(1, len(decode_capable))
-        snap = self.window.snapshot(self.now, self.policy.prefill_s_per_token, self.cal.step, batch)
+        snap = self.window.snapshot(self.now, self.policy.prefill_s_per_token, self.cal.step, batch,
+                                    measured_speeds(self.workers, self.policy))
         decision = self.chooser.decide(self.now, current, snap)
         if decision.action == "switch" and len(live) == len(self.workers):
             for w, role in assign_roles(self.workers, decision.target, self.policy.s_per_token):

@@ -22,7 +22,7 @@ from pdserve.engine.block_hash import BlockHash, chain_block_hashes
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.errors import InvalidRequest, KVTransferError, Overloaded, PeerUnavailable, RequestAborted
-from pdserve.planner.signals import FinishedRequest
+from pdserve.planner.signals import Arrival, FinishedRequest
 from pdserve.proto import kvstore_pb2 as kpb
 from pdserve.proto import kvstore_pb2_grpc as kpb_grpc
 from pdserve.proto import pdserve_pb2 as pb
@@ -107,6 +107,7 @@ class Dispatcher:
         self.kv_bytes_moved = 0  # KV bytes prefill workers pushed to decode workers for this router's requests
         self.policy = RoutingPolicy(config, meta.block_size)  # every decision of where a request goes
         self.finished_listeners: list[Callable[[FinishedRequest], None]] = []  # the planner's signals
+        self.arrival_listeners: list[Callable[[Arrival], None]] = []  # ... and every admitted request
         self._store_channel = rpc.channel(config.kvstore_master) if config.kvstore_master else None
         self._store = kpb_grpc.KVStoreMasterStub(self._store_channel) if self._store_channel else None
         self.decode_streams = DecodeStreams()  # one DecodeStream per worker carries all its requests' tokens
@@ -169,6 +170,10 @@ class Dispatcher:
             raise InvalidRequest(f"request_id {req_id!r} is already in flight")
         deadline = time.monotonic() + min(timeout_s or self.config.request_timeout_s, self.config.request_timeout_s)
         self._admit(len(prompt_ids))
+        if self.arrival_listeners:
+            arrival = Arrival(time.monotonic(), len(prompt_ids), params.max_tokens)
+            for listener in self.arrival_listeners:
+                listener(arrival)
         state = RequestState(req_id, pending_tokens=len(prompt_ids))
         self.policy.pending_prefill_tokens += state.pending_tokens
         self.active[req_id] = state

@@ -82,6 +82,7 @@ class RouterApp:
 
             self.planner = Planner(self.planner_config, self.registry, self.dispatcher.policy)
             self.dispatcher.finished_listeners.append(self.planner.observe)
+            self.dispatcher.arrival_listeners.append(self.planner.observe_arrival)
             self.metrics.watch_planner(self.planner)
         self.server, self.health = rpc.create_server(["pdserve.v1.Router"], max_receive_bytes=c.max_request_bytes)
         self.limits = FrontDoorLimits(c)  # one count of streams per client across gRPC and HTTP

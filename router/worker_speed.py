@@ -69,6 +69,11 @@ class WorkerSpeed:
             return 0.0, mean_t / max(mean_b, 1e-9)
         return fixed, per_seq
 
+    def decode_mean(self) -> tuple[float, float]:
+        """(mean batch, mean step seconds) of the decode steps, decayed as the fit's; (0, 0) before any."""
+        w, wb, _, wt, _ = self.sums
+        return (wb / w, wt / w) if w > 0 else (0.0, 0.0)
+
     def decode_step_s(self, batch: float) -> float | None:
         """Predicted seconds of a decode step running `batch` sequences; None before any was measured."""
         if not self.has_decode():

@@ -13,6 +13,7 @@ import pytest
 from integration_helpers import scrape, start_cluster, total
 from pdserve.client import Client
 from pdserve.cluster import ClusterSpec
+from pdserve.planner.planner import split_of
 from pdserve.proto import pdserve_pb2 as pb
 
 PLANNER_ARGS = ["--planner", "slo", "--planner-interval-s", "0.5", "--planner-window-s", "8",
@@ -21,8 +22,10 @@ PLANNER_ARGS = ["--planner", "slo", "--planner-interval-s", "0.5", "--planner-wi
 
 
 def split(workers: list[pb.WorkerInfo]) -> tuple[int, int, int]:
-    roles = [w.role for w in workers if w.healthy]
-    return roles.count(pb.PREFILL), roles.count(pb.DECODE), roles.count(pb.COLOCATED)
+    """(prefill, decode, colocated) as the planner counts them (split_of: with no prefill worker left, a
+    decode worker prefills everything itself and counts as colocated)."""
+    s = split_of(w.role for w in workers if w.healthy)
+    return s.num_prefill, s.num_decode, s.num_colocated
 
 
 def prompt(seed: int, i: int, length: int) -> list[int]:
@@ -77,7 +80,12 @@ async def test_workload_shift_moves_the_split_and_keeps_every_request(cluster):
         outs = await streams(client, 12, colocated, prompt_len=8, max_tokens=100, seed=2)
         assert await colocated(), "the planner did not make both workers colocated"
         assert all(len(c.token_ids) == 100 for c in outs)  # every request finished through the switches
+        # colocated in what it does: long prompts (remote on 1P:1D) are now all prefilled where they decode
+        remote = total(scrape(f"{cluster.http_url}/metrics"), "pdserve:router_prefills_total", where="remote")
+        more = await bursts(client, 4, prompt_len=480, max_tokens=4, burst=4, gap_s=0.0, seed=3)
+        assert all(len(c.token_ids) == 4 for c in more)
     samples = scrape(f"{cluster.http_url}/metrics")
+    assert total(samples, "pdserve:router_prefills_total", where="remote") == remote
     assert total(samples, "pdserve:planner_decisions_total", action="switched") >= 1
     assert total(samples, "pdserve:planner_split_workers", role="colocated") == 2
     log = (cluster.log_dir / "router.log").read_text()

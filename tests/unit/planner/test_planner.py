@@ -102,8 +102,15 @@ def test_assign_roles_keeps_workers_in_place_and_gives_prefill_to_the_fastest():
     plan = assign_roles([W("p", pb.PREFILL), W("q", pb.PREFILL), W("d", pb.DECODE)], Split(1, 2), speed)
     assert [r for _, r in plan] == [pb.DECODE]
     assert assign_roles(ws, Split(0, 2, 1), speed) == []
+    # all colocated from 1P:1D: only the prefill worker switches; with no prefill worker left the decode
+    # worker prefills every request itself, which is what colocated means (split_of counts it so)
     plan = assign_roles([W("d", pb.DECODE), W("p", pb.PREFILL)], Split(0, 0, 2), speed)
-    assert [(w.address, r) for w, r in plan] == [("p", pb.COLOCATED), ("d", pb.COLOCATED)]  # decode drains last
+    assert [(w.address, r) for w, r in plan] == [("p", pb.COLOCATED)]
+    assert split_of([pb.DECODE, pb.COLOCATED]) == Split(0, 0, 2) and split_of([pb.DECODE, pb.DECODE]) == Split(0, 0, 2)
+    plan = assign_roles([W("d", pb.DECODE), W("c", pb.COLOCATED)], Split(1, 1), speed)
+    assert [(w.address, r) for w, r in plan] == [("c", pb.PREFILL)]  # and back: one switch again
+    plan = assign_roles([W("p", pb.PREFILL), W("c", pb.COLOCATED)], Split(0, 0, 2), speed)
+    assert [(w.address, r) for w, r in plan] == [("p", pb.COLOCATED)]
 
 
 def test_config_checks():
@@ -152,15 +159,15 @@ async def test_a_worker_that_cannot_be_reached_leaves_the_split_unchanged(caplog
     from pdserve.planner.planner import Decision, Planner
 
     ok, dead = FakeStub(None), FakeStub(grpc.StatusCode.DEADLINE_EXCEEDED)
-    p, d = FakeWorker("p", pb.PREFILL, ok), FakeWorker("d", pb.DECODE, dead)
-    registry = FakeRegistry([p, d])
+    c, d = FakeWorker("c", pb.COLOCATED, ok), FakeWorker("d", pb.COLOCATED, dead)
+    registry = FakeRegistry([c, d])
     planner = Planner(PlannerConfig(planner="slo"), registry, FakePolicy())
-    want = Decision(0, "switch", Split(1, 1), Split(0, 0, 2), "test")
+    want = Decision(0, "switch", Split(0, 0, 2), Split(1, 1), "test")  # both must switch
     with caplog.at_level("INFO"):
-        got = await planner.apply(want, [p, d])
-    assert got.action == "unreachable" and got.target == Split(1, 1)
+        got = await planner.apply(want, [c, d])
+    assert got.action == "unreachable" and got.target == Split(0, 0, 2)
     assert "cannot reach d" in got.reason and "split unchanged" in got.reason and "DEADLINE_EXCEEDED" in got.reason
-    assert (p.role, d.role) == (pb.PREFILL, pb.DECODE) and all(r.role in (pb.PREFILL, pb.DECODE) for r in ok.calls)
+    assert (c.role, d.role) == (pb.COLOCATED, pb.COLOCATED) and all(r.role == pb.COLOCATED for r in ok.calls)
     assert "split unchanged" in caplog.text and planner.num_decisions["unreachable"] == 1
 
 
@@ -169,14 +176,135 @@ async def test_a_worker_dying_mid_switch_fails_that_switch_only():
 
     class DiesOnSwitch(FakeStub):
         async def SetRole(self, request, timeout=None):
-            if request.role != pb.DECODE:  # answers the ping, dies during the drain
+            if request.role != pb.PREFILL:  # answers the ping, dies during the drain
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                            "connection reset")
             return pb.SetRoleResponse(role=request.role)
 
-    p, d = FakeWorker("p", pb.PREFILL, FakeStub(None)), FakeWorker("d", pb.DECODE, DiesOnSwitch(None))
+    p, d = FakeWorker("p", pb.PREFILL, DiesOnSwitch(None)), FakeWorker("d", pb.DECODE, FakeStub(None))
     registry = FakeRegistry([p, d])
     planner = Planner(PlannerConfig(planner="slo"), registry, FakePolicy())
     got = await planner.apply(Decision(0, "switch", Split(1, 1), Split(0, 0, 2), "test"), [p, d])
-    assert got.action == "switch_failed" and "UNAVAILABLE" in got.reason
-    assert not d.draining and d.role == pb.DECODE  # back in rotation as it was; health polls decide the rest
+    assert got.action == "switch_failed" and "UNAVAILABLE" in got.reason and "split now 1P:1D" in got.reason
+    assert not p.draining and p.role == pb.PREFILL  # back in rotation as it was; health polls decide the rest
+
+
+# ---- overload, arrivals, per-worker speeds ------------------------------------------------------------
+def arrivals(w: SignalWindow, n: int, rate: float, prompt: int, max_tokens: int, start: float = 0.0) -> SignalWindow:
+    from pdserve.planner.signals import Arrival
+
+    for i in range(n):
+        w.arrive(Arrival(start + i / rate, prompt, max_tokens))
+    return w
+
+
+def test_arrivals_give_the_offered_rate_and_lengths_before_requests_finish():
+    # 4 req/s offered, 2 s in: nothing finished yet (outputs of 64 take seconds), the planner can still judge
+    w = arrivals(SignalWindow(window_s=10, min_requests=8), 8, rate=4, prompt=256, max_tokens=64)
+    snap = w.snapshot(2.0, 1e-3, STEP, 1.0)
+    assert snap.num_requests == 0 and snap.num_arrivals == 8 and snap.load is not None
+    assert snap.arrival_rate == pytest.approx(4.0, rel=0.15) and snap.output_tokens == 64 and snap.prompt_tokens == 256
+    # an overloaded split completes at its capacity (here 2/s): the finished alone would understate the load
+    done = window(16, prompt=256, output=64, rate=2, gap1_s=0.2, gaps_s=0.15, remote=True)
+    arrivals(done, 40, rate=4, prompt=256, max_tokens=64)
+    snap = done.snapshot(9.9, 1e-3, STEP, 30.0)
+    assert snap.arrival_rate == pytest.approx(4.0, rel=0.1) and snap.output_tokens == 64
+    assert arrivals(SignalWindow(10, 8), 5, 4, 256, 64).snapshot(2.0, 1e-3, STEP).load is None  # too few
+
+
+def overloaded_snapshot() -> "Snapshot":  # noqa: F821
+    """6 req/s offered to two workers that serve at most ~5/s together (as the small model at 4 req/s on 2
+    cores in benchmarks/disagg_vs_colocated.py): every split's queues grow."""
+    w = SignalWindow(window_s=10, min_requests=8)
+    arrivals(w, 16, rate=6, prompt=256, max_tokens=64)
+    step = StepModel(fixed_s=0.02, per_seq_s=2e-3, per_token_s=1e-3)
+    return w.snapshot(16 / 6, 1e-3, step, 30.0)
+
+
+def test_slo_mode_leaves_an_overloaded_split_for_the_one_with_more_capacity():
+    snap = overloaded_snapshot()
+    cur = predict(Split(1, 1), snap.load, 4.5, 0.08)
+    coloc = predict(Split(0, 0, 2), snap.load, 4.5, 0.08)
+    assert cur.goodput_rps == coloc.goodput_rps == 0  # goodput cannot tell them apart ...
+    assert coloc.utilization > 1 and coloc.capacity_rps > 1.1 * cur.capacity_rps  # ... capacity can
+    chooser = SplitChooser(PlannerConfig(planner="slo", planner_tpot_slo_ms=80, planner_ttft_slo_ms=4500,
+                                         planner_confirm=2, planner_hold_s=5))
+    assert chooser.decide(4, Split(1, 1), snap).action == "hold"  # 1/2
+    d = chooser.decide(5, Split(1, 1), snap)
+    assert d.action == "switch" and d.target == Split(0, 0, 2) and "current split overloaded" in d.reason, d.reason
+    chooser.last_change_at = 5
+    for t in (6, 12, 20):  # still overloaded once colocated: the best there is, so it stays (no flapping)
+        held = chooser.decide(t, Split(0, 0, 2), snap)
+        assert held.action == "hold" and "current split is the best" in held.reason, held.reason
+
+
+def test_a_split_that_meets_the_targets_is_not_left_for_capacity():
+    w = arrivals(SignalWindow(window_s=10, min_requests=8), 16, rate=1, prompt=256, max_tokens=64)
+    snap = w.snapshot(16, 1e-4, STEP, 4.0)
+    chooser = SplitChooser(PlannerConfig(planner="slo", planner_confirm=1, planner_hold_s=0))
+    assert predict(Split(1, 1), snap.load, 1.0, 0.05).utilization < 1
+    assert chooser.decide(20, Split(1, 1), snap).action == "hold"
+
+
+def fed_speed(prefill_s_per_token: float, steps: list[tuple[int, float]]):
+    """A router/worker_speed.py WorkerSpeed fed step counters: prefill at the given s/token, then decode
+    polls of (batch, step seconds)."""
+    from pdserve.engine.step_times import StepTimes
+    from pdserve.router.worker_speed import WorkerSpeed
+
+    sp, c = WorkerSpeed(), StepTimes()
+    sp.observe(c.copy())
+    c.num_prefill_steps, c.prefill_step_tokens, c.prefill_step_seconds = 10, 1000, 1000 * prefill_s_per_token
+    sp.observe(c.copy())
+    for batch, step_s in steps:
+        c.num_decode_steps += 10
+        c.decode_step_seqs += 10 * batch
+        c.decode_step_seconds += 10 * step_s
+        sp.observe(c.copy())
+    return sp
+
+
+@dataclass
+class SpeedWorker:
+    address: str
+    role: int
+    speed: object
+
+
+def test_the_model_uses_each_workers_learnt_speed():
+    from pdserve.planner.planner import measured_speeds
+
+    # a: fast prefill, slow decode; b: the reverse (learnt from their step counters, a decode slope each)
+    a = SpeedWorker("a", pb.COLOCATED, fed_speed(2e-4, [(2, 0.024), (8, 0.072)]))  # 8 ms per sequence
+    b = SpeedWorker("b", pb.COLOCATED, fed_speed(2e-3, [(2, 0.006), (8, 0.012)]))  # 1 ms per sequence
+    speeds = measured_speeds([a, b], FakeSpeedPolicy())
+    assert speeds[0].decode_fit == pytest.approx((0.008, 0.008)) and speeds[1].decode_fit == pytest.approx((0.004, 0.001))
+    w = arrivals(SignalWindow(window_s=10, min_requests=8), 20, rate=2, prompt=256, max_tokens=64)
+    snap = w.snapshot(10, 1e-3, STEP, 4.0, speeds)
+    assert [s.per_token_s for s in snap.load.workers] == [2e-4, 2e-3]
+    # prefill on a, decode on b beats pooling them: both do what they are fast at
+    split, coloc = predict(Split(1, 1), snap.load, 1.0, 0.05), predict(Split(0, 0, 2), snap.load, 1.0, 0.05)
+    assert split.capacity_rps > 1.5 * coloc.capacity_rps
+    chooser = SplitChooser(PlannerConfig(planner="throughput", planner_confirm=1, planner_hold_s=0))
+    assert chooser.decide(10, Split(0, 0, 2), snap).target == Split(1, 1)
+    # the same pool means for both workers (what the model assumed before) pool to colocated
+    mean = predict(Split(0, 0, 2), Load(2, 256, 64, snap.load.step), 1.0, 0.05)
+    assert mean.capacity_rps > predict(Split(1, 1), Load(2, 256, 64, snap.load.step), 1.0, 0.05).capacity_rps
+
+
+def test_a_worker_that_never_decoded_decodes_as_the_measured_ones():
+    from pdserve.planner.planner import measured_speeds
+
+    p = SpeedWorker("p", pb.PREFILL, fed_speed(1e-3, []))
+    d = SpeedWorker("d", pb.DECODE, fed_speed(1e-3, [(30, 0.15), (31, 0.15)]))  # batch barely varied: flat
+    speeds = measured_speeds([p, d], FakeSpeedPolicy())
+    assert speeds[0].decode_fit is None and speeds[1].decode_fit[1] == 0
+    w = arrivals(SignalWindow(window_s=10, min_requests=8), 20, rate=2, prompt=256, max_tokens=64)
+    steps = w.snapshot(10, 1e-3, STEP, 30.0, speeds).load.workers
+    assert steps[1].step_s(30, 0) == pytest.approx(0.15, rel=0.05)  # STEP's shape through its mean step
+    assert steps[0].step_s(30, 0) == pytest.approx(steps[1].step_s(30, 0))  # and the prefill worker's the same
+
+
+class FakeSpeedPolicy:
+    def s_per_token(self, worker) -> float:
+        return worker.speed.prefill_s_per_token
