@@ -56,6 +56,34 @@ def own_cpu_s(cluster) -> float:
     return total
 
 
+def worker_counters(cluster) -> list:
+    """Every worker's step counters (engine/step_times.py) as it reports them now."""
+    from pdserve.client import Client
+    from pdserve.engine.step_times import StepTimes
+
+    async def get():
+        async with Client(cluster.router_address) as client:
+            return [StepTimes.from_stats(w.stats) for w in await client.workers(refresh=True)]
+    return asyncio.run(get())
+
+
+def step_summary(deltas) -> dict:
+    """Summed over workers: mean pure-decode step (ms) and batch, prefill-step ms per prompt token."""
+    n = sum(d.num_decode_steps for d in deltas)
+    toks = sum(d.prefill_step_tokens for d in deltas)
+    return {"decode_step_ms": 1e3 * sum(d.decode_step_seconds for d in deltas) / n if n else float("nan"),
+            "decode_batch": sum(d.decode_step_seqs for d in deltas) / n if n else float("nan"),
+            "prefill_ms_per_token": 1e3 * sum(d.prefill_step_seconds for d in deltas) / toks if toks else float("nan"),
+            "prefill_step_decodes": sum(d.prefill_step_decode_seqs for d in deltas) / max(1, sum(
+                d.num_prefill_steps for d in deltas))}
+
+
+def diff(after, before):
+    from pdserve.engine.step_times import StepTimes
+
+    return StepTimes(**{k: getattr(after, k) - getattr(before, k) for k in StepTimes.fields()})
+
+
 CONFIGS = {"1P:1D": Split(1, 1), "2 colocated": Split(0, 0, 2), "2P:2D": Split(2, 2), "4 colocated": Split(0, 0, 4)}
 
 
@@ -103,24 +131,29 @@ def main() -> int:
                                 max_duration_s=120, tokenizer=model)
             probe = {"outside_runnable": 0.0} if not args.probe_outside_load else contention_probe(
                 EngineConfig(model=model, num_threads=max(1, cores // split.num_workers)), split.num_workers)
+            counters0 = worker_counters(cluster)
             t0, busy0, own0 = time.monotonic(), busy_cpu_s(), own_cpu_s(cluster)
             measured = asyncio.run(run_benchmark(bench)).summary
             wall = time.monotonic() - t0
             outside = max(0.0, (busy_cpu_s() - busy0) - (own_cpu_s(cluster) - own0)) / wall  # cores others used
+            # the workers' own step times over the run (as they report them: what the router learns from)
+            measured_steps = step_summary([diff(a, b) for a, b in zip(worker_counters(cluster), counters0)])
         finally:
             cluster.stop()
         threads = max(1, cores // split.num_workers)
         num_cores = cores / threads
         reqs = sim_requests(dataclasses.replace(bench), cal.block_size)
-        sim = Simulation(reqs, split, cal, RouterConfig(), slo_ttft_s=args.slo_ttft_ms / 1e3,
-                         slo_tpot_s=args.slo_tpot_ms / 1e3, num_cores=num_cores,
-                         outside_runnable=probe["outside_runnable"]).run()
+        simulation = Simulation(reqs, split, cal, RouterConfig(), slo_ttft_s=args.slo_ttft_ms / 1e3,
+                                slo_tpot_s=args.slo_tpot_ms / 1e3, num_cores=num_cores,
+                                outside_runnable=probe["outside_runnable"])
+        sim = simulation.run()
+        sim_steps = step_summary([w.step_times for w in simulation.workers])
         m_ttft = measured.latency["ttft"].percentiles_ms["p50"]
         row = {"config": name, "measured_goodput": measured.goodput, "sim_goodput": sim.goodput_rps,
                "measured_ttft_p50_ms": m_ttft, "sim_ttft_p50_ms": 1e3 * sim.ttft_s["p50"],
                "measured_tpot_p50_ms": measured.latency["tpot"].percentiles_ms["p50"],
                "sim_tpot_p50_ms": 1e3 * sim.tpot_s["p50"], "completed": measured.num_completed, "wall_s": wall,
-               "outside_cores": outside, "probe": probe}
+               "outside_cores": outside, "probe": probe, "measured_steps": measured_steps, "sim_steps": sim_steps}
         row["goodput_ratio"] = row["sim_goodput"] / row["measured_goodput"] if row["measured_goodput"] else None
         row["ttft_ratio"] = row["sim_ttft_p50_ms"] / m_ttft if m_ttft else None
         m_tpot = row["measured_tpot_p50_ms"]
@@ -139,6 +172,15 @@ def main() -> int:
               f"{r['goodput_ratio']:.2f} | {r['measured_ttft_p50_ms']:.0f} | {r['sim_ttft_p50_ms']:.0f} | "
               f"{r['ttft_ratio']:.2f} | {r['measured_tpot_p50_ms']:.1f} | {r['sim_tpot_p50_ms']:.1f} | "
               f"{r['tpot_ratio']:.2f} |")
+    print("\nThe workers' own step times (summed over the workers; measured: their WorkerStats step counters over the run):")
+    print("| config | decode step measured (ms) | simulated | at batch measured | simulated | prefill-step ms per "
+          "prompt token measured | simulated | decodes riding per prefill step measured | simulated |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        m, s_ = r["measured_steps"], r["sim_steps"]
+        print(f"| {r['config']} | {m['decode_step_ms']:.2f} | {s_['decode_step_ms']:.2f} | {m['decode_batch']:.1f} | "
+              f"{s_['decode_batch']:.1f} | {m['prefill_ms_per_token']:.3f} | {s_['prefill_ms_per_token']:.3f} | "
+              f"{m['prefill_step_decodes']:.1f} | {s_['prefill_step_decodes']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "calibration": cal.to_dict(), "rows": rows, "load": [load0, load1],
