@@ -144,6 +144,13 @@ def run_row(deployment: str, workload: str, rate: float, result, cpu: dict[str, 
         "gaps_p50": median_ms([g for r in result.results if r.success for g in r.itl_s[1:]]),
         "cpu": {k: round(v, 2) for k, v in cpu.items()}, "errors": s.errors,
         "tpot_ms": [v * 1000 for v in latency_values(result.results)["tpot"]],
+        # per request, by start: seconds after the first start, TTFT ms, prompt tokens, prefilled remotely, and
+        # the server's phases (ms): where each TTFT went, across a planner's switch
+        "requests": [[round(r.start_time - t0, 3), round(1e3 * r.ttft_s, 1) if r.ttft_s is not None else None,
+                      r.prompt_len, r.prefilled_remotely,
+                      {k: round(1e3 * v, 1) for k, v in (r.phase_s or {}).items()}]
+                     for t0 in [min((x.start_time for x in result.results), default=0.0)]
+                     for r in sorted(result.results, key=lambda x: x.start_time)],
     }
 
 
