@@ -16,7 +16,8 @@ O = output tokens per request):
         TTFT = P per_token_s / (1 - rho_p - per_seq_s (lam/N) O) + fixed_s
     share meeting a target (the predictions are typical values): 1 / (1 + (predicted/target)^4); 1/2 at it.
 
-Workers of different speeds (`Load.workers`, each worker's own step model as the router learnt it): a
+Workers of different speeds (`Load.workers`, each worker's own step model as the router learnt it, terms
+within 2x of the pool's taken at the pool's: distinct_speeds): a
 disaggregated split gives its prefill slots to the workers with the fewest seconds per prefill token (as
 planner.assign_roles does) and the rest decode; each pool is then one step model of the pool's combined
 rate (per field, n over the sum of the reciprocals: the policy spreads a pool's work by speed).
@@ -89,6 +90,38 @@ class Load:
     stall_s: float = 0.0  # colocated: a request's first decode step waits this long behind queued prompts
     handoff_s: float = 0.01  # disaggregated: KV tail and decode admission between first and second token
     workers: tuple[StepModel, ...] = ()  # each worker's own step model; () = every worker runs `step`
+
+
+HETEROGENEOUS_RATIO = 2.0  # a worker's learnt step term this many times off the pool's: its own speed
+
+
+def distinct_speeds(steps, ratio: float = HETEROGENEOUS_RATIO) -> tuple[StepModel, ...]:
+    """The workers' step models with each term grouped: sorted, a term less than `ratio` times the smallest
+    of its group joins that group, and every member of a group takes the group's pooled value. So only a
+    worker that really differs keeps its own speed. Same-hardware workers measured under different step
+    mixes differ by less (a prefill worker's pure prefill steps against a decode worker's prefills carrying
+    its batch; a decode slope fitted at batch 3 against one at batch 15): taken as measured, that noise made
+    1P:1D look faster than colocated on two equal workers and the planner switched back and forth. Another
+    device, dtype or thread count differs by more."""
+    steps = list(steps)
+
+    def grouped(values: list[float]) -> list[float]:
+        out = list(values)
+        order = sorted((v, i) for i, v in enumerate(values) if v > 0)
+        k = 0
+        while k < len(order):
+            m = k
+            while m < len(order) and order[m][0] < ratio * order[k][0]:
+                m += 1
+            group = order[k:m]
+            shared = len(group) / sum(1.0 / v for v, _ in group)
+            for _, i in group:
+                out[i] = shared
+            k = m
+        return out
+    cols = [grouped([getattr(s, f) for s in steps]) for f in ("fixed_s", "per_seq_s", "per_token_s",
+                                                              "per_context_token_s")]
+    return tuple(StepModel(*vals) for vals in zip(*cols))
 
 
 def pooled(steps) -> StepModel:

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.planner.model import Load, StepModel, pooled
+from pdserve.planner.model import Load, StepModel, distinct_speeds, pooled
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,7 @@ class SignalWindow:
         # a worker that never decoded (a prefill worker) decodes as the measured ones do, on average
         decoded = [w.step(base, step) for w in workers if w.decode_fit is not None]
         fallback = pooled(decoded) if decoded else step
-        steps = tuple(w.step(base, fallback) for w in workers)
+        steps = distinct_speeds(w.step(base, fallback) for w in workers)
         load = Load(rate, computed, output, pooled(steps) if steps else step, stall_s=stall, handoff_s=handoff,
                     workers=steps)
         return Snapshot(n, rate, prompt, cached, output, ttft, tpot, load, na)

@@ -308,3 +308,31 @@ def test_a_worker_that_never_decoded_decodes_as_the_measured_ones():
 class FakeSpeedPolicy:
     def s_per_token(self, worker) -> float:
         return worker.speed.prefill_s_per_token
+
+
+def test_equal_workers_measured_under_different_mixes_stay_equal():
+    from pdserve.planner.model import distinct_speeds
+
+    # after 1P:1D -> colocated under overload (the small-model run): the ex-prefill worker's s/token comes from
+    # pure prefill steps, the decode worker's from prefills carrying its batch; its decode slope is fitted at
+    # a bigger batch. As measured, that looks like a prefill-fast and a decode-fast worker
+    a = StepModel(fixed_s=0.02, per_seq_s=6e-3, per_token_s=1.0e-3)
+    b = StepModel(fixed_s=0.03, per_seq_s=4e-3, per_token_s=1.6e-3)
+    raw = Load(3.6, 262, 71, StepModel(), workers=(a, b))
+    assert predict(Split(1, 1), raw, 4.5, 0.07).capacity_rps > 1.1 * predict(Split(0, 0, 2), raw, 4.5, 0.07).capacity_rps
+    same = distinct_speeds([a, b])
+    assert same[0] == same[1] and same[0].per_token_s == pytest.approx(2 / (1 / 1.0e-3 + 1 / 1.6e-3))
+    load = Load(3.6, 262, 71, StepModel(), workers=same)
+    assert predict(Split(0, 0, 2), load, 4.5, 0.07).capacity_rps > predict(Split(1, 1), load, 4.5, 0.07).capacity_rps
+    # the snapshot applies it: colocated under that overload stays colocated
+    from pdserve.planner.signals import MeasuredSpeed
+    speeds = [MeasuredSpeed(1.0e-3, (0.02, 6e-3), (5, 0.05)), MeasuredSpeed(1.6e-3, (0.03, 4e-3), (15, 0.09))]
+    w = arrivals(SignalWindow(window_s=10, min_requests=8), 30, rate=3.6, prompt=262, max_tokens=71)
+    snap = w.snapshot(30 / 3.6, 1e-3, STEP, 10.0, speeds)
+    chooser = SplitChooser(PlannerConfig(planner="slo", planner_confirm=1, planner_hold_s=0,
+                                         planner_tpot_slo_ms=70, planner_ttft_slo_ms=4500))
+    assert chooser.decide(10, Split(0, 0, 2), snap).action == "hold"
+    # a worker 3x off keeps its own (a three-worker pool: two alike, one another device)
+    fast = StepModel(fixed_s=0.002, per_seq_s=1e-3, per_token_s=1e-4)
+    got = distinct_speeds([a, b, fast])
+    assert got[2] == fast and got[0].per_token_s == got[1].per_token_s != fast.per_token_s
