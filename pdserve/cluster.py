@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,7 +29,40 @@ logger = logging.getLogger(__name__)
 
 
 
+_PORT_FLOOR = 20000  # free_port's lowest pick: clear of the well-known and most registered service ports
+_given_ports: set[int] = set()  # what free_port handed out in this process: never twice (nothing is bound yet)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768-60999)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a process started later to bind. Picked below the ephemeral
+    range: a port the kernel hands out (bind to 0) is also what it hands to the next outgoing
+    connection, so on a busy machine (a bench client, a store, another cluster) the port was often
+    taken by then and the worker died with EADDRINUSE at start; below that range only an explicit
+    bind can take it. Falls back to a kernel-chosen port when the range below is full or absent."""
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(64) if low - 1 > _PORT_FLOOR else ():
+        port = rng.randint(_PORT_FLOOR, low - 1)
+        if port in _given_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        if len(_given_ports) >= 2048:  # long since bound (or abandoned) by whoever asked
+            _given_ports.clear()
+        _given_ports.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
