@@ -17,6 +17,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.planner.model import StepModel
 from pdserve.planner.simulator import Calibration
+from pdserve.proto import pdserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,13 @@ def calibrate_serving(model: str, num_threads: int = 1, max_tokens: int = 48, ro
     seconds per streamed token give `frontend_cpu_s_per_token` (CPU the workers do not get on a shared host).
     With `step` (the engine's own fitted step model), the worker's step times over it at the same batch give
     `serving_step_factor`: how much slower the engine steps inside a serving worker (its threads, gRPC and
-    the event loop under one GIL; the mean step rather than the fastest) than alone.
+    the event loop under one GIL; the mean step rather than the fastest) than alone. Then PREFILL_REQUESTS
+    prompts of PREFILL_PROMPT_LEN tokens one at a time, on that worker and on a 1 prefill + 1 decode pair:
+    the served prefill step over the fit's prompt-token term gives `serving_prefill_factor` (prefill is
+    mostly large matrix products that release the GIL, so it slows less than a decode step); the client's TTFT
+    less the prefill step gives the local path's `hop_s` (half of it: the hop to the worker and the first
+    token's way back) and the remote path's `remote_prefill_overhead_s` (beyond its 3 hops: Reserve, Prefill,
+    the token back).
     Returns (those Calibration fields, the samples)."""
     import asyncio
 
@@ -110,8 +117,15 @@ def calibrate_serving(model: str, num_threads: int = 1, max_tokens: int = 48, ro
     cluster = start_cluster(spec)
     try:
         samples = asyncio.run(_serving_samples(cluster, max_tokens, rounds, prompt_len))
+        local = asyncio.run(_prefill_samples(cluster, PREFILL_PROMPT_LEN, PREFILL_REQUESTS))
     finally:
         cluster.stop()
+    pair = start_cluster(ClusterSpec(model=model, num_prefill=1, num_decode=1, log_level="warning",
+                                     worker_args=["--num-threads", str(num_threads)], http_port=-1))
+    try:
+        remote = asyncio.run(_prefill_samples(pair, PREFILL_PROMPT_LEN, PREFILL_REQUESTS))
+    finally:
+        pair.stop()
     b = np.array([s["batch"] for s in samples])
     over = np.array([max(0.0, s["client_gap_s"] - s["engine_step_s"]) for s in samples])
     slope, intercept = np.polyfit(b, over, 1) if len(samples) > 1 else (0.0, float(over[0]))
@@ -122,7 +136,51 @@ def calibrate_serving(model: str, num_threads: int = 1, max_tokens: int = 48, ro
             s["fit_step_s"] = step.step_s(round(s["batch"]), 0, int(s["batch"] * (prompt_len + max_tokens / 2)))
         fields["serving_step_factor"] = float(max(1.0, np.median([s["engine_step_s"] / s["fit_step_s"]
                                                                    for s in samples])))
+        # a served prefill step, less its fixed part at the step factor, over the fit's prompt-token term
+        served = float(np.median([r["prefill_step_s"] for r in local]))
+        fields["serving_prefill_factor"] = float(max(0.5, (served - step.fixed_s * fields["serving_step_factor"])
+                                                     / (step.per_token_s * PREFILL_PROMPT_LEN)))
+    # the first token's path beyond the prefill step: local = the router's hop to the worker and the token's
+    # way back (2 hops); remote = Reserve, Prefill and the token back (3 hops) plus whatever else it costs
+    local_over = float(np.median([max(0.0, r["ttft_s"] - r["prefill_step_s"]) for r in local]))
+    remote_over = float(np.median([max(0.0, r["ttft_s"] - r["prefill_step_s"]) for r in remote]))
+    fields["hop_s"] = local_over / 2
+    fields["remote_prefill_overhead_s"] = max(0.0, remote_over - 3 * fields["hop_s"])
+    samples = [*samples, {"local_prefill": local, "remote_prefill": remote}]
     return fields, samples
+
+
+PREFILL_PROMPT_LEN = 256  # the served prefill samples: prompts of this many tokens, one at a time
+PREFILL_REQUESTS = 6
+
+
+async def _prefill_samples(cluster, prompt_len: int, n: int) -> list[dict]:
+    """`n` requests one at a time, each a fresh `prompt_len`-token prompt and 2 output tokens: per request the
+    client's TTFT and the step seconds the prefilling worker (the prefill worker if there is one) spent on
+    its prefill steps (its WorkerStats step counters, before and after)."""
+    from pdserve.client import Client
+    from pdserve.engine.step_times import StepTimes
+
+    async def counters(client: Client) -> StepTimes:
+        workers = [w for w in await client.workers(refresh=True) if w.healthy]
+        w = next((w for w in workers if w.role == pb.PREFILL), workers[0])
+        return StepTimes.from_stats(w.stats)
+
+    out = []
+    async with Client(cluster.router_address) as client:
+        await client.complete([5, 6, 7, 8] * 8, max_tokens=2)  # warm-up (and the remote path's first transfer)
+        for i in range(n):
+            prompt = [(i * 7919 + j * 31) % 300 + 5 for j in range(prompt_len)]
+            before = await counters(client)
+            t0, first = time.perf_counter(), None
+            async for msg in client.generate(prompt, max_tokens=2, temperature=0.0, ignore_eos=True, timeout_s=60):
+                if first is None and msg.token_ids:
+                    first = time.perf_counter()
+            after = await counters(client)
+            out.append({"ttft_s": (first or time.perf_counter()) - t0,
+                        "prefill_step_s": after.prefill_step_seconds - before.prefill_step_seconds,
+                        "tokens": after.prefill_step_tokens - before.prefill_step_tokens})
+    return out
 
 
 async def _serving_samples(cluster, max_tokens: int, rounds: int, prompt_len: int) -> list[dict]:

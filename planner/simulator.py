@@ -55,6 +55,9 @@ class Calibration:
     decode_overhead_per_seq_s: float = 0.0
     frontend_cpu_s_per_token: float = 0.0  # router + client CPU per streamed token (taken from shared cores)
     serving_step_factor: float = 1.0  # an engine step inside a serving worker over the same step alone
+    # ... for the prefill-token term alone, measured on served prefill steps (0: serving_step_factor)
+    serving_prefill_factor: float = 0.0
+    remote_prefill_overhead_s: float = 0.0  # a remote prefill's path beyond its hops (measured on a real pair)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "step"}
@@ -247,7 +250,8 @@ class Simulation:
         seq.to_compute = r.prompt_len - seq.cached_tokens
         route.decode.inflight += 1
         hops = 1 if route.local else 2  # local: Decode; remote: Reserve + Prefill
-        self.at(self.now + hops * self.cal.hop_s, self._enqueue, worker, seq)
+        extra = 0.0 if route.local else self.cal.remote_prefill_overhead_s
+        self.at(self.now + hops * self.cal.hop_s + extra, self._enqueue, worker, seq)
 
     def _enqueue(self, worker: SimWorker, seq: SimSeq) -> None:
         seq.computed_started_s = self.now
@@ -270,7 +274,9 @@ class Simulation:
             self._maybe_switch(w)
             return
         ctx = sum(s.req.prompt_len + s.generated for s in decodes)
-        step_s = w.cal.step.step_s(len(decodes), sum(t for _, t in chunks), ctx) * w.cal.serving_step_factor
+        tokens = sum(t for _, t in chunks)
+        step_s = w.cal.step.step_s(len(decodes), 0, ctx) * w.cal.serving_step_factor \
+            + w.cal.step.per_token_s * tokens * (w.cal.serving_prefill_factor or w.cal.serving_step_factor)
         if decodes:
             step_s += w.cal.decode_overhead_s + w.cal.decode_overhead_per_seq_s * len(decodes)
         self.num_busy += 1
@@ -278,7 +284,7 @@ class Simulation:
             step_s *= max(1.0, (self.num_busy + self.frontend_cores + self.outside_runnable) / self.num_cores)
         w.busy = True
         w.busy_s += step_s
-        w.step_times.record(sum(t for _, t in chunks), len(decodes), step_s)
+        w.step_times.record(tokens, len(decodes), step_s)
         self.at(self.now + step_s, self._step_done, w, list(decodes), chunks)
 
     def _step_done(self, w: SimWorker, decodes: list, chunks: list) -> None:
