@@ -101,8 +101,9 @@ class SplitChooser:
     def decide(self, now: float, current: Split, snap: Snapshot) -> Decision:
         c = self.config
         if snap.load is None:
-            return Decision(now, "hold", current, current, f"not enough evidence: {snap.num_requests} requests in "
-                            f"the last {c.planner_window_s:.0f} s (needs {c.planner_min_requests})")
+            return Decision(now, "hold", current, current, f"not enough evidence: {snap.num_arrivals} arrived and "
+                            f"{snap.num_requests} finished in the last {c.planner_window_s:.0f} s (needs "
+                            f"{c.planner_min_requests} of either)")
         best = self.best(current.num_workers, snap)
         cur = predict(current, snap.load, c.planner_ttft_slo_ms / 1e3, c.planner_tpot_slo_ms / 1e3)
         why = f"{c.planner} mode; load: {snap.describe()}; best {best.describe()}; current {cur.describe()}"
