@@ -23,6 +23,10 @@ from pdserve.router.worker_speed import WorkerSpeed
 
 DEFAULT_S_PER_TOKEN = 1e-4  # prior before any prefill was measured (seconds per computed prompt token)
 EWMA_WEIGHT = 0.2  # weight of each measured prefill in the cluster-wide prior
+# decode choice: seconds of prompts queued for local prefill on a worker that weigh as much as a full batch
+# (load 1.0): a worker that is mostly decoding takes a new prompt before one whose queue would hold it for
+# seconds (after a planner makes a prefill worker colocated, it has no sequences and every arrival went to it)
+BACKLOG_S_PER_LOAD = 2.0
 
 
 class WorkerView(Protocol):
@@ -115,8 +119,9 @@ class RoutingPolicy:
     def decode_candidates(self, workers: Iterable[WorkerView], excluded: set[str] = frozenset()) -> list[WorkerView]:
         """Healthy decode and colocated workers, least loaded first (ties by address), each worker's load
         weighted by its measured decode step time relative to the fastest candidate's (a worker half as fast
-        takes about half the sequences; unmeasured ones count as fast, so they get measured); draining ones
-        only when no other is left (a draining worker still serves: its drain just lasts longer)."""
+        takes about half the sequences; unmeasured ones count as fast, so they get measured), plus the
+        seconds of prompts queued on it for local prefill (at its own speed) over BACKLOG_S_PER_LOAD; draining
+        ones only when no other is left (a draining worker still serves: its drain just lasts longer)."""
         healthy = [w for w in workers if w.healthy and w.role in (pb.DECODE, pb.COLOCATED) and w.address not in excluded]
         pool = [w for w in healthy if not w.draining] or healthy
         if not pool:
@@ -128,7 +133,9 @@ class RoutingPolicy:
         def key(w: WorkerView) -> tuple[float, str]:
             s = step_s[w.address]
             slowness = s / fastest if s and fastest else 1.0
-            return (w.load() + 1.0 / max(1, w.stats.max_num_seqs or 64)) * slowness, w.address
+            backlog_s = w.queued_prompt_tokens * self.s_per_token(w)  # its local prefills not yet answered
+            return ((w.load() + 1.0 / max(1, w.stats.max_num_seqs or 64)) * slowness
+                    + backlog_s / BACKLOG_S_PER_LOAD, w.address)
         return sorted(pool, key=key)
 
     def choose_prefill(self, workers: Iterable[WorkerView], num_prompt_tokens: int, hashes: Sequence[BlockHash],

@@ -222,3 +222,17 @@ def test_a_draining_worker_gets_nothing_new():
     policy.prefill_done(r)
     r = policy.route([d1, p2], 300, hashes(300))  # the only decode worker is draining: it still serves
     assert r.decode is d1 and r.prefill is p2
+
+
+def test_decode_choice_weighs_the_prompts_queued_for_local_prefill():
+    # after a planner made a prefill worker colocated: it has no sequences yet but every arrival went to it,
+    # while the other holds a batch that is only decoding
+    policy = RoutingPolicy(RouterConfig(), 16)
+    busy = FakeWorker("a", pb.COLOCATED, load_value=0.3)
+    queued = FakeWorker("b", pb.COLOCATED, load_value=0.05, queued_prompt_tokens=2500)
+    queued.speed.prefill_s_per_token = 1e-3  # 2.5 s of prompts ahead of a new one
+    assert policy.decode_candidates([busy, queued])[0] is busy
+    queued.queued_prompt_tokens = 100  # 0.1 s: the emptier worker again
+    assert policy.decode_candidates([busy, queued])[0] is queued
+    r = policy.route([busy, queued], 300, hashes(300))
+    assert r.local and r.decode is queued
