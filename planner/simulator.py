@@ -55,9 +55,10 @@ class Calibration:
     decode_overhead_per_seq_s: float = 0.0
     frontend_cpu_s_per_token: float = 0.0  # router + client CPU per streamed token (taken from shared cores)
     serving_step_factor: float = 1.0  # an engine step inside a serving worker over the same step alone
-    # ... for the prefill-token term alone, measured on served prefill steps (0: serving_step_factor)
-    serving_prefill_factor: float = 0.0
-    remote_prefill_overhead_s: float = 0.0  # a remote prefill's path beyond its hops (measured on a real pair)
+    # a prefill worker's prefill step over a colocated worker's for the same prompt (measured on a real pair:
+    # its KV leaves during its steps), and a remote prefill's path beyond its hops
+    remote_prefill_step_factor: float = 1.0
+    remote_prefill_overhead_s: float = 0.0
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "step"}
@@ -275,8 +276,9 @@ class Simulation:
             return
         ctx = sum(s.req.prompt_len + s.generated for s in decodes)
         tokens = sum(t for _, t in chunks)
-        step_s = w.cal.step.step_s(len(decodes), 0, ctx) * w.cal.serving_step_factor \
-            + w.cal.step.per_token_s * tokens * (w.cal.serving_prefill_factor or w.cal.serving_step_factor)
+        step_s = w.cal.step.step_s(len(decodes), tokens, ctx) * w.cal.serving_step_factor
+        if w.role == pb.PREFILL:
+            step_s *= w.cal.remote_prefill_step_factor
         if decodes:
             step_s += w.cal.decode_overhead_s + w.cal.decode_overhead_per_seq_s * len(decodes)
         self.num_busy += 1

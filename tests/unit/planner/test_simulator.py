@@ -116,15 +116,16 @@ def test_pdserve_simulate_prints_every_split_and_writes_results_and_plots(tmp_pa
     assert len(results) == 4 and (tmp_path / "simulate_splits.png").stat().st_size > 0
 
 
-def test_served_prefill_factor_and_the_remote_paths_overhead():
+def test_the_remote_prefill_paths_step_factor_and_overhead():
     from dataclasses import replace
 
     reqs = requests(20, prompt_len=256, output_len=16, rate=2)
-    slow = replace(Calibration(), serving_step_factor=1.6)
-    both = Simulation(reqs, Split(0, 0, 2), slow, ROUTER).run()  # the step factor on prefill tokens too
-    prefill_less = Simulation(reqs, Split(0, 0, 2), replace(slow, serving_prefill_factor=1.1), ROUTER).run()
-    assert prefill_less.ttft_s["p50"] < 0.8 * both.ttft_s["p50"]
-    assert prefill_less.tpot_s["p50"] == pytest.approx(both.tpot_s["p50"], rel=0.1)  # decode steps as before
+    kv_out = replace(Calibration(), remote_prefill_step_factor=1.3)  # a prefill worker's steps send KV
+    for split, slower in ((Split(1, 1), True), (Split(0, 0, 2), False)):
+        base = Simulation(reqs, split, Calibration(), ROUTER).run()
+        more = Simulation(reqs, split, kv_out, ROUTER).run()
+        assert (more.ttft_s["p50"] > 1.15 * base.ttft_s["p50"]) == slower
+        assert more.tpot_s["p50"] == pytest.approx(base.tpot_s["p50"], rel=0.05)  # decode steps as before
     over = replace(Calibration(), remote_prefill_overhead_s=0.02)
     for split, extra in ((Split(1, 1), 0.02), (Split(0, 0, 2), 0.0)):
         base = Simulation(reqs, split, Calibration(), ROUTER).run()
