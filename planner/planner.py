@@ -41,6 +41,9 @@ class Decision:
     reason: str
 
 
+MIN_GAIN_SHARE = 0.02  # a predicted gain smaller than this share of the arrival rate is no gain (noise)
+
+
 def split_of(roles: Iterable[int]) -> Split:
     """The split these roles make. With no prefill worker, a decode worker prefills every request itself
     (router/policy.py: no prefill worker to send it to), so it counts as colocated: 1 decode + 1 colocated
@@ -86,12 +89,14 @@ class SplitChooser:
 
     def better(self, best: Prediction, cur: Prediction) -> str:
         """Why a switch is worth it ("" if it is not): a score higher than the current split's by more than
-        the margin (a split that already meets the targets is kept: a switch costs a drain); or, in slo
+        the margin and by more than MIN_GAIN_SHARE of the arrival rate (a split that already meets the
+        targets is kept: a switch costs a drain); or, in slo
         mode, the current split is overloaded (its queues grow without bound, so it misses any target in
         time) and the best one has more capacity by more than the margin. The second matters when every
         split is overloaded: all predict no goodput, and goodput alone would never move."""
         m = self.config.planner_margin
-        if self.score(best) > self.score(cur) * (1 + m) + 1e-9:
+        lam = cur.utilization * cur.capacity_rps if math.isfinite(cur.utilization) else 0.0  # the arrival rate
+        if self.score(best) > self.score(cur) * (1 + m) + MIN_GAIN_SHARE * lam + 1e-9:
             return f"predicted {self.score(best):.2f} vs {self.score(cur):.2f}/s"
         if self.config.planner == "slo" and cur.utilization >= 1 and best.capacity_rps > cur.capacity_rps * (1 + m):
             return (f"current split overloaded (utilization {cur.utilization:.2f}): {best.split} has capacity "

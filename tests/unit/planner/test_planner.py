@@ -4,6 +4,7 @@ decode-heavy load goes colocated, hysteresis holds, and role assignment keeps de
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import grpc
@@ -232,6 +233,8 @@ def test_slo_mode_leaves_an_overloaded_split_for_the_one_with_more_capacity():
     assert chooser.decide(4, Split(1, 1), snap).action == "hold"  # 1/2
     d = chooser.decide(5, Split(1, 1), snap)
     assert d.action == "switch" and d.target == Split(0, 0, 2) and "current split overloaded" in d.reason, d.reason
+    tiny = dataclasses.replace(coloc, goodput_rps=0.003)  # a sliver of predicted goodput is no reason
+    assert not chooser.better(tiny, dataclasses.replace(cur, utilization=0.99))
     chooser.last_change_at = 5
     for t in (6, 12, 20):  # still overloaded once colocated: the best there is, so it stays (no flapping)
         held = chooser.decide(t, Split(0, 0, 2), snap)
