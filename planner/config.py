@@ -18,9 +18,10 @@ class PlannerConfig:
         choices=["off", "throughput", "slo"]))
     planner_interval_s: float = field(default=2.0, metadata=_h("how often the planner looks at the signals"))
     planner_window_s: float = field(default=30.0, metadata=_h(
-        "the planner's signals are the requests finished in the last this many seconds"))
+        "the planner's signals are the requests admitted and finished in the last this many seconds"))
     planner_min_requests: int = field(default=8, metadata=_h(
-        "fewer finished requests than this in the window: no decision (not enough evidence)"))
+        "fewer requests than this in the window (admitted or finished, whichever is more): no decision "
+        "(not enough evidence)"))
     planner_hold_s: float = field(default=15.0, metadata=_h(
         "hysteresis: after a change the split holds at least this long"))
     planner_confirm: int = field(default=2, metadata=_h(
