@@ -8,10 +8,14 @@ draft proposing k tokens on every step, no cost control). Each configuration fir
 workload and batch size once untimed (up to 256 tokens), so the cost control starts from its own measurements, as in a
 server that has been running. Workloads:
   repetitive  code-like: a chunk of the standard library's Python source, twice (an edit request
-              that quotes the code it edits); what n-gram lookup is for
+              that quotes the code it edits); what n-gram lookup is for. The chunks come from
+              stdlib subpackages, outside the text the built-in tokenizer and tiny-copy were trained on
   random      random token ids
-A long --output-len on the tiny model measures the other repetitive case, text that repeats what the
-sequence itself generated: its greedy output falls into loops after a few hundred tokens (docs/speculative.md).
+The random built-in models never continue a passage by copying it, so n-gram gets no accepted proposals
+on `repetitive` with them; --size tiny-copy is the tiny shape trained to copy (builtin_copier.py), the model
+to measure n-gram on. A long --output-len on the tiny model measures the other repetitive case, text that
+repeats what the sequence itself generated: its greedy output falls into loops after a few hundred tokens
+(docs/speculative.md). Every configuration's greedy tokens are compared with off's (they must be identical).
 Batch 1 and batch 8 (all requests at once; TPOT = (last token - first token) / (tokens - 1) per request,
 mean over requests, median over repetitions). Prints TPOT, the speedup (plain TPOT / speculative TPOT),
 the acceptance rate, and, for the draft, what prefilling it on the decode worker costs against the
@@ -20,6 +24,7 @@ target's prefill (the choice docs/speculative.md explains).
     python benchmarks/speculative.py --size small --reps 3
     python benchmarks/speculative.py --size tiny --workloads random --prompt-len 64 --output-len 3072 --configs off,ngram
     python benchmarks/speculative.py --size small --copy-check 512
+    python benchmarks/speculative.py --size tiny-copy --configs off,ngram --reps 5
 """
 
 from __future__ import annotations
@@ -49,14 +54,24 @@ CONFIGS: dict[str, dict] = {  # name -> EngineConfig fields
 }
 
 
-def code_prompts(model_dir: Path, n: int, length: int) -> list[list[int]]:
+# Held out: the built-in tokenizer and tiny-copy train on the top-level stdlib modules only.
+CODE_FILES = ("json/decoder.py", "json/encoder.py", "email/utils.py", "asyncio/locks.py", "asyncio/queues.py",
+              "importlib/util.py", "logging/handlers.py", "http/cookies.py")
+
+
+def code_text(model_dir: Path) -> list[int]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     ids: list[int] = []
-    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "copy.py", "abc.py"):
-        ids += tok.encode((stdlib / name).read_text(encoding="utf-8")).ids
+    for name in CODE_FILES:
+        ids += tok.encode((stdlib / name).read_text(encoding="utf-8"), add_special_tokens=False).ids
+    return ids
+
+
+def code_prompts(model_dir: Path, n: int, length: int) -> list[list[int]]:
+    ids = code_text(model_dir)
     half = length // 2
     return [ids[i * 2 * half:i * 2 * half + half] * 2 for i in range(n)]
 
@@ -66,12 +81,13 @@ def random_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]
     return [torch.randint(10, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def tpot_run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str) -> float:
-    """Mean TPOT (s) of `prompts` sent together."""
+def tpot_run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: str
+             ) -> tuple[float, list[list[int]]]:
+    """Mean TPOT (s) of `prompts` sent together, and each one's output tokens."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    tokens: dict[str, list[int]] = {}
     ids = [f"{tag}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, p, params)
@@ -79,18 +95,21 @@ def tpot_run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, tag: 
         outs = engine.step()
         now = time.perf_counter()
         for o in outs:
-            counts[o.req_id] = counts.get(o.req_id, 0) + len(o.new_token_ids)
+            tokens.setdefault(o.req_id, []).extend(o.new_token_ids)
             first.setdefault(o.req_id, now)
             last[o.req_id] = now
-    return statistics.mean((last[r] - first[r]) / (counts[r] - 1) for r in ids)
+    return statistics.mean((last[r] - first[r]) / (len(tokens[r]) - 1) for r in ids), [tokens[r] for r in ids]
 
 
-def copy_check(engine: LLMEngine, num_prompts: int, gen_len: int, k: int) -> list[dict]:
+def copy_check(engine: LLMEngine, model_dir: Path, num_prompts: int, gen_len: int, k: int) -> list[dict]:
     """Whether the model's greedy output repeats text an n-gram lookup could find (no timing):
     (a) prompt P + C + P, C being the model's own 64-token continuation of P: does it continue with C
     again (as a trained model does when a prompt quotes what it is asked to reproduce)? (b) gen_len
     greedy tokens after a random prompt: distinct tokens, and the tokens per verify step an n-gram
-    proposer (k, sizes 2-4) would get over that text (accepted + 1, replayed on the generated tokens)."""
+    proposer (k, sizes 2-4) would get over that text (accepted + 1, replayed on the generated tokens).
+    (c) prompt Q + Q[:32], Q 128 tokens of held-out stdlib code or random tokens: the fraction of the
+    64 greedy tokens equal to Q[32:96] (copying), and the distinct tokens in 256 greedy tokens after Q
+    alone (a passage that does not repeat: does the output still vary?)."""
     import numpy as np
 
     from pdserve.engine.spec.ngram import lookup
@@ -116,6 +135,17 @@ def copy_check(engine: LLMEngine, num_prompts: int, gen_len: int, k: int) -> lis
         print(f"P+C+P continues C: {rows[-1]['pcp_equal_positions']}/64 positions, common prefix {prefix}; "
               f"{len(out)} greedy tokens: {len(set(out))} distinct, n-gram k={k} would emit "
               f"{rows[-1]['ngram_tokens_per_step']:.2f} tokens per verify step")
+    text = code_text(model_dir)
+    passages = {"code": [text[i * 1000:i * 1000 + 128] for i in range(num_prompts)],
+                "random": random_prompts(engine.model_config.vocab_size, num_prompts, 128, 11)}
+    for kind, qs in passages.items():
+        copies = [c.token_ids for c in engine.generate([q + q[:32] for q in qs], greedy(64))]
+        frees = [c.token_ids for c in engine.generate(qs, greedy(256))]
+        for q, c, f in zip(qs, copies, frees):
+            rows.append({"passage": kind, "copied_positions": sum(x == y for x, y in zip(c, q[32:96])),
+                         "distinct_of_256": len(set(f))})
+            print(f"{kind} Q + Q[:32] continues Q[32:96]: {rows[-1]['copied_positions']}/64 positions; "
+                  f"256 greedy tokens after Q alone: {rows[-1]['distinct_of_256']} distinct")
     return rows
 
 
@@ -162,16 +192,17 @@ def main() -> None:
     if args.copy_check:
         engine = LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, enable_prefix_caching=False,
                                         num_kv_blocks=4096))
-        rows = copy_check(engine, 3, args.copy_check, args.num_speculative_tokens)
+        rows = copy_check(engine, model, 3, args.copy_check, args.num_speculative_tokens)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "copy_check": rows}, indent=2))
         return
-    builtin_draft_for(model)
     common = dict(model=str(model), num_threads=args.threads, enable_prefix_caching=False, num_kv_blocks=2048,
                   num_speculative_tokens=args.num_speculative_tokens)
     names = [c for c in args.configs.split(",")]
     if names[0] != "off" or any(c not in CONFIGS for c in names):
         parser.error(f"--configs: off first, then any of {', '.join(CONFIGS)}")
+    if any(CONFIGS[c]["speculative"] == "draft" for c in names) and builtin_draft_for(model) is None:
+        parser.error(f"--size {args.size} has no built-in draft: --configs without draft, draft-fixed")
     engines = {c: LLMEngine(EngineConfig(**CONFIGS[c], **common)) for c in names}
     vocab = engines["off"].model_config.vocab_size
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -187,6 +218,8 @@ def main() -> None:
             for bsz in batch_sizes:
                 tpot_run(e, prompts[:bsz], min(args.output_len, 256), "warm")
     tpot: dict[tuple[str, int, str], list[float]] = {}
+    outputs: dict[tuple[str, int, str], list[list[int]]] = {}  # this rep's tokens, compared with off's
+    same: dict[tuple[str, int, str], bool] = {}
     accept: dict[tuple[str, int, str], list[int]] = {}
     steps_by_k: dict[tuple[str, int, str], dict[int, int]] = {}
     load_before = os.getloadavg()
@@ -196,7 +229,8 @@ def main() -> None:
                 for c in names if rep % 2 == 0 else reversed(names):
                     e = engines[c]
                     s0, k0 = e.stats(), steps_k(e)
-                    tpot.setdefault((wname, bsz, c), []).append(tpot_run(e, prompts[:bsz], args.output_len, c))
+                    t, outputs[(wname, bsz, c)] = tpot_run(e, prompts[:bsz], args.output_len, c)
+                    tpot.setdefault((wname, bsz, c), []).append(t)
                     s1, k1 = e.stats(), steps_k(e)
                     a = accept.setdefault((wname, bsz, c), [0, 0])
                     a[0] += s1["spec_accepted_tokens"] - s0["spec_accepted_tokens"]
@@ -204,12 +238,15 @@ def main() -> None:
                     ks = steps_by_k.setdefault((wname, bsz, c), {})
                     for k, n in k1.items():
                         ks[k] = ks.get(k, 0) + n - k0.get(k, 0)
+                for c in names:  # greedy: every configuration's tokens must equal off's
+                    key = (wname, bsz, c)
+                    same[key] = same.get(key, True) and outputs[key] == outputs[(wname, bsz, "off")]
     load_after = os.getloadavg()
     rows = []
     print(f"model {args.size}, k={args.num_speculative_tokens}, prompt {args.prompt_len}, output {args.output_len}, "
           f"{args.reps} reps; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"{'workload':<11} {'batch':>5} {'config':<11} {'TPOT ms':>8} {'speedup':>8} {'accepted/proposed':>18}  "
-          "decode steps by k planned")
+          "same tokens as off  decode steps by k planned")
     for wname in workloads:
         for bsz in batch_sizes:
             base = statistics.median(tpot[(wname, bsz, "off")])
@@ -218,9 +255,11 @@ def main() -> None:
                 acc, prop = accept[(wname, bsz, c)]
                 rate = f"{acc}/{prop} = {acc / prop:.2f}" if prop else "-"
                 ks = {k: n for k, n in sorted(steps_by_k[(wname, bsz, c)].items()) if n}
-                print(f"{wname:<11} {bsz:>5} {c:<11} {t * 1000:>8.2f} {base / t:>7.2f}x {rate:>18}  "
+                parity = "yes" if same[(wname, bsz, c)] else "NO"
+                print(f"{wname:<11} {bsz:>5} {c:<11} {t * 1000:>8.2f} {base / t:>7.2f}x {rate:>18}  {parity:<18} "
                       f"{' '.join(f'k{k}:{n}' for k, n in ks.items())}")
                 rows.append({"workload": wname, "batch": bsz, "config": c, "tpot_ms": t * 1000, "speedup": base / t,
+                             "same_tokens_as_off": same[(wname, bsz, c)],
                              "tpot_ms_reps": [x * 1000 for x in tpot[(wname, bsz, c)]],
                              "accepted": acc, "proposed": prop, "steps_by_k": ks})
     if "draft" not in engines:

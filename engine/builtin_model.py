@@ -1,6 +1,6 @@
 """Write the built-in Llama-format checkpoint (`pdserve make-model`): deterministic from a seed, no download.
 
-Owns the two sizes and their drafts, the byte-level BPE trained on this Python's standard library, the weight
+Owns the two sizes, their drafts and the trained tiny-copy (its training: builtin_copier.py), the byte-level BPE trained on this Python's standard library, the weight
 initialisation (chosen so greedy decoding does not collapse into a short loop, which the token
 parity tests need), and the per-user model cache. Loading the checkpoint is `loader.py`'s job.
 """
@@ -15,7 +15,7 @@ import shutil
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,21 @@ SIZES: dict[str, BuiltinSize] = {
 # choices for 1-6 of small's 12 layers), while rounding to bfloat16 keeps ~99 % (docs/speculative.md).
 DRAFT_SIZES: dict[str, str] = {"tiny-draft": "tiny", "small-draft": "small"}
 DRAFT_DTYPE = "bfloat16"
+
+# Trained sizes: a base size's shape and tokenizer, its weights trained for a few minutes on this CPU at first
+# use instead of drawn (builtin_copier.py: from a hand-wired induction circuit, RoPE base 1e8): "tiny-copy"
+# continues a repeated passage by copying it, the case n-gram speculation is for, which no random model does.
+# Its config.json names it in `pdserve_builtin_size`; it has no built-in draft.
+TRAINED_SIZES: dict[str, str] = {"tiny-copy": "tiny"}
+
+
+def base_size(size: str) -> str:
+    """The size whose shape and tokenizer a built-in size uses (itself for tiny and small)."""
+    return DRAFT_SIZES.get(size) or TRAINED_SIZES.get(size) or size
+
+
+def all_sizes() -> list[str]:
+    return [*SIZES, *DRAFT_SIZES, *TRAINED_SIZES]
 
 
 def builtin_draft_for(model_dir: str | Path) -> Path | None:
@@ -218,17 +233,29 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     same bytes."""
     from safetensors.torch import save_file
 
-    if size not in SIZES and size not in DRAFT_SIZES:
-        raise ValueError(f"unknown built-in model size {size!r} (choose from {', '.join([*SIZES, *DRAFT_SIZES])})")
-    base = DRAFT_SIZES.get(size, size)
+    if size not in all_sizes():
+        raise ValueError(f"unknown built-in model size {size!r} (choose from {', '.join(all_sizes())})")
+    base = base_size(size)
     spec = SIZES[base]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     write_tokenizer(out_dir, base)
-    logger.info("drawing weights (seed %d)", seed)
     config = _model_config(spec)
-    tensors = init_weights(spec, seed)
+    if size in TRAINED_SIZES:
+        from pdserve.engine.builtin_copier import (COPIER_ROPE_THETA, CopyTraining, corpus_ids, train_copier,
+                                                   wired_weights)
+
+        logger.info("training the %s model (seed %d)", size, seed)
+        spec = replace(spec, rope_theta=COPIER_ROPE_THETA)
+        config = _model_config(spec)
+        tensors, summary = train_copier(spec, corpus_ids(str(out_dir / "tokenizer.json")),
+                                        replace(CopyTraining(), seed=seed), init=wired_weights(spec, seed))
+        summary.pop("seconds")  # the rest is the same on every run (same torch build and CPU)
+        config.update(pdserve_builtin_size=size, pdserve_copier=summary)
+    else:
+        logger.info("drawing weights (seed %d)", seed)
+        tensors = init_weights(spec, seed)
     if size in DRAFT_SIZES:
         import torch
 
@@ -243,7 +270,7 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
 
 def write_tokenizer(out_dir: str | Path, size: str = "tiny") -> Path:
     """Writes only tokenizer.json and tokenizer_config.json of a built-in size (no torch needed)."""
-    size = DRAFT_SIZES.get(size, size)
+    size = base_size(size)
     if size not in SIZES:
         raise ValueError(f"unknown built-in model size {size!r} (choose from {', '.join(SIZES)})")
     out_dir = Path(out_dir)
@@ -263,7 +290,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def count_params(size: str) -> int:
     """Parameters of a built-in size, computed from its shapes (no weights drawn)."""
-    s = SIZES[DRAFT_SIZES.get(size, size)]
+    s = SIZES[base_size(size)]
     h, kv = s.hidden_size, s.num_kv_heads * s.head_dim
     per_layer = 2 * h + 2 * h * s.num_heads * s.head_dim + 2 * h * kv + 3 * h * s.intermediate_size
     return 2 * s.vocab_size * h + h + s.num_layers * per_layer
@@ -280,6 +307,11 @@ def _is_current(model_dir: Path) -> bool:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
+    if config.get("pdserve_builtin_size") in TRAINED_SIZES:
+        from pdserve.engine.builtin_copier import COPIER_VERSION
+
+        if config.get("pdserve_copier", {}).get("version") != COPIER_VERSION:
+            return False
     return config.get("pdserve_builtin_version") == BUILTIN_FORMAT_VERSION
 
 
@@ -311,16 +343,19 @@ def ensure_builtin_model(size: str = "tiny", cache_dir: str | Path | None = None
 # --- CLI --------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=[*SIZES, *DRAFT_SIZES], default="tiny",
+    parser.add_argument("--size", choices=all_sizes(), default="tiny",
                         help="tiny (~4M params), small (~125M), or the draft of one of them for --speculative draft "
-                             "(tiny-draft, small-draft: its weights in bfloat16, its tokenizer)")
+                             "(tiny-draft, small-draft: its weights in bfloat16, its tokenizer), or tiny-copy: "
+                             "tiny trained for a few minutes on this CPU to continue a repeated passage by copying "
+                             "it (what --speculative ngram pays on)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the checkpoint into")
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    print(f"making the built-in {args.size} model (seed {args.seed}); training its tokenizer takes a few seconds...")
+    print(f"making the built-in {args.size} model (seed {args.seed}); training its tokenizer takes a few seconds"
+          + (", training its weights a few minutes" if args.size in TRAINED_SIZES else "") + "...")
     out_dir = make_model(args.out_dir, size=args.size, seed=args.seed)
     print(f"wrote {out_dir} ({count_params(args.size) / 1e6:.1f}M parameters) in {time.monotonic() - started:.1f} s")
     return 0
