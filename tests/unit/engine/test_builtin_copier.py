@@ -21,7 +21,7 @@ TOY = BuiltinSize(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, int
 
 def test_copy_batch_repeats_earlier_spans():
     ids = np.arange(100_000, dtype=np.int64)  # every corpus token distinct: a copy is visible
-    cfg = CopyTraining(batch_size=16, seq_len=128, copy_fraction=1.0, min_span=4, max_span=24)
+    cfg = CopyTraining(batch_size=16, seq_len=128, copy_fraction=1.0, random_fraction=0.0, min_span=4, max_span=24)
     tokens, source = copy_batch(ids, torch.Generator().manual_seed(0), cfg)
     assert tokens.shape == source.shape == (16, 129)
     for b in range(16):
@@ -44,6 +44,12 @@ def test_copy_batch_repeats_earlier_spans():
     assert (none < 0).all()
     ind = induction_positions(source)
     assert ind.sum() == (source >= 0).sum() - len(runs)  # every copied token but each span's first
+    # random-token windows: not the corpus (ids 3.. its largest), copied the same way
+    noise, source = copy_batch(ids, torch.Generator().manual_seed(0), replace(cfg, random_fraction=1.0))
+    starts = noise[:, 0:1]
+    assert not (noise == starts + torch.arange(129)).all(dim=1).any()
+    assert noise.min() >= 3 and noise.max() < len(ids) and (source >= 0).any(dim=1).all()
+    assert (noise.gather(1, source.clamp(min=0)) == noise)[source >= 0].all()
 
 
 def _runs(row: list[int]) -> list[int]:

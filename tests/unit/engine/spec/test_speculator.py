@@ -254,3 +254,40 @@ def test_a_draft_with_another_vocabulary_or_tokenizer_is_refused(tiny_model_dir,
 def test_draft_needs_a_draft_model_for_other_models(hf_model_dirs):
     with pytest.raises(ValueError, match="give --draft-model"):
         LLMEngine(EngineConfig(model=str(hf_model_dirs["llama"]), speculative="draft"))
+
+
+@pytest.fixture(scope="module")
+def copier_dir(tiny_model_dir, tmp_path_factory):
+    """tiny-copy's starting point (the wired induction circuit, no training: the trained model takes
+    minutes to make): a model that continues a repeated passage by copying it, tiny's tokenizer."""
+    from safetensors.torch import save_file
+
+    from pdserve.engine import builtin_copier, builtin_model
+
+    out = tmp_path_factory.mktemp("copier")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, out / name)
+    size = builtin_model.SIZES["tiny"]
+    size = type(size)(**{**{f: getattr(size, f) for f in size.__dataclass_fields__},
+                         "rope_theta": builtin_copier.COPIER_ROPE_THETA})
+    (out / "config.json").write_text(json.dumps(builtin_model._model_config(size)))
+    save_file(builtin_copier.wired_weights(size, seed=0), str(out / "model.safetensors"))
+    return out
+
+
+def test_greedy_equals_plain_decode_on_a_model_that_copies(copier_dir):
+    """With a model that copies, n-gram proposals are accepted in long runs (whole k-token runs, the path
+    a random model rarely takes); the output still equals plain decoding token for token."""
+    g = torch.Generator().manual_seed(3)
+    passages = [torch.randint(3, 2048, (int(n),), generator=g).tolist() for n in (40, 64, 90)]
+    prompts = [p + p[:8] for p in passages] + [torch.randint(3, 2048, (50,), generator=g).tolist()]
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    plain = LLMEngine(EngineConfig(model=str(copier_dir), num_kv_blocks=256))
+    want = [c.token_ids for c in plain.generate(prompts, params)]
+    assert want[0][:32] == passages[0][8:40]  # it copies
+    spec = LLMEngine(EngineConfig(model=str(copier_dir), num_kv_blocks=256, speculative="ngram", **FIXED))
+    assert [c.token_ids for c in spec.generate(prompts, params)] == want
+    s = spec.stats()
+    assert s["spec_accepted_tokens"] > 0.8 * s["spec_proposed_tokens"] > 0, s
+    assert s["num_generation_tokens"] / s["spec_drafts"] > 3  # most steps emitted several tokens
+    assert _all_free(spec)
