@@ -130,7 +130,7 @@ class SpeculationCost:
         return max(0.0, 1 / plain - 1 / best) if best > 0 and plain > 0 else 0.0
 
     def record(self, num_decodes: int, k: int, num_tokens: int, seconds: float) -> None:
-        """A decode-only step that speculated up to k tokens per sequence (0: none was proposed) emitted
+        """A decode-only step planned with up to k tokens per sequence (proposals or not) emitted
         num_tokens in `seconds` (proposing, the forward pass and verification)."""
         if seconds <= 0 or k not in self.ks:
             return
