@@ -95,6 +95,16 @@ class Load:
 HETEROGENEOUS_RATIO = 2.0  # a worker's learnt step term this many times off the pool's: its own speed
 
 
+_STEP_FIELDS = ("fixed_s", "per_seq_s", "per_token_s", "per_context_token_s")
+
+
+def _pool_value(values: list[float]) -> float:
+    """One value for workers that share a pool's work by speed: n / sum(1/x) over the positive ones, n
+    counting every worker (0 where none is positive)."""
+    pos = [v for v in values if v > 0]
+    return len(values) / sum(1.0 / v for v in pos) if pos else 0.0
+
+
 def distinct_speeds(steps, ratio: float = HETEROGENEOUS_RATIO) -> tuple[StepModel, ...]:
     """The workers' step models with each term grouped: sorted, a term less than `ratio` times the smallest
     of its group joins that group, and every member of a group takes the group's pooled value. So only a
@@ -113,14 +123,12 @@ def distinct_speeds(steps, ratio: float = HETEROGENEOUS_RATIO) -> tuple[StepMode
             m = k
             while m < len(order) and order[m][0] < ratio * order[k][0]:
                 m += 1
-            group = order[k:m]
-            shared = len(group) / sum(1.0 / v for v, _ in group)
-            for _, i in group:
+            shared = _pool_value([v for v, _ in order[k:m]])
+            for _, i in order[k:m]:
                 out[i] = shared
             k = m
         return out
-    cols = [grouped([getattr(s, f) for s in steps]) for f in ("fixed_s", "per_seq_s", "per_token_s",
-                                                              "per_context_token_s")]
+    cols = [grouped([getattr(s, f) for s in steps]) for f in _STEP_FIELDS]
     return tuple(StepModel(*vals) for vals in zip(*cols))
 
 
@@ -128,12 +136,7 @@ def pooled(steps) -> StepModel:
     """One step model for a pool that spreads its work by speed: per field, n / sum(1/x) (fields that are 0
     everywhere stay 0)."""
     steps = list(steps)
-
-    def comb(values: list[float]) -> float:
-        pos = [v for v in values if v > 0]
-        return len(values) / sum(1.0 / v for v in pos) if pos else 0.0
-    return StepModel(comb([s.fixed_s for s in steps]), comb([s.per_seq_s for s in steps]),
-                     comb([s.per_token_s for s in steps]), comb([s.per_context_token_s for s in steps]))
+    return StepModel(*(_pool_value([getattr(s, f) for s in steps]) for f in _STEP_FIELDS))
 
 
 @dataclass(frozen=True, slots=True)
