@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from vs_vllm import group_cpu, port_in_use, resolve_model, stop_server, wait_up  # noqa: E402
 
+
 def package_tree(checkout: Path, out: Path) -> Path:
     """A folder holding `pdserve` as `checkout` lays it out (pyproject's package-dir: engine/ is pdserve.engine,
     ...), made of links: with it first on the path, that checkout runs instead of the installed one."""

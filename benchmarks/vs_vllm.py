@@ -146,8 +146,8 @@ def bench(port: int, model: Path, rate: str, seed: int, out_json: Path, args: ar
     s = json.loads(out_json.read_text())["summary"]
     lat = s["latency"]
     tokens = s["total_output_tokens"]
-    return {"cpu_ms_per_token": cpu_ms_per_token(before, after, tokens),"output_tok_s": s["output_throughput"], "completed": s["num_completed"], "sent": s["num_sent"],
-            "failed": s["num_failed"],
+    return {"output_tok_s": s["output_throughput"], "completed": s["num_completed"], "sent": s["num_sent"],
+            "failed": s["num_failed"], "cpu_ms_per_token": cpu_ms_per_token(before, after, tokens),
             "ttft_mean_ms": lat["ttft"]["mean_ms"] if lat.get("ttft") else float("nan"),
             "tpot_mean_ms": lat["tpot"]["mean_ms"] if lat.get("tpot") else float("nan"),
             "ttft_p99_ms": lat["ttft"]["percentiles_ms"].get("p99", float("nan")) if lat.get("ttft") else float("nan")}
