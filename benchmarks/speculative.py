@@ -4,7 +4,8 @@
 In process (no servers), one engine per configuration over the same model, measured round-robin so
 load drift on a shared machine hits every configuration alike: off, ngram, draft (both with the
 cost control that picks each step's k from measured step times, the default), and draft-fixed (the
-draft proposing k tokens on every step, no cost control). Each configuration first runs every
+draft proposing k tokens on every step, no cost control); off-again, on request, is a second plain
+engine, whose ratio to off is the noise floor of the run. Each configuration first runs every
 workload and batch size once untimed (up to 256 tokens), so the cost control starts from its own measurements, as in a
 server that has been running. Workloads:
   repetitive  code-like: a chunk of the standard library's Python source, twice (an edit request
@@ -48,6 +49,7 @@ from pdserve.engine.sequence import Sequence
 
 CONFIGS: dict[str, dict] = {  # name -> EngineConfig fields
     "off": {"speculative": "off"},
+    "off-again": {"speculative": "off"},  # a second plain engine: its ratio to off is the run's noise floor
     "ngram": {"speculative": "ngram"},
     "draft": {"speculative": "draft"},
     "draft-fixed": {"speculative": "draft", "speculative_cost_control": False},
@@ -110,9 +112,7 @@ def copy_check(engine: LLMEngine, model_dir: Path, num_prompts: int, gen_len: in
     (c) prompt Q + Q[:32], Q 128 tokens of held-out stdlib code or random tokens: the fraction of the
     64 greedy tokens equal to Q[32:96] (copying), and the distinct tokens in 256 greedy tokens after Q
     alone (a passage that does not repeat: does the output still vary?)."""
-    import numpy as np
-
-    from pdserve.engine.spec.ngram import lookup
+    from pdserve.engine.spec.ngram import NgramIndex
 
     greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
     bases = random_prompts(engine.model_config.vocab_size, num_prompts, 64, 7)
@@ -123,9 +123,9 @@ def copy_check(engine: LLMEngine, model_dir: Path, num_prompts: int, gen_len: in
     for b, c, a, out in zip(bases, conts, again, longs):
         prefix = next((i for i, (x, y) in enumerate(zip(c, a)) if x != y), len(c))
         tokens = b + out
-        i, steps = len(b), 0
+        i, steps, index = len(b), 0, NgramIndex(2, 4)
         while i < len(tokens):
-            proposal = lookup(np.asarray(tokens[:i], dtype=np.int64), 2, 4, k)
+            proposal = index.propose(tokens[:i], k)
             n = 0
             while n < len(proposal) and i + n < len(tokens) and tokens[i + n] == proposal[n]:
                 n += 1
@@ -183,7 +183,9 @@ def main() -> None:
     parser.add_argument("--copy-check", type=int, default=0, metavar="N",
                         help="only check (no timing) whether the model's greedy text repeats what n-gram lookup "
                              "could find: a prompt quoting the model's own continuation, and N-token generations")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="off first, then the others to compare with it")
+    parser.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "off-again"),
+                        help="off first, then the others to compare with it (off-again: a second plain engine, "
+                             "the noise floor of the run)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--json", default="", help="write the numbers here")
     args = parser.parse_args()

@@ -48,8 +48,10 @@ def prompts(plain):
 
 def _all_free(engine: LLMEngine) -> bool:
     spec = engine.scheduler.speculator
+    if spec is not None and spec.proposer.states:  # a proposer's per-sequence state (n-gram index, draft context)
+        return False
     draft = getattr(spec.proposer, "bm", None) if spec is not None else None
-    if draft is not None and (draft.num_free_blocks != draft.num_blocks or spec.proposer.states):
+    if draft is not None and draft.num_free_blocks != draft.num_blocks:
         return False
     return engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
