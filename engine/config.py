@@ -20,7 +20,15 @@ class EngineConfig:
     kv_cache_memory_mb: int = field(default=512, metadata=_h("KV pool size in MiB (when --num-kv-blocks is unset)"))
     num_kv_blocks: int | None = field(default=None, metadata=_h("KV pool size in blocks (overrides the MiB size)"))
     max_num_seqs: int = field(default=64, metadata=_h("maximum sequences in the running batch"))
-    max_num_batched_tokens: int = field(default=512, metadata=_h("per-step token budget (the prefill chunk size)"))
+    max_num_batched_tokens: int = field(default=2048, metadata=_h(
+        "per-step token budget: decodes, speculative proposals and prompt chunks together (vLLM's CPU server "
+        "default); while sequences decode, --prefill-chunk-ms bounds the prompt part"))
+    prefill_chunk_ms: float = field(default=100.0, metadata=_h(
+        "while sequences are decoding, a step's prompt tokens are cut to what this worker computes in this "
+        "many milliseconds (its own measured prefill speed), never below --min-prefill-chunk, so running "
+        "decodes do not wait behind long prefill steps; 0: no time bound (the whole budget)"))
+    min_prefill_chunk: int = field(default=512, metadata=_h(
+        "prompt tokens a step may always compute next to running decodes, however slow the model"))
     enable_chunked_prefill: bool = field(default=True, metadata=_h("split long prompts into chunks mixed with decodes"))
     enable_prefix_caching: bool = field(default=True, metadata=_h("reuse the KV of identical prompt prefixes"))
     max_model_len: int | None = field(default=None, metadata=_h("maximum context length (default: the model's)"))
@@ -75,6 +83,10 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.prefill_chunk_ms < 0:
+            raise ValueError(f"prefill_chunk_ms must be >= 0, got {self.prefill_chunk_ms}")
+        if self.min_prefill_chunk < 1:
+            raise ValueError(f"min_prefill_chunk must be >= 1, got {self.min_prefill_chunk}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
         if self.attention_backend not in ("auto", "paged-cpu", "reference"):

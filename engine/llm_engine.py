@@ -265,7 +265,9 @@ class LLMEngine:
         self.num_prompt_tokens_computed += num_prompt_tokens
         if self.scheduler.speculator is not None:  # its cost control learns from the step's time
             self.scheduler.speculator.end_step(num_prompt_tokens, sum(len(o.new_token_ids) for o in outputs))
-        self.step_times.record(num_prompt_tokens, num_decodes, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.step_times.record(num_prompt_tokens, num_decodes, seconds)
+        self.scheduler.chunk_bound.observe(num_prompt_tokens, seconds)
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

@@ -2,6 +2,10 @@
 
 Running sequences go first (every decode one token, then unfinished prefills a chunk of what is
 left of the token budget), then waiting ones in arrival order (FCFS) while the token budget, the batch-size cap and free KV blocks allow.
+While sequences decode, the step's prompt tokens are also bounded by time: no more than this worker
+computes in `prefill_chunk_ms` at its measured prefill speed (never fewer than `min_prefill_chunk`), so a
+model whose prefill is fast gets large chunks (fewer, fuller steps) and a slow one keeps decodes from
+waiting behind a long prefill step. A step with no decodes takes the whole budget.
 When a decode needs a block and none is free, the most recently admitted running sequence is
 preempted: its blocks are freed and it is recomputed later (its full blocks usually come back as
 prefix-cache hits). Sequences whose prompt KV came from a prefill worker (`reserved`) grow the same
@@ -29,6 +33,35 @@ from pdserve.engine.spec.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
+PREFILL_SPEED_EMA = 0.25  # weight of the newest step in the measured prefill speed
+
+
+class PrefillChunkBound:
+    """How many prompt tokens a step that also runs decodes may compute: what the measured prefill speed
+    does in `chunk_ms`, at least `min_chunk`, at most `budget` (`min_chunk` until a prefill step was
+    measured; the whole budget when `chunk_ms` is 0). The engine's scheduler and the planner's simulator
+    both use it."""
+
+    def __init__(self, budget: int, chunk_ms: float, min_chunk: int) -> None:
+        self.budget, self.chunk_ms, self.min_chunk = budget, chunk_ms, min_chunk
+        self.s_per_token: float | None = None  # a moving average over recent steps
+
+    def limit(self) -> int:
+        if self.chunk_ms <= 0:
+            return self.budget
+        if self.s_per_token is None:
+            return min(self.budget, self.min_chunk)
+        return min(self.budget, max(self.min_chunk, int(self.chunk_ms / 1000.0 / self.s_per_token)))
+
+    def observe(self, num_prompt_tokens: int, seconds: float) -> None:
+        """Learn from a finished step: its time per prompt token (decodes in it included: an
+        over-estimate, so the bound errs toward shorter steps)."""
+        if num_prompt_tokens <= 0 or seconds <= 0:
+            return
+        sample = seconds / num_prompt_tokens
+        prev = self.s_per_token
+        self.s_per_token = sample if prev is None else prev + PREFILL_SPEED_EMA * (sample - prev)
+
 
 @dataclass(slots=True)
 class ScheduledSeq:
@@ -49,6 +82,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.chunk_bound = PrefillChunkBound(config.max_num_batched_tokens, config.prefill_chunk_ms,
+                                             config.min_prefill_chunk)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -80,6 +115,8 @@ class Scheduler:
         if self.speculator is not None and budget > 0:
             budget -= self._add_proposals([item for item in scheduled if item.seq.status is SequenceStatus.RUNNING],
                                           budget)
+        if scheduled:  # sequences are decoding: bound the prompt part of the step by time
+            budget = min(budget, self.chunk_bound.limit())
         for seq in prefills:
             if seq.status is not SequenceStatus.RUNNING or budget <= 0:
                 continue

@@ -78,7 +78,8 @@ def calibrate(engine_config: EngineConfig, repeats: int = 5, transfer_bytes_per_
     step = StepModel(*map(float, coef))
     layout = llm.kv_cache.layout()
     kv_bytes_per_token = int(llm.kv_cache.nbytes // (layout.num_blocks * layout.block_size))
-    cal = Calibration(step=step, chunk_tokens=chunk_budget, max_num_seqs=llm.config.max_num_seqs,
+    cal = Calibration(step=step, chunk_tokens=chunk_budget, prefill_chunk_ms=llm.config.prefill_chunk_ms,
+                      min_prefill_chunk=llm.config.min_prefill_chunk, max_num_seqs=llm.config.max_num_seqs,
                       num_kv_blocks=layout.num_blocks, block_size=layout.block_size,
                       kv_bytes_per_token=kv_bytes_per_token, transfer_bytes_per_s=transfer_bytes_per_s)
     for s in samples:

@@ -23,6 +23,8 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.scheduler import PrefillChunkBound
 from pdserve.engine.step_times import StepTimes
 from pdserve.planner.config import PlannerConfig
 from pdserve.planner.model import Split, StepModel
@@ -35,13 +37,18 @@ from pdserve.router.worker_speed import WorkerSpeed
 
 logger = logging.getLogger(__name__)
 
+_ENGINE_DEFAULTS = EngineConfig.__dataclass_fields__
+
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
     """What a simulated worker is: step times, chunk budget, KV pool, KV bytes, transfer speed."""
 
     step: StepModel = field(default_factory=StepModel)
-    chunk_tokens: int = 512  # prefill tokens per step (the engine's max_num_batched_tokens)
+    chunk_tokens: int = _ENGINE_DEFAULTS["max_num_batched_tokens"].default  # the engine's per-step token budget
+    # while decodes run, the prompt part of a step is bounded by time (engine/scheduler.py PrefillChunkBound)
+    prefill_chunk_ms: float = _ENGINE_DEFAULTS["prefill_chunk_ms"].default
+    min_prefill_chunk: int = _ENGINE_DEFAULTS["min_prefill_chunk"].default
     max_num_seqs: int = 64
     num_kv_blocks: int = 4096
     block_size: int = 16
@@ -114,9 +121,12 @@ class SimWorker:
     busy_s: float = 0.0
     step_times: StepTimes = field(default_factory=StepTimes)  # what a real worker reports in its stats
     speed: WorkerSpeed = field(default_factory=WorkerSpeed)  # what the router learns from them
+    chunk_bound: PrefillChunkBound | None = None  # the engine's prefill bound next to decodes
 
     def __post_init__(self) -> None:
         self.worker_id = self.worker_id or self.address
+        self.chunk_bound = PrefillChunkBound(self.cal.chunk_tokens, self.cal.prefill_chunk_ms,
+                                             self.cal.min_prefill_chunk)
         self.stats.max_num_seqs = self.cal.max_num_seqs
         self.stats.num_kv_blocks = self.cal.num_kv_blocks
 
@@ -264,6 +274,8 @@ class Simulation:
             return
         decodes = w.running[: w.cal.max_num_seqs]
         budget = max(0, w.cal.chunk_tokens - len(decodes))
+        if decodes:
+            budget = min(budget, w.chunk_bound.limit())
         chunks = []
         for seq in w.prefill_queue:
             if budget <= 0:
@@ -287,6 +299,7 @@ class Simulation:
         w.busy = True
         w.busy_s += step_s
         w.step_times.record(tokens, len(decodes), step_s)
+        w.chunk_bound.observe(tokens, step_s)
         self.at(self.now + step_s, self._step_done, w, list(decodes), chunks)
 
     def _step_done(self, w: SimWorker, decodes: list, chunks: list) -> None:
