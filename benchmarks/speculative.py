@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Speculative decoding: time per output token (TPOT) with and without it, side by side in one run.
 
-In process (no servers), one engine per configuration over the same model, measured round-robin so
-load drift on a shared machine hits every configuration alike: off, ngram, draft (both with the
+In process (no servers), one engine per configuration over the same model, measured round-robin (each
+rep starting with the next configuration; give a multiple of their number as --reps) so load drift on a
+shared machine hits every configuration alike: off, ngram, draft (both with the
 cost control that picks each step's k from measured step times, the default), and draft-fixed (the
 draft proposing k tokens on every step, no cost control); off-again, on request, is a second plain
 engine, whose ratio to off is the noise floor of the run. Each configuration first runs every
@@ -19,6 +20,7 @@ repeats what the sequence itself generated: its greedy output falls into loops a
 (docs/speculative.md). Every configuration's greedy tokens are compared with off's (they must be identical).
 Batch 1 and batch 8 (all requests at once; TPOT = (last token - first token) / (tokens - 1) per request,
 mean over requests, median over repetitions). Prints TPOT, the speedup (plain TPOT / speculative TPOT),
+the paired speedup (the median over reps of each rep's own plain / speculative ratio),
 the acceptance rate, and, for the draft, what prefilling it on the decode worker costs against the
 target's prefill (the choice docs/speculative.md explains).
 
@@ -228,7 +230,10 @@ def main() -> None:
     for rep in range(args.reps):
         for wname, prompts in workloads.items():
             for bsz in batch_sizes:
-                for c in names if rep % 2 == 0 else reversed(names):
+                # each rep starts the group with another configuration: the first run after a change of
+                # workload or batch size is slower (r1 of 2026-12-02: off, first in half the groups, read
+                # 3-9 % slower than off-again, a copy of it that never was)
+                for c in names[rep % len(names):] + names[:rep % len(names)]:
                     e = engines[c]
                     s0, k0 = e.stats(), steps_k(e)
                     t, outputs[(wname, bsz, c)] = tpot_run(e, prompts[:bsz], args.output_len, c)
@@ -247,20 +252,23 @@ def main() -> None:
     rows = []
     print(f"model {args.size}, k={args.num_speculative_tokens}, prompt {args.prompt_len}, output {args.output_len}, "
           f"{args.reps} reps; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    print(f"{'workload':<11} {'batch':>5} {'config':<11} {'TPOT ms':>8} {'speedup':>8} {'accepted/proposed':>18}  "
-          "same tokens as off  decode steps by k planned")
+    print(f"{'workload':<11} {'batch':>5} {'config':<11} {'TPOT ms':>8} {'speedup':>8} {'paired':>7} "
+          f"{'accepted/proposed':>18}  same tokens as off  decode steps by k planned")
     for wname in workloads:
         for bsz in batch_sizes:
             base = statistics.median(tpot[(wname, bsz, "off")])
             for c in names:
                 t = statistics.median(tpot[(wname, bsz, c)])
+                # the median of each rep's own ratio: off and c ran seconds apart, so slow drift cancels
+                paired = statistics.median(o / x for o, x in zip(tpot[(wname, bsz, "off")], tpot[(wname, bsz, c)]))
                 acc, prop = accept[(wname, bsz, c)]
                 rate = f"{acc}/{prop} = {acc / prop:.2f}" if prop else "-"
                 ks = {k: n for k, n in sorted(steps_by_k[(wname, bsz, c)].items()) if n}
                 parity = "yes" if same[(wname, bsz, c)] else "NO"
-                print(f"{wname:<11} {bsz:>5} {c:<11} {t * 1000:>8.2f} {base / t:>7.2f}x {rate:>18}  {parity:<18} "
+                print(f"{wname:<11} {bsz:>5} {c:<11} {t * 1000:>8.2f} {base / t:>7.2f}x {paired:>6.2f}x {rate:>18}  {parity:<18} "
                       f"{' '.join(f'k{k}:{n}' for k, n in ks.items())}")
                 rows.append({"workload": wname, "batch": bsz, "config": c, "tpot_ms": t * 1000, "speedup": base / t,
+                             "paired_speedup": paired,
                              "same_tokens_as_off": same[(wname, bsz, c)],
                              "tpot_ms_reps": [x * 1000 for x in tpot[(wname, bsz, c)]],
                              "accepted": acc, "proposed": prop, "steps_by_k": ks})

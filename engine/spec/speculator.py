@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 EMA_WEIGHT = 0.3  # of the newest verify step in a sequence's acceptance average
 MAX_PAUSE_STEPS = 64
+# Where plain decoding is measured best, a probe of speculation may start one sequence's draft (a prefill of
+# its context): at most this share of the engine's step time goes to such catch-ups. Unbounded, one per probe
+# (every <= 64 steps) cost tiny 10-16 % (a 256-token draft prefill is ~7 of its decode steps; r1 2026-12-02).
+PROBE_CATCHUP_SHARE = 0.02
 
 
 @dataclass(slots=True)
@@ -56,6 +60,7 @@ class PlannedStep:
     num_catchup_tokens: int = 0  # the proposer's catch-up work in it (a draft's prefill): not a typical step
     capped: bool = False  # a sequence near max_tokens speculated fewer than k: not a typical step either
     probe_catch_up: bool = False  # a probe of speculating where plain is best may start one sequence's draft
+    probe_caught_up: bool = False  # ...and did: the proposer's catch-up in this step is the probe's cost
 
 
 class Speculator:
@@ -68,6 +73,8 @@ class Speculator:
         self.clock = clock
         self.step: PlannedStep | None = None
         self.seconds_per_catchup_token: float | None = None  # measured, of the proposer's catch-up prefills
+        self.step_seconds = 0.0  # of every planned step, start to end
+        self.probe_catchup_seconds = 0.0  # of which, catch-ups started by probes (<= PROBE_CATCHUP_SHARE of it)
         self.num_proposed_tokens = 0
         self.num_accepted_tokens = 0
         self.num_drafts = 0  # verify steps with at least one proposed token
@@ -87,19 +94,24 @@ class Speculator:
         else:
             k = self.cost.choose(num_decodes)
             saving = self.cost.saving_per_token_s(max(num_decodes, num_seqs))
-        self.step = PlannedStep(num_decodes, k, self.clock(), saving_per_token_s=saving,
-                                probe_catch_up=saving == 0.0 and k > 0 and self.cost.started_probe)
+        probe_catch_up = (saving == 0.0 and k > 0 and self.cost.started_probe
+                          and self.probe_catchup_seconds <= PROBE_CATCHUP_SHARE * self.step_seconds)
+        self.step = PlannedStep(num_decodes, k, self.clock(), saving_per_token_s=saving, probe_catch_up=probe_catch_up)
         self.num_steps_by_k[k] = self.num_steps_by_k.get(k, 0) + 1
         return k
 
     def end_step(self, num_prompt_tokens: int, num_tokens: int) -> None:
         """The planned step emitted num_tokens; a decode-only step's time is the cost control's sample."""
         step, self.step = self.step, None
-        if step is None or self.cost is None or num_prompt_tokens or step.num_catchup_tokens or step.capped:
+        if step is None:
+            return
+        seconds = self.clock() - step.started
+        self.step_seconds += seconds
+        if self.cost is None or num_prompt_tokens or step.num_catchup_tokens or step.capped:
             return
         # a sample of the planned k even when nothing was proposed: a lookup that found nothing is part of
-        # what choosing k costs (on tiny, ~0.3-0.7 ms a step; counted as plain, it made k > 0 look free)
-        self.cost.record(step.num_decodes, step.k, num_tokens, self.clock() - step.started)
+        # what choosing k costs
+        self.cost.record(step.num_decodes, step.k, num_tokens, seconds)
 
     def num_tokens_for(self, seq: Sequence, limit: int) -> int:
         """Tokens `seq` may speculate this step, at most `limit` (0: decode plainly)."""
@@ -116,7 +128,7 @@ class Speculator:
                 return 0
             # no sequence may be in step with the draft (all new since plain became the best): one catches
             # up, so the probe can measure speculation at all (at most one prefill per probe)
-            self.step.probe_catch_up = False
+            self.step.probe_catch_up, self.step.probe_caught_up = False, True
         # never past max_tokens: the last token of a request is the target's own draw
         if remaining - 1 < limit and self.step is not None:
             self.step.capped = True
@@ -135,7 +147,10 @@ class Speculator:
         proposals = self.proposer.propose(seqs, num_tokens)
         catchup = self.proposer.num_catchup_tokens - catchup_before
         if catchup:  # an upper bound per token: the call also drew the proposals
-            rate = (self.clock() - started) / catchup
+            seconds = self.clock() - started
+            if self.step is not None and self.step.probe_caught_up:
+                self.probe_catchup_seconds += seconds
+            rate = seconds / catchup
             old = self.seconds_per_catchup_token
             self.seconds_per_catchup_token = rate if old is None else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * rate
         if self.step is not None:

@@ -200,6 +200,30 @@ def test_cost_control_falls_back_where_speculating_costs_more(tiny_model_dir, pl
     assert _all_free(engine)
 
 
+def test_probes_spend_little_on_starting_drafts_where_plain_is_best(tiny_model_dir, plain, prompts):
+    """A draft as slow as the target never pays, so plain decoding is best; each probe of speculation
+    could start a new sequence's draft (a prefill of its prompt, here ~7 decode steps' worth), which is
+    what made tiny 0.84-0.90x with the draft. Those catch-ups stay within PROBE_CATCHUP_SHARE of the step
+    time (plus the one that crossed it): over 12 requests one at a time, one or two, not one a probe."""
+    from pdserve.engine.spec.speculator import PROBE_CATCHUP_SHARE
+
+    engine = _costed_engine(tiny_model_dir, lambda rows: 0.001 * rows, lambda rows: 0.001 * rows)
+    spec = engine.scheduler.speculator
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    for p in prompts[:3]:  # the cost control measures every k (drafts start to learn), then settles on plain
+        engine.generate([p], params)
+    assert spec.cost.buckets[1].best == 0
+    catchup, seconds = spec.proposer.num_catchup_tokens, spec.probe_catchup_seconds
+    for p in (prompts * 3)[:12]:
+        assert engine.generate([p], params)[0].token_ids == plain.generate([p], params)[0].token_ids
+    spent = spec.probe_catchup_seconds - seconds
+    one_catchup_s = 0.001 * (max(map(len, prompts)) + params.max_tokens)  # the longest context there was
+    assert 0 < spent <= PROBE_CATCHUP_SHARE * spec.step_seconds + one_catchup_s + 0.01, spent
+    # unbounded, each of the ~12 probes (every <= 64 steps of 12 x 48) would have started one
+    assert spec.proposer.num_catchup_tokens - catchup <= 2 * (max(map(len, prompts)) + params.max_tokens)
+    assert _all_free(engine)
+
+
 def test_cost_control_keeps_speculating_where_it_pays(tiny_model_dir, plain, prompts):
     """Memory-bound steps (the weights' read dominates, rows nearly free, a draft step 0.1 of the
     target's): at batch 1 speculating with the bfloat16 draft makes more tokens per second, so the
