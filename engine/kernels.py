@@ -36,9 +36,10 @@ def kernel_build_dir() -> Path:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    # torch's include paths (so its install prefix) are in the build commands: two environments
-    # sharing one build dir would rebuild it on every alternate load
-    h = hashlib.sha256(f"{torch.__version__}|{Path(torch.__file__).parent}|{flags}|".encode())
+    # torch's include paths (so its install prefix) and the sources' paths are in the build commands:
+    # two environments, or two checkouts run with one environment, sharing one build dir would rebuild
+    # it on every alternate load (minutes on 2 cores)
+    h = hashlib.sha256(f"{torch.__version__}|{Path(torch.__file__).parent}|{_CSRC_DIR.resolve()}|{flags}|".encode())
     for name in (*SOURCES, "kernels.h"):
         h.update((_CSRC_DIR / name).read_bytes())
     key = h.hexdigest()[:16]

@@ -142,3 +142,18 @@ def test_loading_twice_in_one_process_reuses_the_build(kernel):
     assert again.__name__ == kernels.MODULE_NAME, f"a second load rebuilt the module as {again.__name__}"
     assert again is kernel
     assert (tuple(kernels.CFLAGS), tuple(kernels.LDFLAGS)) == (cflags, ldflags), "load_kernel changed the flags"
+
+
+def test_two_checkouts_of_the_same_sources_build_in_separate_dirs(tmp_path, monkeypatch):
+    """The build commands name the source files' paths: two checkouts run with one environment (a worktree
+    next to main, a benchmark's --checkout) sharing a build dir would rebuild it on every alternate load."""
+    import shutil
+
+    from pdserve.engine import kernels
+
+    here = kernels.kernel_build_dir()
+    copy = tmp_path / "csrc"
+    shutil.copytree(kernels._CSRC_DIR, copy)
+    monkeypatch.setattr(kernels, "_CSRC_DIR", copy)
+    assert kernels.kernel_build_dir() != here
+    assert kernels.kernel_build_dir() == kernels.kernel_build_dir()  # and stable for one checkout
