@@ -56,6 +56,7 @@ class PlannedStep:
     k: int  # the most tokens a sequence may speculate in it
     started: float  # clock() when it was planned (before proposing)
     num_verified: int = 0  # sequences whose proposals were verified
+    num_asked: int = 0  # sequences the proposer was asked to propose for (0: the step decoded plainly)
     saving_per_token_s: float | None = None  # what speculating saves per emitted token now (None: unknown)
     num_catchup_tokens: int = 0  # the proposer's catch-up work in it (a draft's prefill): not a typical step
     capped: bool = False  # a sequence near max_tokens speculated fewer than k: not a typical step either
@@ -110,8 +111,10 @@ class Speculator:
         if self.cost is None or num_prompt_tokens or step.num_catchup_tokens or step.capped:
             return
         # a sample of the planned k even when nothing was proposed: a lookup that found nothing is part of
-        # what choosing k costs
-        self.cost.record(step.num_decodes, step.k, num_tokens, seconds)
+        # what choosing k costs. But where no sequence could ask (paused, or a draft too far behind), the
+        # step was plain decoding: counted as k, it made k look as cheap as plain (tiny with the draft kept
+        # k > 0 planned on half the batch-1 steps and started drafts on that, r2 2026-12-02)
+        self.cost.record(step.num_decodes, step.k if step.num_asked else 0, num_tokens, seconds)
 
     def num_tokens_for(self, seq: Sequence, limit: int) -> int:
         """Tokens `seq` may speculate this step, at most `limit` (0: decode plainly)."""
@@ -144,6 +147,8 @@ class Speculator:
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
         catchup_before, started = self.proposer.num_catchup_tokens, self.clock()
+        if self.step is not None:
+            self.step.num_asked += sum(1 for k in num_tokens if k > 0)
         proposals = self.proposer.propose(seqs, num_tokens)
         catchup = self.proposer.num_catchup_tokens - catchup_before
         if catchup:  # an upper bound per token: the call also drew the proposals

@@ -317,3 +317,32 @@ def test_greedy_equals_plain_decode_on_a_model_that_copies(copier_dir):
     assert s["spec_accepted_tokens"] > 0.8 * s["spec_proposed_tokens"] > 0, s
     assert s["num_generation_tokens"] / s["spec_drafts"] > 3  # most steps emitted several tokens
     assert _all_free(spec)
+
+
+def test_a_step_in_which_no_sequence_could_ask_is_a_sample_of_plain_decoding():
+    """The cost control learns k's rate only from steps where the proposer was asked (a lookup that found
+    nothing counts: it is what k costs); a step planned with k in which every sequence was paused or had
+    a draft too far behind decoded plainly, and is a sample of k = 0."""
+    from pdserve.engine.sequence import Sequence
+    from pdserve.engine.spec.ngram import NgramProposer
+    from pdserve.engine.spec.speculator import Speculator
+
+    clock = ModelledClock()
+    spec = Speculator(EngineConfig(speculative="ngram"), NgramProposer(2, 4), clock=clock)
+    seq = Sequence("a", [5, 6, 7, 8], SamplingParams(max_tokens=100))
+    samples = lambda: {k: c.num_samples for k, c in spec.cost.buckets[1].choices.items()}  # noqa: E731
+    k = spec.plan(1, 1)
+    assert k == 4  # the largest unmeasured choice first
+    seq.spec = None
+    n = spec.num_tokens_for(seq, k)
+    assert spec.propose([seq], [n])[0].token_ids == []  # asked; the lookup found nothing
+    clock.now += 0.002
+    spec.end_step(0, 1)
+    assert samples()[4] == 1 and samples()[0] == 0
+    k = spec.plan(1, 1)
+    assert k == 2  # the next unmeasured one
+    seq.spec.pause_steps = 1  # paused: the scheduler asks no proposer
+    assert spec.num_tokens_for(seq, k) == 0
+    clock.now += 0.002
+    spec.end_step(0, 1)
+    assert samples() == {0: 1, 1: 0, 2: 0, 4: 1}
