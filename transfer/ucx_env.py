@@ -22,6 +22,11 @@ UCX_ENV_DEFAULTS: dict[str, str] = {
     "UCX_LOG_LEVEL": "fatal",
     # Messages above 8 KiB go rendezvous, i.e. zero-copy (ucxx sets the same value).
     "UCX_RNDV_THRESH": "8192",
+    # TCP (peers on other hosts; control endpoints everywhere): UCX moves a large tagged message as a rendezvous of
+    # copy-in/copy-out fragments of one send segment each, 8 KiB by default (512 sends and receives per 4 MiB);
+    # 64 KiB segments and 256 KiB receive buffers cut that to 64 (docs/transfer_bandwidth.md, "UCX TCP segments").
+    "UCX_TCP_TX_SEG_SIZE": "64k",
+    "UCX_TCP_RX_SEG_SIZE": "256k",
     # Complete ucxx requests through Python futures set by a notifier thread instead of
     # busy-polling the event loop with sleep(0) (which steals a core from the copy on small hosts).
     "UCXPY_ENABLE_PYTHON_FUTURE": "1",
