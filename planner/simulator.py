@@ -121,7 +121,7 @@ class SimWorker:
     busy_s: float = 0.0
     step_times: StepTimes = field(default_factory=StepTimes)  # what a real worker reports in its stats
     speed: WorkerSpeed = field(default_factory=WorkerSpeed)  # what the router learns from them
-    chunk_bound: PrefillChunkBound | None = None  # the engine's prefill bound next to decodes
+    chunk_bound: PrefillChunkBound = field(init=False)  # the engine's prefill bound next to decodes (from cal)
 
     def __post_init__(self) -> None:
         self.worker_id = self.worker_id or self.address

@@ -9,6 +9,17 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 
 
+def _to_decoding(sched: Scheduler, seq: Sequence) -> Sequence:
+    """`seq` (a 10-token prompt) running with its prompt computed and one generated token: it needs exactly
+    one new token per step."""
+    sched.running.append(seq)
+    seq.status = SequenceStatus.RUNNING
+    seq.block_table = sched.bm.allocate(1)
+    seq.num_computed_tokens = 10
+    seq.token_ids.append(1)
+    return seq
+
+
 def test_running_decodes_are_never_pushed_out_by_a_prefill_chunk():
     config = EngineConfig(max_num_batched_tokens=64, enable_prefix_caching=False)
     sched = Scheduler(config, BlockManager(256, 16, False), b"fp")
@@ -26,24 +37,14 @@ def test_running_decodes_are_never_pushed_out_by_a_prefill_chunk():
     # admit the short ones and bring them to their decode phase
     for seq in decodes:
         sched.waiting.remove(seq)
-        sched.running.append(seq)
-        seq.status = SequenceStatus.RUNNING
-        seq.block_table = sched.bm.allocate(1)
-        seq.num_computed_tokens = 10
-        seq.token_ids.append(1)  # one generated token: each now needs exactly one new token
+        _to_decoding(sched, seq)
     step = {s.seq.req_id: s.num_new_tokens for s in sched.schedule()}
     # the long prompt is ahead of them in the running list, yet every decode is in the step
     assert step == {"d0": 1, "d1": 1, "d2": 1, "d3": 1, "long": 60}
 
 
 def _decoding(sched: Scheduler, req_id: str) -> Sequence:
-    seq = Sequence(req_id, list(range(10)), SamplingParams(max_tokens=4))
-    seq.status = SequenceStatus.RUNNING
-    seq.block_table = sched.bm.allocate(1)
-    seq.num_computed_tokens = 10
-    seq.token_ids.append(1)
-    sched.running.append(seq)
-    return seq
+    return _to_decoding(sched, Sequence(req_id, list(range(10)), SamplingParams(max_tokens=4)))
 
 
 def _prompt_tokens(step) -> int:
