@@ -17,6 +17,13 @@ times its remaining tokens; where plain decoding is best it is 0, so a probe the
 sequences the draft follows already. Another choice replaces the best only when it is
 SWITCH_MARGIN faster, so near-ties do not flap (every change of the best brings the probes back to 8 steps).
 
+Two guards against noise (a median of 3 steps on a shared CPU moves by 10-15 %). The saving a catch-up is
+weighed against compares the best's median with plain's fastest recent step, not its median: a k that
+only looks faster by chance buys no draft prefills. And a proposer whose own round (a draft forward over the
+batch) costs nearly what a plain step does can never pay: k proposals emit at most k + 1 tokens per sequence
+for at least k rounds plus a step, so a k whose ceiling (k + 1) * plain / (k * round + plain) is below
+1 + SWITCH_MARGIN is never made the best (the built-in tiny's bfloat16 draft runs about as fast as tiny).
+
 Per-sequence acceptance (pausing a sequence whose proposals miss) is the Speculator's; this module
 decides per step, for the whole batch.
 """
@@ -34,6 +41,7 @@ MIN_PROBE_INTERVAL = 8  # bucket steps between probes of a choice that is not th
 MAX_PROBE_INTERVAL = 64  # ...doubling while the best stays the best (a probe of a slow choice: <= 1/64 of steps)
 SWITCH_MARGIN = 0.05  # another choice becomes the best when it is this much faster (no flapping between ties)
 MAX_PROBE_TRIES = 4  # steps a probe is kept for when they cannot measure it (a draft catching up first)
+PROPOSER_EMA_WEIGHT = 0.3  # of the newest round in a bucket's proposer round time
 
 
 def candidate_ks(max_k: int) -> tuple[int, ...]:
@@ -63,6 +71,10 @@ class Choice:
     def tokens_per_s(self) -> float:
         return statistics.median(self.rates) if self.rates else 0.0
 
+    @property
+    def fastest_tokens_per_s(self) -> float:
+        return max(self.rates, default=0.0)
+
 
 @dataclass(slots=True)
 class Bucket:
@@ -73,6 +85,7 @@ class Bucket:
     probe_interval: int = MIN_PROBE_INTERVAL
     probing: int | None = None  # the choice being probed, until a step measures it
     probe_tries: int = 0
+    proposer_round_s: float | None = None  # exponential average of one proposer round at this batch size
 
 
 @dataclass(slots=True)
@@ -126,8 +139,30 @@ class SpeculationCost:
             if not measured:
                 return None
             b = self.buckets[min(measured, key=lambda k: (abs(k - key), -k))]
-        best, plain = b.choices[b.best].tokens_per_s, b.choices[0].tokens_per_s
-        return max(0.0, 1 / plain - 1 / best) if best > 0 and plain > 0 else 0.0
+        # against plain's fastest recent step: a k that is only faster than plain's median by chance saves nothing
+        best, plain = b.choices[b.best].tokens_per_s, b.choices[0].fastest_tokens_per_s
+        return max(0.0, 1 / plain - 1 / best) if b.best > 0 and best > 0 and plain > 0 else 0.0
+
+    def record_proposer(self, num_decodes: int, round_seconds: float) -> None:
+        """One proposer round (a draft forward over the batch, catch-up excluded) took `round_seconds` in a
+        step decoding `num_decodes` sequences."""
+        if round_seconds <= 0:
+            return
+        b = self._bucket(num_decodes)
+        old = b.proposer_round_s
+        b.proposer_round_s = round_seconds if old is None else (
+            (1 - PROPOSER_EMA_WEIGHT) * old + PROPOSER_EMA_WEIGHT * round_seconds)
+
+    def ceiling(self, num_decodes: int, k: int) -> float:
+        """The most speculating k tokens can speed this batch size up over plain decoding, every proposal
+        accepted: (k + 1) tokens per sequence for at least k proposer rounds plus a plain step's work
+        (inf while either time is unmeasured)."""
+        b = self._bucket(num_decodes)
+        plain = b.choices[0].tokens_per_s
+        if k == 0 or b.proposer_round_s is None or plain <= 0:
+            return math.inf
+        plain_step_s = num_decodes / plain
+        return (k + 1) * plain_step_s / (k * b.proposer_round_s + plain_step_s)
 
     def record(self, num_decodes: int, k: int, num_tokens: int, seconds: float) -> None:
         """A decode-only step planned with up to k tokens per sequence (proposals or not) emitted
@@ -142,8 +177,10 @@ class SpeculationCost:
         if k == b.probing:
             b.probing = None
         if all(x.num_samples >= MIN_SAMPLES for x in b.choices.values()):
-            best = max(self.ks, key=lambda x: b.choices[x].tokens_per_s)
-            if best != b.best and (b.best < 0 or b.choices[best].tokens_per_s >
+            # a k that cannot pay even with every proposal accepted is not made the best however it measured
+            viable = [x for x in self.ks if self.ceiling(num_decodes, x) >= 1 + SWITCH_MARGIN]
+            best = max(viable, key=lambda x: b.choices[x].tokens_per_s)
+            if best != b.best and (b.best not in viable or b.choices[best].tokens_per_s >
                                    (1 + SWITCH_MARGIN) * b.choices[b.best].tokens_per_s):
                 # the ranking changed: look at the others again soon
                 b.best = best

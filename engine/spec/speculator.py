@@ -151,8 +151,13 @@ class Speculator:
             self.step.num_asked += sum(1 for k in num_tokens if k > 0)
         proposals = self.proposer.propose(seqs, num_tokens)
         catchup = self.proposer.num_catchup_tokens - catchup_before
+        seconds = self.clock() - started
+        num_rounds = max((k for k, p in zip(num_tokens, proposals) if p.token_ids), default=0)
+        if not catchup and num_rounds and self.cost is not None and self.step is not None:
+            # a draft runs one forward over the batch per proposed position: what a round costs against a
+            # plain step bounds what speculating can gain at all
+            self.cost.record_proposer(self.step.num_decodes, seconds / num_rounds)
         if catchup:  # an upper bound per token: the call also drew the proposals
-            seconds = self.clock() - started
             if self.step is not None and self.step.probe_caught_up:
                 self.probe_catchup_seconds += seconds
             rate = seconds / catchup

@@ -147,3 +147,55 @@ def test_a_near_tie_does_not_flip_the_best():
     cost.record(1, 2, 4, 0.08)  # 25 % faster
     cost.record(1, 2, 4, 0.08)
     assert b.best == 2
+
+
+def _measure_all(cost: SpeculationCost, batch: int, seconds_for_k) -> None:
+    """Every choice measured MIN_SAMPLES times, choice k's step taking seconds_for_k(k, i) (i: its sample)."""
+    for i in range(MIN_SAMPLES):
+        for k in cost.ks:
+            cost.record(batch, k, batch, seconds_for_k(k, i))
+
+
+def test_a_proposer_round_as_slow_as_a_plain_step_never_makes_speculation_the_best():
+    """tiny's draft: a round costs what a plain step does, so no k can beat plain even when everything
+    is accepted; samples in which k = 4 looks 12 % faster by chance (noise) do not make it the best."""
+    noisy = lambda k, i: 0.010 / 1.12 if k == 4 else 0.010  # noqa: E731  plain's rate 100/s, k = 4's 112/s
+    fooled = SpeculationCost(4)
+    _measure_all(fooled, 1, noisy)
+    assert fooled.buckets[1].best == 4  # what the medians alone say
+    cost = SpeculationCost(4)
+    cost.record_proposer(1, 0.010)  # one draft round: a plain step's time
+    _measure_all(cost, 1, noisy)
+    assert [cost.ceiling(1, k) < 1.05 for k in cost.ks] == [False, True, True, True]
+    assert cost.buckets[1].best == 0 and cost.saving_per_token_s(1) == 0.0
+    # a draft at small's 0.59x of the target's step still may (ceiling 5 / 3.36 = 1.49x at k = 4)
+    cost = SpeculationCost(4)
+    cost.record_proposer(1, 0.0059)
+    _measure_all(cost, 1, noisy)
+    assert cost.ceiling(1, 4) == pytest.approx(5 / (4 * 0.59 + 1))
+    assert cost.buckets[1].best == 4
+
+
+def test_a_best_that_a_slower_proposer_rules_out_is_replaced_at_once():
+    cost = SpeculationCost(4)
+    _measure_all(cost, 1, lambda k, i: 0.010 / 1.02 if k == 4 else 0.010)  # k = 4 best by 2 %: within the margin
+    assert cost.buckets[1].best == 4
+    cost.record_proposer(1, 0.010)
+    cost.record(1, 0, 1, 0.010)
+    assert cost.buckets[1].best == 0  # not kept for the switch margin: k = 4 cannot pay at all
+
+
+def test_a_catch_up_saving_is_measured_against_plains_fastest_step():
+    """Where k = 4's median beats plain's median only by what plain's own steps vary by, a catch-up
+    (a draft prefill) buys nothing: the saving is taken against plain's fastest recent step."""
+    cost = SpeculationCost(4)
+    plain_s = [0.0100, 0.0085, 0.0100]  # plain's three samples: 100, 118, 100 tokens/s
+    for i, s in enumerate(plain_s):
+        for k in cost.ks:
+            cost.record(1, k, 1, s if k == 0 else 0.0100 / 1.12)  # every k > 0: 112 tokens/s
+    b = cost.buckets[1]
+    assert b.best > 0  # the medians rank it first (1.12x)...
+    assert cost.saving_per_token_s(1) == 0.0  # ...but plain at its fastest is faster still
+    for _ in range(3):  # a real saving (1.5x plain's median) still counts, against the fastest plain step
+        cost.record(1, b.best, 3, 0.0200)
+    assert cost.saving_per_token_s(1) == pytest.approx(0.0085 - 0.0200 / 3)

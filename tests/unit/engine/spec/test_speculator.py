@@ -346,3 +346,42 @@ def test_a_step_in_which_no_sequence_could_ask_is_a_sample_of_plain_decoding():
     clock.now += 0.002
     spec.end_step(0, 1)
     assert samples() == {0: 1, 1: 0, 2: 0, 4: 1}
+
+
+def test_a_proposer_round_is_timed_for_the_cost_control_outside_catch_ups():
+    """Speculator.propose times the proposer: a call that proposed k tokens without catching up is k rounds
+    (a draft forward over the batch each), the cost control's bound on what speculating can gain; a call
+    that also caught up (a draft prefill) is not a round's time."""
+    from pdserve.engine.sequence import Sequence
+    from pdserve.engine.spec.proposer import Proposal
+    from pdserve.engine.spec.speculator import Speculator
+
+    clock = ModelledClock()
+
+    class TimedProposer:
+        name = "timed"
+        num_catchup_tokens = 0
+        states: dict = {}
+        catch_up = 0
+
+        def propose(self, seqs, num_tokens):
+            self.num_catchup_tokens += self.catch_up
+            clock.now += 0.004 * max(num_tokens) + 0.001 * self.catch_up
+            return [Proposal([7] * k) for k in num_tokens]
+
+        def lag(self, seq):
+            return 0
+
+        def release(self, seq):
+            pass
+
+    proposer = TimedProposer()
+    spec = Speculator(EngineConfig(speculative="ngram"), proposer, clock=clock)
+    seqs = [Sequence("a", [5, 6, 7, 8], SamplingParams(max_tokens=100)), Sequence("b", [5, 6], GREEDY)]
+    k = spec.plan(2, 2)
+    spec.propose(seqs, [k, k])
+    assert spec.cost.buckets[2].proposer_round_s == pytest.approx(0.004)
+    proposer.catch_up = 200
+    spec.propose(seqs, [k, k])
+    assert spec.cost.buckets[2].proposer_round_s == pytest.approx(0.004)  # the catch-up call is not a round
+    assert spec.seconds_per_catchup_token == pytest.approx((0.004 * k + 0.2) / 200)
