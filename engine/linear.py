@@ -1,9 +1,13 @@
 """Linear layers of the forward pass, with weights prepacked once for the CPU's GEMM library.
 
 On the CPU, `PackedLinear` hands oneDNN (torch's mkldnn ops) a weight reordered once at load
-time into its blocked layout, as vLLM's CPU backend does. Measured on this 2-core machine
-(benchmarks/linear_packing.py): 1.1-1.3x plain `F.linear` at prefill sizes and 2x at decode
-sizes. `F.linear` stays as the reference and the path on other devices or without oneDNN.
+time into its blocked layout, as vLLM's CPU backend does: 1.2-2.3x plain `F.linear` on the
+built-in small model's layers from 4 rows on, and at prefill sizes on every layer
+(`python benchmarks/linear_rows.py`; docs/benchmarks.md). For a small weight and a few rows (a
+decode step of the built-in tiny model) oneDNN's per-call cost is most of the time and plain
+`F.linear` takes 0.4-0.7x as long, so a small weight also keeps its plain copy and products of
+up to `SMALL_ROWS` rows take that (weights of over `SMALL_WEIGHT` elements keep no plain copy).
+`F.linear` stays as the reference and the path on other devices or without oneDNN.
 """
 
 from __future__ import annotations
@@ -30,17 +34,30 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+# A weight of at most this many elements (2 MiB in float32: the built-in tiny model's largest, its
+# 2048 x 256 head) keeps a plain copy beside the packed one, and products of at most SMALL_ROWS rows
+# use the plain one. Measured crossover (tiny's layers, 2 threads): plain 0.4-0.7x of oneDNN's time
+# at 1-8 rows, 1.2x at 32.
+SMALL_WEIGHT = 1 << 19
+SMALL_ROWS = 8
+
+
 class PackedLinear:
-    """y = x @ weight.T + bias through oneDNN on a weight packed once; keeps no plain copy."""
+    """y = x @ weight.T + bias through oneDNN on a weight packed once; a small weight (at most
+    `SMALL_WEIGHT` elements) also keeps its plain copy for products of at most `SMALL_ROWS` rows."""
 
     kind = "onednn"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.out_features = weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        weight = weight.contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.plain = weight if weight.numel() <= SMALL_WEIGHT else None
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None and x.dim() == 2 and x.shape[0] <= SMALL_ROWS:
+            return F.linear(x, self.plain, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

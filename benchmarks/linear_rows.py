@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""oneDNN-packed against plain `F.linear`, per row count, on the built-in models' layer shapes.
+
+For each model (--sizes) and row count (--rows), times one pass over a layer's linears (qkv, o,
+gate_up, down) plus the LM head, both ways, alternating, best of --rounds; prints the time of each
+and plain / packed (below 1: plain is faster). This is the measurement behind engine/linear.py's
+SMALL_WEIGHT / SMALL_ROWS: which products take the plain weight.
+
+    python benchmarks/linear_rows.py --sizes tiny small --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.builtin_model import SIZES
+
+
+def layer_shapes(size: str) -> list[tuple[int, int]]:
+    """(in_features, out_features) of one decoder layer's linears and the head."""
+    s = SIZES[size]
+    d = s.head_dim
+    return [(s.hidden_size, (s.num_heads + 2 * s.num_kv_heads) * d), (s.num_heads * d, s.hidden_size),
+            (s.hidden_size, 2 * s.intermediate_size), (s.intermediate_size, s.hidden_size),
+            (s.hidden_size, s.vocab_size)]
+
+
+def best_of(fn, reps: int, rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 128])
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget-ms", type=float, default=150.0, help="time per (shape, rows, way) and round")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.threads} thread(s); load average {os.getloadavg()[0]:.2f}")
+    print("| model | rows | packed us | plain us | plain / packed |")
+    print("|---|---:|---:|---:|---:|")
+    for size in args.sizes:
+        weights = [torch.randn(n, k) for k, n in layer_shapes(size)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+        for rows in args.rows:
+            t_packed = t_plain = 0.0
+            for w, p in zip(weights, packed):
+                x = torch.randn(rows, w.shape[1])
+                ways = (lambda: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
+                        lambda: F.linear(x, w))
+                one = max(best_of(ways[0], 3, 1), 1e-6)  # also the warm-up
+                reps = max(3, int(args.budget_ms / 1e3 / one))
+                times = [best_of(f, reps, args.rounds) for f in ways]
+                t_packed += times[0]
+                t_plain += times[1]
+            print(f"| {size} | {rows} | {t_packed * 1e6:.0f} | {t_plain * 1e6:.0f} | {t_plain / t_packed:.2f} |",
+                  flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
