@@ -10,8 +10,7 @@ table gives the median over runs and each run's ratio. Two placements:
   backend (MooncakeTransport: token check + TE read).
 - two hosts: sender and receiver in two network namespaces joined by veth pairs (deploy/netns/netns_lab.py; needs
   root and iproute2), each method over TCP: ours = UCXTransport (host identity differs: TCP on the veth), Mooncake
-  TE = `transfer_sync_write`. Extra row: ours with one lane up to 16 MiB (as over shared memory), to show what the
-  extra TCP lanes from 2 MiB up bring.
+  TE = `transfer_sync_write`.
 
 "ours" is end to end: the push returns after the receiver checked the one-time token, the payload landed and it
 answered DONE. Mooncake TE's `transfer_sync_write` returns once the remote write completed (no authorisation).
@@ -38,17 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy" / "netns")
 from transfer_bandwidth import gbps, token_for  # noqa: E402
 
 MiB = 1 << 20
-# method -> (process kind, UCX shared memory setting, UCX network_lane_min_bytes in MiB or None: --ucx-network-lane-min-mib)
+# method -> (process kind, UCX shared memory setting)
 METHODS = {
-    "ours (UCX)": ("ucx", "auto", None),
-    "ours (UCX, TCP only)": ("ucx", "off", None),
-    "ours (UCX, one lane to 16 MiB)": ("ucx", "auto", 16),
-    "Mooncake TE": ("mooncake-te", "", None),
-    "ours (Mooncake backend)": ("mooncake-ours", "", None),
+    "ours (UCX)": ("ucx", "auto"),
+    "ours (UCX, TCP only)": ("ucx", "off"),
+    "Mooncake TE": ("mooncake-te", ""),
+    "ours (Mooncake backend)": ("mooncake-ours", ""),
 }
 PLACEMENTS = {
     "one host": ["ours (UCX)", "Mooncake TE", "ours (UCX, TCP only)", "ours (Mooncake backend)"],
-    "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE", "ours (UCX, one lane to 16 MiB)"],
+    "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE"],
 }
 
 
@@ -128,11 +126,11 @@ async def sender(args: argparse.Namespace) -> None:
 # ---- driver -----------------------------------------------------------------------------------------
 def _run_pair(method: str, args: argparse.Namespace, recv_prefix: list[str], send_prefix: list[str], recv_host: str,
               send_host: str) -> dict[int, float]:
-    kind, shared_memory, network_lane_min_mib = METHODS[method]
+    kind, shared_memory = METHODS[method]
     common = ["--sizes-mib", *map(str, args.sizes_mib), "--iters", str(args.iters), "--timeout-s",
               str(args.timeout_s), "--seed", str(time.time_ns()), "--kind", kind, "--shared-memory",
               shared_memory or "auto", "--ucx-lanes", str(args.ucx_lanes), "--ucx-lane-min-mib", str(args.ucx_lane_min_mib),
-              "--ucx-network-lane-min-mib", str(network_lane_min_mib or args.ucx_network_lane_min_mib)]
+              "--ucx-network-lane-min-mib", str(args.ucx_network_lane_min_mib)]
     env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", MC_LOG_LEVEL="ERROR")
     recv = subprocess.Popen([*recv_prefix, sys.executable, __file__, "--role", "receiver", "--host", recv_host,
                              *common], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
