@@ -47,18 +47,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget-ms", type=float, default=150.0, help="time per (shape, rows, way) and round")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights and inputs (bfloat16: what the speculative drafts load)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.threads} thread(s); load average {os.getloadavg()[0]:.2f}")
+    dtype = getattr(torch, args.dtype)
+    print(f"{args.threads} thread(s), {args.dtype}; load average {os.getloadavg()[0]:.2f}")
     print("| model | rows | packed us | plain us | plain / packed |")
     print("|---|---:|---:|---:|---:|")
     for size in args.sizes:
-        weights = [torch.randn(n, k) for k, n in layer_shapes(size)]
+        weights = [torch.randn(n, k).to(dtype) for k, n in layer_shapes(size)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         for rows in args.rows:
             t_packed = t_plain = 0.0
             for w, p in zip(weights, packed):
-                x = torch.randn(rows, w.shape[1])
+                x = torch.randn(rows, w.shape[1]).to(dtype)
                 ways = (lambda: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
                         lambda: F.linear(x, w))
                 one = max(best_of(ways[0], 3, 1), 1e-6)  # also the warm-up

@@ -5,7 +5,7 @@ time into its blocked layout, as vLLM's CPU backend does: 1.2-2.3x plain `F.line
 built-in small model's layers from 4 rows on, and at prefill sizes on every layer
 (`python benchmarks/linear_rows.py`; docs/benchmarks.md). For a small weight and a few rows (a
 decode step of the built-in tiny model) oneDNN's per-call cost is most of the time and plain
-`F.linear` takes 0.4-0.7x as long, so a small weight also keeps its plain copy and products of
+`F.linear` takes 0.4-0.7x as long, so a small float32 weight also keeps its plain copy and products of
 up to `SMALL_ROWS` rows take that (weights of over `SMALL_WEIGHT` elements keep no plain copy).
 `F.linear` stays as the reference and the path on other devices or without oneDNN.
 """
@@ -34,16 +34,17 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-# A weight of at most this many elements (2 MiB in float32: the built-in tiny model's largest, its
+# A float32 weight of at most this many elements (2 MiB: the built-in tiny model's largest, its
 # 2048 x 256 head) keeps a plain copy beside the packed one, and products of at most SMALL_ROWS rows
 # use the plain one. Measured crossover (tiny's layers, 2 threads): plain 0.4-0.7x of oneDNN's time
-# at 1-8 rows, 1.2x at 32.
+# at 1-8 rows, 1.2x at 32. Not for bfloat16 (a draft's weights): there plain F.linear takes 1.5-1.6x
+# oneDNN's time at 1-4 rows on this CPU (avx512_bf16).
 SMALL_WEIGHT = 1 << 19
 SMALL_ROWS = 8
 
 
 class PackedLinear:
-    """y = x @ weight.T + bias through oneDNN on a weight packed once; a small weight (at most
+    """y = x @ weight.T + bias through oneDNN on a weight packed once; a small float32 weight (at most
     `SMALL_WEIGHT` elements) also keeps its plain copy for products of at most `SMALL_ROWS` rows."""
 
     kind = "onednn"
@@ -52,7 +53,7 @@ class PackedLinear:
         self.out_features = weight.shape[0]
         weight = weight.contiguous()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.plain = weight if weight.numel() <= SMALL_WEIGHT else None
+        self.plain = weight if weight.numel() <= SMALL_WEIGHT and weight.dtype == torch.float32 else None
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
