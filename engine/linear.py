@@ -1,11 +1,11 @@
 """Linear layers of the forward pass, with weights prepacked once for the CPU's GEMM library.
 
 On the CPU, `PackedLinear` hands oneDNN (torch's mkldnn ops) a weight reordered once at load
-time into its blocked layout, as vLLM's CPU backend does: 1.2-2.3x plain `F.linear` on the
-built-in small model's layers from 4 rows on, and at prefill sizes on every layer
-(`python benchmarks/linear_rows.py`; docs/benchmarks.md). For a small weight and a few rows (a
+time into its blocked layout, as vLLM's CPU backend does: 1.2-2.0x plain `F.linear` on the
+built-in small model's layers from 4 rows on (`python benchmarks/linear_rows.py`;
+docs/benchmarks.md). For a small weight and a few rows (a
 decode step of the built-in tiny model) oneDNN's per-call cost is most of the time and plain
-`F.linear` takes 0.4-0.7x as long, so a small float32 weight also keeps its plain copy and products of
+`F.linear` takes 0.4-0.75x as long, so a small float32 weight also keeps its plain copy and products of
 up to `SMALL_ROWS` rows take that (weights of over `SMALL_WEIGHT` elements keep no plain copy).
 `F.linear` stays as the reference and the path on other devices or without oneDNN.
 """
@@ -36,8 +36,8 @@ class Linear:
 
 # A float32 weight of at most this many elements (2 MiB: the built-in tiny model's largest, its
 # 2048 x 256 head) keeps a plain copy beside the packed one, and products of at most SMALL_ROWS rows
-# use the plain one. Measured crossover (tiny's layers, 2 threads): plain 0.4-0.7x of oneDNN's time
-# at 1-8 rows, 1.2x at 32. Not for bfloat16 (a draft's weights): there plain F.linear takes 1.5-1.6x
+# use the plain one. Measured crossover (tiny's layers, 2 threads): plain 0.4-0.75x of oneDNN's time
+# at 1-8 rows, 1.0x at 32. Not for bfloat16 (a draft's weights): there plain F.linear takes 1.5-1.6x
 # oneDNN's time at 1-4 rows on this CPU (avx512_bf16).
 SMALL_WEIGHT = 1 << 19
 SMALL_ROWS = 8
