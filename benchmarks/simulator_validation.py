@@ -27,7 +27,8 @@ from pdserve.cluster import ClusterSpec, start_cluster  # noqa: E402
 from pdserve.engine.builtin_model import ensure_builtin_model  # noqa: E402
 from pdserve.engine.config import EngineConfig  # noqa: E402
 from pdserve.loadtest import BenchConfig, run_benchmark  # noqa: E402
-from pdserve.planner.calibrate import calibrate, calibrate_serving, contention_probe  # noqa: E402
+from pdserve.planner.calibrate import (calibrate, calibrate_serving, contention_probe, fit_step_factors,  # noqa: E402
+                                       step_summary)
 from pdserve.planner.model import Split  # noqa: E402
 from pdserve.planner.simulate_cmd import sim_requests  # noqa: E402
 from pdserve.planner.simulator import Simulation  # noqa: E402
@@ -67,17 +68,6 @@ def worker_counters(cluster) -> list:
     return asyncio.run(get())
 
 
-def step_summary(deltas) -> dict:
-    """Summed over workers: mean pure-decode step (ms) and batch, prefill-step ms per prompt token."""
-    n = sum(d.num_decode_steps for d in deltas)
-    toks = sum(d.prefill_step_tokens for d in deltas)
-    return {"decode_step_ms": 1e3 * sum(d.decode_step_seconds for d in deltas) / n if n else float("nan"),
-            "decode_batch": sum(d.decode_step_seqs for d in deltas) / n if n else float("nan"),
-            "prefill_ms_per_token": 1e3 * sum(d.prefill_step_seconds for d in deltas) / toks if toks else float("nan"),
-            "prefill_step_decodes": sum(d.prefill_step_decode_seqs for d in deltas) / max(1, sum(
-                d.num_prefill_steps for d in deltas))}
-
-
 def diff(after, before):
     from pdserve.engine.step_times import StepTimes
 
@@ -98,6 +88,10 @@ def main() -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", default="")
+    ap.add_argument("--config-calibrations", type=int, default=2,
+                    help="per configuration, this many calibration runs (other seeds; the first before the measured "
+                         "run, the rest after) whose workers' step counters fit the simulated served step "
+                         "(planner/calibrate.py fit_step_factors); each is simulated against the measured run")
     ap.add_argument("--no-serving-calibration", action="store_true",
                     help="engine step times only (no serving-stack overheads), as before")
     ap.add_argument("--no-step-factor", action="store_true",
@@ -123,41 +117,80 @@ def main() -> int:
         spec = ClusterSpec(model=model, num_prefill=split.num_prefill, num_decode=split.num_decode,
                            num_colocated=split.num_colocated, log_level="warning")
         cluster = start_cluster(spec)
-        try:
-            bench = BenchConfig(base_url=f"grpc://{cluster.router_address}", backend="pdserve-grpc", progress=False,
-                                dataset="random", random_input_len=args.input_len, random_output_len=args.output_len,
-                                random_range_ratio=0.5, request_rate=args.rate, num_prompts=args.num_prompts,
-                                seed=args.seed, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
-                                max_duration_s=120, tokenizer=model)
-            probe = {"outside_runnable": 0.0} if not args.probe_outside_load else contention_probe(
-                EngineConfig(model=model, num_threads=max(1, cores // split.num_workers)), split.num_workers)
+
+        def bench_config(seed: int) -> BenchConfig:
+            return BenchConfig(base_url=f"grpc://{cluster.router_address}", backend="pdserve-grpc", progress=False,
+                               dataset="random", random_input_len=args.input_len, random_output_len=args.output_len,
+                               random_range_ratio=0.5, request_rate=args.rate, num_prompts=args.num_prompts,
+                               seed=seed, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
+                               max_duration_s=120, tokenizer=model)
+
+        def counted_run(config: BenchConfig):
+            """(the bench summary, the workers' step summary over the run, wall s, cores others used)"""
             counters0 = worker_counters(cluster)
             t0, busy0, own0 = time.monotonic(), busy_cpu_s(), own_cpu_s(cluster)
-            measured = asyncio.run(run_benchmark(bench)).summary
+            summary = asyncio.run(run_benchmark(config)).summary
             wall = time.monotonic() - t0
-            outside = max(0.0, (busy_cpu_s() - busy0) - (own_cpu_s(cluster) - own0)) / wall  # cores others used
+            outside = max(0.0, (busy_cpu_s() - busy0) - (own_cpu_s(cluster) - own0)) / wall
             # the workers' own step times over the run (as they report them: what the router learns from)
-            measured_steps = step_summary([diff(a, b) for a, b in zip(worker_counters(cluster), counters0)])
+            deltas = [diff(a, b) for a, b in zip(worker_counters(cluster), counters0)]
+            return summary, step_summary(deltas), wall, outside, deltas
+
+        # calibration runs of this configuration (other seeds: other requests, same rate and lengths), one
+        # before and one after the measured run: the served step under its own concurrency, and its spread
+        calib_seeds = [args.seed + 1000 + j for j in range(args.config_calibrations)]
+        calib_runs = []
+        try:
+            bench = bench_config(args.seed)
+            probe = {"outside_runnable": 0.0} if not args.probe_outside_load else contention_probe(
+                EngineConfig(model=model, num_threads=max(1, cores // split.num_workers)), split.num_workers)
+            if calib_seeds:
+                calib_runs.append((calib_seeds[0], counted_run(bench_config(calib_seeds[0]))))
+            measured, measured_steps, wall, outside, _ = counted_run(bench)
+            for seed in calib_seeds[1:]:
+                calib_runs.append((seed, counted_run(bench_config(seed))))
         finally:
             cluster.stop()
         threads = max(1, cores // split.num_workers)
         num_cores = cores / threads
+        sim_kwargs = dict(slo_ttft_s=args.slo_ttft_ms / 1e3, slo_tpot_s=args.slo_tpot_ms / 1e3, num_cores=num_cores,
+                          outside_runnable=probe["outside_runnable"])
         reqs = sim_requests(dataclasses.replace(bench), cal.block_size)
-        simulation = Simulation(reqs, split, cal, RouterConfig(), slo_ttft_s=args.slo_ttft_ms / 1e3,
-                                slo_tpot_s=args.slo_tpot_ms / 1e3, num_cores=num_cores,
-                                outside_runnable=probe["outside_runnable"])
-        sim = simulation.run()
-        sim_steps = step_summary([w.step_times for w in simulation.workers])
+
+        def simulate(c):
+            simulation = Simulation(reqs, split, c, RouterConfig(), **sim_kwargs)
+            return simulation.run(), step_summary([w.step_times for w in simulation.workers])
+
+        sim, sim_steps = simulate(cal)
         m_ttft = measured.latency["ttft"].percentiles_ms["p50"]
-        row = {"config": name, "measured_goodput": measured.goodput, "sim_goodput": sim.goodput_rps,
-               "measured_ttft_p50_ms": m_ttft, "sim_ttft_p50_ms": 1e3 * sim.ttft_s["p50"],
-               "measured_tpot_p50_ms": measured.latency["tpot"].percentiles_ms["p50"],
-               "sim_tpot_p50_ms": 1e3 * sim.tpot_s["p50"], "completed": measured.num_completed, "wall_s": wall,
-               "outside_cores": outside, "probe": probe, "measured_steps": measured_steps, "sim_steps": sim_steps}
-        row["goodput_ratio"] = row["sim_goodput"] / row["measured_goodput"] if row["measured_goodput"] else None
-        row["ttft_ratio"] = row["sim_ttft_p50_ms"] / m_ttft if m_ttft else None
-        m_tpot = row["measured_tpot_p50_ms"]
-        row["tpot_ratio"] = row["sim_tpot_p50_ms"] / m_tpot if m_tpot else None
+        m_tpot = measured.latency["tpot"].percentiles_ms["p50"]
+
+        def ratios(result, steps) -> dict:
+            out = {"sim_goodput": result.goodput_rps, "sim_ttft_p50_ms": 1e3 * result.ttft_s["p50"],
+                   "sim_tpot_p50_ms": 1e3 * result.tpot_s["p50"], "sim_steps": steps}
+            out["goodput_ratio"] = out["sim_goodput"] / measured.goodput if measured.goodput else None
+            out["ttft_ratio"] = out["sim_ttft_p50_ms"] / m_ttft if m_ttft else None
+            out["tpot_ratio"] = out["sim_tpot_p50_ms"] / m_tpot if m_tpot else None
+            return out
+
+        row = {"config": name, "measured_goodput": measured.goodput, "measured_ttft_p50_ms": m_ttft,
+               "measured_tpot_p50_ms": m_tpot, "completed": measured.num_completed, "wall_s": wall,
+               "outside_cores": outside, "probe": probe, "measured_steps": measured_steps, **ratios(sim, sim_steps),
+               "per_config": []}
+        fits = [([seed], [run]) for seed, run in calib_runs]
+        if len(calib_runs) > 1:  # the headline: every calibration run pooled (their counters summed)
+            fits.insert(0, ([seed for seed, _ in calib_runs], [run for _, run in calib_runs]))
+        for seeds, c_runs in fits:
+            c_steps = step_summary([d for _, _, _, _, deltas in c_runs for d in deltas])
+            c_reqs = [sim_requests(bench_config(seed), cal.block_size) for seed in seeds]
+            fitted, history = fit_step_factors(c_reqs, split, cal, RouterConfig(), c_steps, **sim_kwargs)
+            f_sim, f_steps = simulate(fitted)
+            row["per_config"].append({
+                "seeds": seeds, "calib_steps": c_steps, "calib_outside_cores": [r[3] for r in c_runs],
+                "calib_ttft_p50_ms": [r[0].latency["ttft"].percentiles_ms["p50"] for r in c_runs],
+                "serving_step_factor": fitted.serving_step_factor,
+                "serving_prefill_factor": fitted.serving_prefill_factor, "fit_history": history,
+                **ratios(f_sim, f_steps)})
         rows.append(row)
         print(json.dumps(row))
     load1 = os.getloadavg()
@@ -181,6 +214,22 @@ def main() -> int:
         print(f"| {r['config']} | {m['decode_step_ms']:.2f} | {s_['decode_step_ms']:.2f} | {m['decode_batch']:.1f} | "
               f"{s_['decode_batch']:.1f} | {m['prefill_ms_per_token']:.3f} | {s_['prefill_ms_per_token']:.3f} | "
               f"{m['prefill_step_decodes']:.1f} | {s_['prefill_step_decodes']:.1f} |")
+    if any(r["per_config"] for r in rows):
+        print("\nWith the served step fitted on each configuration's own calibration runs (fit_step_factors; "
+              "the calibration runs pooled, then each alone for the spread: its step factors, then sim/meas on the "
+              "measured run):")
+        print("| config | calibration | step factor | prefill factor | calib decode step (ms) | calib prefill ms/token "
+              "| goodput sim/meas | TTFT p50 sim (ms) | sim/meas | TPOT p50 sim (ms) | sim/meas |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            for f in r["per_config"]:
+                when = ("pooled" if len(f["seeds"]) > 1 else "before" if f["seeds"][0] == args.seed + 1000
+                        else "after")
+                print(f"| {r['config']} | {when} (seeds {','.join(map(str, f['seeds']))}) | {f['serving_step_factor']:.2f} | "
+                      f"{f['serving_prefill_factor']:.2f} | {f['calib_steps']['decode_step_ms']:.2f} | "
+                      f"{f['calib_steps']['prefill_ms_per_token']:.3f} | {f['goodput_ratio']:.2f} | "
+                      f"{f['sim_ttft_p50_ms']:.0f} | {f['ttft_ratio']:.2f} | {f['sim_tpot_p50_ms']:.1f} | "
+                      f"{f['tpot_ratio']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "calibration": cal.to_dict(), "rows": rows, "load": [load0, load1],

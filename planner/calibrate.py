@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -298,3 +299,56 @@ def contention_probe(engine_config: EngineConfig, num_engines: int, seconds: flo
     slowdown = float(np.mean(step_s)) / alone_s
     return {"alone_step_s": alone_s, "contended_step_s": float(np.mean(step_s)), "slowdown": slowdown,
             "num_engines": num_engines, "cores": cores, "outside_runnable": max(0.0, slowdown * cores - num_engines)}
+
+
+# ---- the served step under a configuration's own load -----------------------------------------
+def step_summary(deltas) -> dict:
+    """Step counters (engine/step_times.py StepTimes, one per worker, over a run) summed over the workers:
+    the mean pure-decode step (ms) and its batch, the prefill steps' ms per prompt token (their riding
+    decodes included) and the decodes riding per prefill step."""
+    n = sum(d.num_decode_steps for d in deltas)
+    toks = sum(d.prefill_step_tokens for d in deltas)
+    nan = float("nan")
+    return {"decode_step_ms": 1e3 * sum(d.decode_step_seconds for d in deltas) / n if n else nan,
+            "decode_batch": sum(d.decode_step_seqs for d in deltas) / n if n else nan,
+            "prefill_ms_per_token": 1e3 * sum(d.prefill_step_seconds for d in deltas) / toks if toks else nan,
+            "prefill_step_decodes": sum(d.prefill_step_decode_seqs for d in deltas) / max(1, sum(
+                d.num_prefill_steps for d in deltas))}
+
+
+def fit_step_factors(runs, split, cal: Calibration, router_config, measured: dict, iterations: int = 4,
+                     **simulation_kwargs) -> tuple[Calibration, list[dict]]:
+    """The served step under a configuration's own concurrency: `measured` is `step_summary` of real runs of
+    `split` (its workers' step counters, summed over the runs) on `runs` (each run's SimRequests; one list of
+    SimRequests is one run); simulate those same runs and scale `serving_step_factor` by measured / simulated
+    pure-decode step and `serving_prefill_factor` by the prefill steps' ms per token likewise (less what the
+    decode factor already moved), a few times (each factor changes the batches the next simulation sees).
+    The factors then carry whatever that configuration's steps cost beyond the engine alone: the serving
+    stack, N workers slowing each other on shared cores, others' load at that time. Returns (the calibration
+    with the fitted factors, one row per iteration)."""
+    import math
+
+    from pdserve.planner.simulator import SimRequest, Simulation
+
+    if runs and isinstance(runs[0], SimRequest):
+        runs = [runs]
+    history = []
+    for _ in range(iterations):
+        steps = []
+        for requests in runs:
+            sim = Simulation(requests, split, cal, router_config, **simulation_kwargs)
+            sim.run()
+            steps.extend(w.step_times for w in sim.workers)
+        got = step_summary(steps)
+        history.append({"serving_step_factor": cal.serving_step_factor,
+                        "serving_prefill_factor": cal.serving_prefill_factor, **{f"sim_{k}": v for k, v in got.items()}})
+        d_ratio = measured["decode_step_ms"] / got["decode_step_ms"]
+        p_ratio = measured["prefill_ms_per_token"] / got["prefill_ms_per_token"]
+        step, prefill = cal.serving_step_factor, cal.serving_prefill_factor
+        if math.isfinite(d_ratio) and d_ratio > 0:
+            step *= d_ratio
+        if math.isfinite(p_ratio) and p_ratio > 0:
+            # a prefill step's ms per token moves with the step factor too: take that part out
+            prefill *= p_ratio / (d_ratio if math.isfinite(d_ratio) and d_ratio > 0 else 1.0)
+        cal = replace(cal, serving_step_factor=float(step), serving_prefill_factor=float(max(0.05, prefill)))
+    return cal, history

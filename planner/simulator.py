@@ -62,6 +62,9 @@ class Calibration:
     decode_overhead_per_seq_s: float = 0.0
     frontend_cpu_s_per_token: float = 0.0  # router + client CPU per streamed token (taken from shared cores)
     serving_step_factor: float = 1.0  # an engine step inside a serving worker over the same step alone
+    # a served step's prompt tokens over that factor (1: as the decode part); fitted with the step factor by
+    # planner/calibrate.py fit_step_factors on a real configuration's own run (its workers' step counters)
+    serving_prefill_factor: float = 1.0
     # a prefill worker's prefill step over a colocated worker's for the same prompt (measured on a real pair:
     # its KV leaves during its steps), and a remote prefill's path beyond its hops
     remote_prefill_step_factor: float = 1.0
@@ -288,7 +291,9 @@ class Simulation:
             return
         ctx = sum(s.req.prompt_len + s.generated for s in decodes)
         tokens = sum(t for _, t in chunks)
-        step_s = w.cal.step.step_s(len(decodes), tokens, ctx) * w.cal.serving_step_factor
+        cal = w.cal
+        step_s = (cal.step.step_s(len(decodes), 0, ctx) + cal.step.per_token_s * tokens * cal.serving_prefill_factor
+                  ) * cal.serving_step_factor
         if w.role == pb.PREFILL:
             step_s *= w.cal.remote_prefill_step_factor
         if decodes:

@@ -131,3 +131,38 @@ def test_the_remote_prefill_paths_step_factor_and_overhead():
         base = Simulation(reqs, split, Calibration(), ROUTER).run()
         more = Simulation(reqs, split, over, ROUTER).run()
         assert more.ttft_s["p50"] - base.ttft_s["p50"] == pytest.approx(extra, abs=2e-3)
+
+
+def test_the_served_prefill_factor_slows_prompt_tokens_only():
+    reqs = requests(20, prompt_len=256, output_len=16, rate=4)
+    base = Simulation(reqs, Split(0, 0, 1), Calibration(), ROUTER)
+    base.run()
+    slow = Simulation(reqs, Split(0, 0, 1), Calibration(serving_prefill_factor=2.0), ROUTER)
+    slow.run()
+    (b,), (s,) = [w.step_times for w in base.workers], [w.step_times for w in slow.workers]
+    assert s.prefill_step_seconds > 1.6 * b.prefill_step_seconds
+    assert s.decode_step_seconds / s.num_decode_steps == pytest.approx(b.decode_step_seconds / b.num_decode_steps,
+                                                                       rel=0.05)
+
+
+@pytest.mark.parametrize("split", [Split(1, 1), Split(0, 0, 2)])
+def test_step_factors_fitted_on_a_run_recover_the_served_step(split):
+    """fit_step_factors: a 'real' run whose steps cost 1.7x the engine alone (prompt tokens 1.3x more) is
+    reproduced from its step counters: the fit finds both factors, and a simulation with them predicts another
+    run of that configuration (other requests) as the truth does."""
+    from pdserve.planner.calibrate import fit_step_factors, step_summary
+
+    truth = Calibration(serving_step_factor=1.7, serving_prefill_factor=1.3)
+    calib = requests(60, prompt_len=256, output_len=32, rate=6)
+    real = Simulation(calib, split, truth, ROUTER, num_cores=2)
+    real.run()
+    measured = step_summary([w.step_times for w in real.workers])
+    fitted, history = fit_step_factors(calib, split, Calibration(), ROUTER, measured, num_cores=2)
+    assert fitted.serving_step_factor == pytest.approx(1.7, rel=0.1)
+    assert fitted.serving_prefill_factor == pytest.approx(1.3, rel=0.1)
+    assert len(history) == 4 and history[0]["serving_step_factor"] == 1.0
+    other = requests(60, prompt_len=320, output_len=24, rate=5)
+    want = Simulation(other, split, truth, ROUTER, num_cores=2).run()
+    got = Simulation(other, split, fitted, ROUTER, num_cores=2).run()
+    assert got.ttft_s["p50"] == pytest.approx(want.ttft_s["p50"], rel=0.1)
+    assert got.tpot_s["p50"] == pytest.approx(want.tpot_s["p50"], rel=0.1)
