@@ -5,7 +5,9 @@ A switchable worker (`--role-switching`) serves both the PrefillWorker and the D
 whatever its role: a request routed to it under the old role still completes after a switch. The role
 only says what routers send it. A switch stops new work (the worker reports `draining`, routers route
 around it at once), waits until every request it holds has finished (nothing lost, nothing
-recomputed), then advertises the new role (registration heartbeat and etcd at once). Does not own the
+recomputed), then advertises the new role (registration heartbeat and etcd at once). A switch to
+colocated is widening (a colocated worker does all a prefill or a decode worker does; what it holds
+carries on under the services it was sent to): no drain, the new role is advertised at once. Does not own the
 services themselves (prefill/servicer.py, decode/servicer.py) or what a role means to the router
 (router/policy.py).
 """
@@ -58,6 +60,13 @@ class RoleControl(pb_grpc.WorkerControlServicer):
             timeout_s = request.drain_timeout_s or rt.config.drain_timeout_s
             why = request.reason or "no reason given"
             started = time.monotonic()
+            if role == pb.COLOCATED:
+                # widening: a colocated worker does everything a prefill or a decode worker does, and the
+                # requests it holds keep the services they were sent to: nothing stops, nothing to drain
+                rt.set_role(role)
+                logger.info("%s: now %s (%s; widening: no drain, %d requests carry on)", rt.worker_id,
+                            rt.role_name, why, rt.num_requests_in_flight())
+                return pb.SetRoleResponse(previous_role=previous, role=role, drain_seconds=0.0, num_drained=0)
             num_drained = rt.num_requests_in_flight()
             logger.info("%s: switching %s -> %s (%s): draining %d requests", rt.worker_id, rt.role_name,
                         pb.WorkerRole.Name(role).lower(), why, num_drained)

@@ -270,7 +270,8 @@ class Planner:
                 return d
         for w, role in plan:
             old = w.role
-            self.registry.set_role(w.address, old, draining=True)  # routed nothing new from now
+            if role != pb.COLOCATED:  # a switch to colocated is widening: the worker does not drain
+                self.registry.set_role(w.address, old, draining=True)  # routed nothing new from now
             try:
                 await w.control_stub.SetRole(pb.SetRoleRequest(
                     role=role, drain_timeout_s=self.config.planner_drain_timeout_s,

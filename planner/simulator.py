@@ -399,6 +399,10 @@ class Simulation:
         decision = self.chooser.decide(self.now, current, snap)
         if decision.action == "switch" and len(live) == len(self.workers):
             for w, role in assign_roles(self.workers, decision.target, self.policy.s_per_token):
+                if role == pb.COLOCATED:  # widening: no drain (pdserve/worker_roles.py)
+                    w.role = role
+                    self.decisions.append((round(self.now, 3), "switched", w.address, "colocated", "no drain"))
+                    continue
                 w.draining, w.target_role = True, role
                 self._maybe_switch(w)
             self.chooser.last_change_at = self.now

@@ -1,5 +1,5 @@
-"""Run-time role switching (pdserve/worker_roles.py) with real processes: a worker drains, switches,
-and the router routes by its new role at once; requests in flight across a switch all finish; a bad
+"""Run-time role switching (pdserve/worker_roles.py) with real processes: a worker drains (a switch to
+colocated needs none), switches, and the router routes by its new role at once; requests in flight across a switch all finish; a bad
 role or a second concurrent switch is refused."""
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ async def test_switch_while_requests_stream_keeps_every_request(cluster):
                                           timeout_s=120)).token_ids
         load = [asyncio.create_task(one()) for _ in range(6)]
         await asyncio.sleep(0.05)
-        resp = await set_role(prefill, pb.COLOCATED, reason="test")  # waits until the prefills it holds finished
+        # widening (prefill -> colocated): no drain; the prefills it holds carry on and finish (below, in parity)
+        resp = await set_role(prefill, pb.COLOCATED, reason="test")
         assert (resp.previous_role, resp.role) == (pb.PREFILL, pb.COLOCATED)
+        assert resp.num_drained == 0 and resp.drain_seconds == 0.0
         # the router learnt the new role at once (re-registration), not at a later poll
         await wait_until(lambda: _role_is(client, prefill, pb.COLOCATED), timeout_s=5, what="router sees colocated")
         # new requests now go to both decode-capable workers, and every old one finished, in parity
@@ -88,13 +90,14 @@ async def test_bad_role_and_concurrent_switch_are_refused(cluster):
         long_req = asyncio.create_task(client.complete(list(range(1, 40)), max_tokens=200, temperature=0.0,
                                                        ignore_eos=True, timeout_s=120))
         await wait_until(lambda: _busy(client, decode), timeout_s=20, what="decode busy")
-        first = asyncio.create_task(set_role(decode, pb.COLOCATED))
+        first = asyncio.create_task(set_role(decode, pb.PREFILL))  # narrowing: drains
         await asyncio.sleep(0.2)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await set_role(decode, pb.PREFILL)
+            await set_role(decode, pb.COLOCATED)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already switching" in err.value.details()
         assert len((await long_req).token_ids) == 200  # the drain waited for it: nothing lost
-        assert (await first).role == pb.COLOCATED
+        done = await first
+        assert done.role == pb.PREFILL and done.num_drained >= 1 and done.drain_seconds > 0
         await set_role(decode, pb.DECODE)
 
 
