@@ -117,6 +117,12 @@ class SplitChooser:
             return Decision(now, "hold", current, current, f"current split is the best ({why})")
         gain = self.better(best, cur)
         if not gain:
+            if self._candidate == best.split and cur.utilization >= 1:
+                # still overloaded, the same best split, its predicted edge just under the margin (the learnt
+                # speeds of the first polls swing by that much): neither confirms nor cancels the streak
+                return Decision(now, "hold", current, current,
+                                f"gain of {best.split} below the {c.planner_margin:.0%} margin this time, current "
+                                f"still overloaded: streak kept at {self._streak}/{c.planner_confirm} ({why})")
             self._candidate, self._streak = None, 0
             return Decision(now, "hold", current, current,
                             f"gain of {best.split} below the {c.planner_margin:.0%} margin ({why})")

@@ -339,3 +339,29 @@ def test_equal_workers_measured_under_different_mixes_stay_equal():
     fast = StepModel(fixed_s=0.002, per_seq_s=1e-3, per_token_s=1e-4)
     got = distinct_speeds([a, b, fast])
     assert got[2] == fast and got[0].per_token_s == got[1].per_token_s != fast.per_token_s
+
+
+def test_an_overloaded_split_keeps_its_streak_through_one_evaluation_under_the_margin():
+    """Overloaded 1P:1D, colocated best: one evaluation whose edge dips under the margin (the first polls'
+    learnt speeds swing) neither confirms nor cancels; a split that is no longer overloaded cancels."""
+    snap = overloaded_snapshot()
+    chooser = SplitChooser(PlannerConfig(planner="slo", planner_tpot_slo_ms=80, planner_ttft_slo_ms=4500,
+                                         planner_confirm=2, planner_hold_s=5))
+    assert "1/2" in chooser.decide(4, Split(1, 1), snap).reason
+    # one evaluation in which colocated's capacity edge is 5 %: under the 10 % margin
+    cur = predict(Split(1, 1), snap.load, 4.5, 0.08)
+    edge = dataclasses.replace(predict(Split(0, 0, 2), snap.load, 4.5, 0.08), capacity_rps=1.05 * cur.capacity_rps)
+    assert cur.utilization >= 1 and not chooser.better(edge, cur)
+    chooser.best = lambda n, s: edge  # the chooser sees only that evaluation's edge
+    kept = chooser.decide(4.5, Split(1, 1), snap)
+    assert kept.action == "hold" and "streak kept at 1/2" in kept.reason, kept.reason
+    del chooser.best
+    d = chooser.decide(5, Split(1, 1), snap)
+    assert d.action == "switch" and d.target == Split(0, 0, 2), d.reason
+    # not overloaded any more: an edge under the margin cancels the streak
+    light = arrivals(SignalWindow(window_s=10, min_requests=8), 16, rate=1, prompt=256, max_tokens=64).snapshot(
+        16, 1e-4, STEP, 4.0)
+    fresh = SplitChooser(PlannerConfig(planner="slo", planner_confirm=2, planner_hold_s=0))
+    fresh._candidate, fresh._streak = Split(0, 0, 2), 1
+    held = fresh.decide(20, Split(1, 1), light)
+    assert held.action == "hold" and fresh._streak == 0
