@@ -161,7 +161,7 @@ def format_table(rows: list[dict], workload: str) -> str:
     for r in sorted((r for r in rows if r["workload"] == workload), key=lambda r: (r["rate"], r["deployment"])):
         workers = " ".join(f"{k.split('-')[0][:5]}{v:.2f}" for k, v in r["cpu"].items()
                            if k not in ("router", "bench-client", "idle"))
-        deploy = f"planner ({r['split']})" if r["deployment"] == "planner" else r["deployment"]
+        deploy = f"{r['deployment']} ({r['split']})" if r["deployment"].startswith("planner") else r["deployment"]
         out.append([f"{r['rate']:.2f}", deploy, str(r["sent"]), str(r["ok"]), str(r["failed"]),
                     f"{r['req_s']:.2f}", f"{r['goodput_tpot']:.2f}", f"{r['goodput_both']:.2f}",
                     f"{r['ttft_p50']:.0f}", f"{r['ttft_p99']:.0f}", f"{r['tpot_p50']:.1f}", f"{r['tpot_p90']:.1f}",
@@ -197,7 +197,7 @@ def plot(rows: list[dict], slos: dict[str, dict], img_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     img_dir.mkdir(parents=True, exist_ok=True)
-    colors = {"colocated": "tab:orange", "disagg": "tab:blue", "planner": "tab:green"}
+    colors = {"colocated": "tab:orange", "disagg": "tab:blue", "planner": "tab:green", "planner-colocated": "tab:olive"}
     fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(6 * len(WORKLOADS), 4.2))
     for ax, workload in zip(axes, WORKLOADS):
         for d in [d for d in colors if any(r["deployment"] == d for r in rows)]:
@@ -299,6 +299,9 @@ def main() -> None:
     ap.add_argument("--planner", default="off", choices=["off", "throughput", "slo"],
                     help="also run a third deployment: 1 prefill + 1 decode with the router's planner in this mode, "
                          "its targets the workload's SLO (started per workload, after calibration)")
+    ap.add_argument("--planner-start", nargs="+", default=["disagg"], choices=["disagg", "colocated"],
+                    help="the planner deployment's split when it starts: disagg (1 prefill + 1 decode) and/or "
+                         "colocated (2 colocated workers with --role-switching on); both: two planner deployments")
     ap.add_argument("--planner-args", default="--planner-interval-s 1 --planner-window-s 10 --planner-hold-s 5 "
                     "--planner-confirm 2 --planner-min-requests 8", help="extra router flags of the planner deployment")
     ap.add_argument("--seed", type=int, default=0)
@@ -333,18 +336,23 @@ def main() -> None:
             slo_tpot, slo_both = SLO(tpot_ms=slo["tpot_ms"]), SLO(ttft_ms=slo["ttft_ms"], tpot_ms=slo["tpot_ms"])
             deployments = DEPLOYMENTS
             if args.planner != "off":  # its targets are this workload's SLO, so it starts now
-                spec = cluster_spec("disagg", model, worker_args, router_args + [
-                    "--planner", args.planner, "--planner-tpot-slo-ms", str(slo["tpot_ms"]),
-                    "--planner-ttft-slo-ms", str(slo["ttft_ms"]), *shlex.split(args.planner_args)], log_level="info")
-                clusters["planner"] = start_cluster(spec, attempts=3)
-                asyncio.run(run_at(clusters["planner"], base_config("random", clusters["planner"], args), math.inf,
-                                   args.seed + 999, 2, num_prompts=4))  # warm-up
-                deployments = (*DEPLOYMENTS, "planner")
+                planner_args = ["--planner", args.planner, "--planner-tpot-slo-ms", str(slo["tpot_ms"]),
+                                "--planner-ttft-slo-ms", str(slo["ttft_ms"]), *shlex.split(args.planner_args)]
+                for start in args.planner_start:
+                    # "disagg": 1 prefill + 1 decode (prefill and decode workers switch roles by default);
+                    # "colocated": 2 colocated workers, role switching turned on (off by default for them)
+                    name = "planner" if start == "disagg" else "planner-colocated"
+                    extra = [] if start == "disagg" else ["--role-switching", "on"]
+                    spec = cluster_spec(start, model, worker_args + extra, router_args + planner_args, log_level="info")
+                    clusters[name] = start_cluster(spec, attempts=3)
+                    asyncio.run(run_at(clusters[name], base_config("random", clusters[name], args), math.inf,
+                                       args.seed + 999, 2, num_prompts=4))  # warm-up
+                    deployments = (*deployments, name)
             for i, rate in enumerate(slo["rates"]):
                 k = i % len(deployments)
                 for deployment in deployments[k:] + deployments[:k]:  # rotate who goes first
                     cluster = clusters[deployment]
-                    log_offset = planner_log_lines(cluster, 0)[1] if deployment == "planner" else 0
+                    log_offset = planner_log_lines(cluster, 0)[1] if deployment.startswith("planner") else 0
                     idle = [c for d, c in clusters.items() if d != deployment]
                     idle0 = sum(sum(cpu_seconds(c).values()) - sum(os.times()[:2]) for c in idle)
                     result, cpu = asyncio.run(run_at(cluster, base_config(workload, cluster, args), rate, args.seed + i,
@@ -353,7 +361,7 @@ def main() -> None:
                     cpu["idle"] = (idle1 - idle0) / result.summary.duration_s if result.summary.duration_s else 0.0
                     row = run_row(deployment, workload, rate, result, cpu, slo_tpot, slo_both)
                     row["split"] = asyncio.run(split_of_cluster(cluster))
-                    if deployment == "planner":
+                    if deployment.startswith("planner"):
                         row["planner_log"] = planner_log_lines(cluster, log_offset)[0]
                         print("\n".join("    " + ln for ln in row["planner_log"]), flush=True)
                     rows.append(row)
@@ -361,8 +369,8 @@ def main() -> None:
                           f"{row['goodput_tpot']:.2f} (TPOT) {row['goodput_both']:.2f} (+TTFT), TPOT p50 "
                           f"{row['tpot_p50']:.1f} ms, TTFT p50 {row['ttft_p50']:.0f} ms, cores {row['cpu']}, "
                           f"split after {row['split']}, load {os.getloadavg()[0]:.1f}", flush=True)
-            if "planner" in clusters:
-                clusters.pop("planner").stop()
+            for name in [n for n in clusters if n.startswith("planner")]:
+                clusters.pop(name).stop()
     finally:
         for cluster in clusters.values():
             cluster.stop()
@@ -379,14 +387,18 @@ def main() -> None:
                 f"{slos[workload]['ttft_ms']} ms too: {peak_both:.2f}x (per rate: "
                 f"{fmt_ratios(per_rate_both)})")
         summary_lines.append(line)
-        if args.planner != "off":
-            p_ratio, _, p_rates = ratios(rows, workload, "goodput_tpot", versus="planner")
-            p_both, _, p_rates_both = ratios(rows, workload, "goodput_both", versus="planner")
-            summary_lines.append(f"{workload}: peak goodput planner ({args.planner})/colocated = {p_ratio:.2f}x at TPOT "
+        for name in [n for n in ("planner", "planner-colocated") if any(r["deployment"] == n for r in rows)]:
+            p_ratio, _, p_rates = ratios(rows, workload, "goodput_tpot", versus=name)
+            p_both, _, p_rates_both = ratios(rows, workload, "goodput_both", versus=name)
+            ttft = {d: [r["ttft_p50"] for r in rows if r["workload"] == workload and r["deployment"] == d]
+                    for d in ("colocated", name)}
+            summary_lines.append(f"{workload}: peak goodput {name} ({args.planner})/colocated = {p_ratio:.2f}x at TPOT "
                                  f"(per rate: {fmt_ratios(p_rates)}); with TTFT too: {p_both:.2f}x (per rate: "
-                                 f"{fmt_ratios(p_rates_both)}); splits after each rate: "
+                                 f"{fmt_ratios(p_rates_both)}); TTFT p50 {name}/colocated per rate: "
+                                 + ", ".join(f"{a / b:.2f}x" for a, b in zip(ttft[name], ttft["colocated"]) if b)
+                                 + "; splits after each rate: "
                                  + ", ".join(r["split"] for r in rows if r["workload"] == workload
-                                             and r["deployment"] == "planner"))
+                                             and r["deployment"] == name))
         print(f"\n{workload} (latencies in ms; CPU = cores used per process, averaged over the run)")
         print(tables[workload])
     print()
