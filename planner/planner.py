@@ -239,7 +239,8 @@ class Planner:
         decode_capable = [w for w in workers if w.role in (pb.DECODE, pb.COLOCATED)]
         batch = sum(w.stats.num_running for w in decode_capable) / max(1, len(decode_capable))
         snap = self.window.snapshot(now, self.policy.prefill_s_per_token, self.calibration, batch,
-                                    measured_speeds(workers, self.policy))
+                                    measured_speeds(workers, self.policy),
+                                    backlog_tokens=sum(w.queued_prompt_tokens for w in workers))
         self.last_snapshot = snap
         decision = self.chooser.decide(now, current, snap)
         self.record(decision)

@@ -72,9 +72,11 @@ class Snapshot:
     tpot_p50_s: float
     load: Load | None
     num_arrivals: int = 0
+    backlog: float = 0.0  # admitted requests still waiting for their first token (counted in arrival_rate)
 
     def describe(self) -> str:
-        return (f"{self.num_arrivals} arrived, {self.num_requests} finished, {self.arrival_rate:.2f}/s, prompt "
+        queued = f" (backlog {self.backlog:.0f})" if self.backlog >= 0.5 else ""
+        return (f"{self.num_arrivals} arrived, {self.num_requests} finished, {self.arrival_rate:.2f}/s{queued}, prompt "
                 f"{self.prompt_tokens:.0f} "
                 f"({self.cached_tokens:.0f} cached), output {self.output_tokens:.0f}, TTFT p50 "
                 f"{1e3 * self.ttft_p50_s:.0f} ms, TPOT p50 {1e3 * self.tpot_p50_s:.1f} ms")
@@ -94,12 +96,17 @@ class SignalWindow:
         self.arrivals.append(arrival)
 
     def snapshot(self, now: float, prefill_s_per_token: float, calibration: StepModel | None = None,
-                 mean_decode_batch: float = 1.0, workers: Sequence[MeasuredSpeed] = ()) -> Snapshot:
+                 mean_decode_batch: float = 1.0, workers: Sequence[MeasuredSpeed] = (),
+                 backlog_tokens: float = 0.0) -> Snapshot:
         """Sum the last window_s seconds. The arrival rate and, until `min_requests` finished, the lengths
         (max_tokens for the output) come from the arrivals (from the finished requests when none were
         recorded). The pool's step model is `calibration` (or a default) scaled so that it predicts the
         decode steps measured now at `mean_decode_batch`, with prefill at `prefill_s_per_token`; each of
-        `workers` (the router's learnt speeds) gets its own step model, that pool's as its fallback."""
+        `workers` (the router's learnt speeds) gets its own step model, that pool's as its fallback.
+        `backlog_tokens` (prompt tokens routed and not yet answered, the policy's queue counts) are requests
+        still to serve: over the next window they add backlog / window_s to the arrival rate, so a cluster
+        with a long queue is not judged lightly loaded the moment arrivals slow (at the end of the small
+        model's overload the planner left colocated for 1P:1D with 20 prompts still queued)."""
         while self.requests and self.requests[0].finished_at < now - self.window_s:
             self.requests.popleft()
         while self.arrivals and self.arrivals[0].at < now - self.window_s:
@@ -119,13 +126,15 @@ class SignalWindow:
         else:
             prompt = statistics.fmean(r.prompt_tokens for r in reqs)
             output = statistics.fmean(r.output_tokens for r in reqs)
+        backlog = max(0.0, backlog_tokens) / max(1.0, prompt)
+        rate += backlog / self.window_s
         # the cache hits of the finished requests, as a share of their prompts
         cached_share = sum(r.cached_tokens for r in reqs) / max(1, sum(r.prompt_tokens for r in reqs))
         cached = cached_share * prompt
         ttft = statistics.median(r.ttft_s for r in reqs) if reqs else 0.0
         tpot = statistics.median(r.tpot_s for r in reqs) if reqs else 0.0
         if max(n, na) < self.min_requests:
-            return Snapshot(n, rate, prompt, cached, output, ttft, tpot, None, na)
+            return Snapshot(n, rate, prompt, cached, output, ttft, tpot, None, na, backlog)
         base = calibration or StepModel()
         gaps = [r.gaps_s for r in reqs if r.gaps_s > 0]
         batch = max(1.0, mean_decode_batch)
@@ -150,4 +159,4 @@ class SignalWindow:
         steps = distinct_speeds(w.step(base, fallback) for w in workers)
         load = Load(rate, computed, output, pooled(steps) if steps else step, stall_s=stall, handoff_s=handoff,
                     workers=steps)
-        return Snapshot(n, rate, prompt, cached, output, ttft, tpot, load, na)
+        return Snapshot(n, rate, prompt, cached, output, ttft, tpot, load, na, backlog)

@@ -395,7 +395,8 @@ class Simulation:
         decode_capable = [w for w in self.workers if w.role in (pb.DECODE, pb.COLOCATED)]
         batch = sum(len(w.running) for w in decode_capable) / max(1, len(decode_capable))
         snap = self.window.snapshot(self.now, self.policy.prefill_s_per_token, self.cal.step, batch,
-                                    measured_speeds(self.workers, self.policy))
+                                    measured_speeds(self.workers, self.policy),
+                                    backlog_tokens=sum(w.queued_prompt_tokens for w in self.workers))
         decision = self.chooser.decide(self.now, current, snap)
         if decision.action == "switch" and len(live) == len(self.workers):
             for w, role in assign_roles(self.workers, decision.target, self.policy.s_per_token):

@@ -365,3 +365,15 @@ def test_an_overloaded_split_keeps_its_streak_through_one_evaluation_under_the_m
     fresh._candidate, fresh._streak = Split(0, 0, 2), 1
     held = fresh.decide(20, Split(1, 1), light)
     assert held.action == "hold" and fresh._streak == 0
+
+
+def test_a_queued_backlog_counts_as_load_still_to_serve():
+    """Arrivals slowed to ~1/s but 20 prompts still wait for their first token: over the next window they are
+    load (backlog / window_s on top of the arrival rate), so the split is judged as under that load."""
+    w = arrivals(SignalWindow(window_s=10, min_requests=8), 10, rate=1, prompt=256, max_tokens=64)
+    light = w.snapshot(10, 1e-3, STEP, 4.0)
+    queued = w.snapshot(10, 1e-3, STEP, 4.0, backlog_tokens=20 * 256)
+    assert light.backlog == 0 and queued.backlog == pytest.approx(20)
+    assert queued.arrival_rate == pytest.approx(light.arrival_rate + 2.0)
+    assert "backlog 20" in queued.describe() and "backlog" not in light.describe()
+    assert queued.load.arrival_rate == pytest.approx(queued.arrival_rate)
