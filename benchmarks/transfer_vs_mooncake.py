@@ -5,9 +5,11 @@ Each method runs in a receiver process and a sender process, one pair at a time,
 table gives the median over runs and each run's ratio. Two placements:
 
 - one host: both processes on 127.0.0.1, each method with its best transport here: ours = UCXTransport.push()
-  (shared memory: sysv + CMA), Mooncake TE = `transfer_sync_write` over its TCP transport (the non-CUDA wheel's only
-  one without RDMA). Extra rows: ours forced onto TCP loopback (--transfer-shared-memory off), and our Mooncake
-  backend (MooncakeTransport: token check + TE read).
+  (the receiver copies the pushed regions out of the sender by CMA itself: OPEN_CMA -> DONE), Mooncake TE =
+  `transfer_sync_write` over its TCP transport (the non-CUDA wheel's only one without RDMA). Extra rows: ours with
+  tagged UCX sends over shared memory (cma_reads=False: OPEN -> READY -> payload by UCX sysv + CMA -> DONE, the
+  default before 2026-12-02 15:00 UTC), ours forced onto TCP loopback (--transfer-shared-memory off), and our
+  Mooncake backend (MooncakeTransport: token check + TE read).
 - two hosts: sender and receiver in two network namespaces joined by veth pairs (deploy/netns/netns_lab.py; needs
   root and iproute2), each method over TCP: ours = UCXTransport (host identity differs: TCP on the veth), Mooncake
   TE = `transfer_sync_write`.
@@ -41,23 +43,25 @@ MiB = 1 << 20
 METHODS = {
     "ours (UCX)": ("ucx", "auto"),
     "ours (UCX, TCP only)": ("ucx", "off"),
+    "ours (UCX, tagged sends)": ("ucx-tagged", "auto"),
     "Mooncake TE": ("mooncake-te", ""),
     "ours (Mooncake backend)": ("mooncake-ours", ""),
 }
 PLACEMENTS = {
-    "one host": ["ours (UCX)", "Mooncake TE", "ours (UCX, TCP only)", "ours (Mooncake backend)"],
+    "one host": ["ours (UCX)", "Mooncake TE", "ours (UCX, tagged sends)", "ours (UCX, TCP only)",
+                 "ours (Mooncake backend)"],
     "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE"],
 }
 
 
 # ---- the two processes ------------------------------------------------------------------------------
 def _transport(kind: str, host: str, shared_memory: str, args: argparse.Namespace):
-    if kind == "ucx":
+    if kind in ("ucx", "ucx-tagged"):
         from pdserve.transfer.ucx import UCXTransport
 
         return UCXTransport(host, 0, num_lanes=args.ucx_lanes, timeout_s=args.timeout_s, shared_memory=shared_memory,
                             lane_min_bytes=args.ucx_lane_min_mib * MiB,
-                            network_lane_min_bytes=args.ucx_network_lane_min_mib * MiB)
+                            network_lane_min_bytes=args.ucx_network_lane_min_mib * MiB, cma_reads=kind == "ucx")
     from pdserve.transfer.mooncake import MooncakeTransport
 
     return MooncakeTransport(host, 0, timeout_s=args.timeout_s)

@@ -195,6 +195,11 @@ class TokenRegistry:
         return checked
 
     # ---- checks the server makes before posting receives / starting sends ----------------------
+    def expectation_memory(self, token: bytes) -> Memory | None:
+        """The buffer a live expectation of `token` writes into (None: unknown token); checks nothing."""
+        exp = self._expectations.get(token)
+        return None if exp is None else exp.memory
+
     def open_push(self, token: bytes, claim: list[Region], pieces: list[Region]) -> tuple[int, Push]:
         """Claims `claim` for a new push and marks this lane's `pieces` written; raises TransferRejected."""
         exp = self._expectations.get(token)

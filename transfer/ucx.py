@@ -3,7 +3,7 @@ ucxx; never chooses blocks.
 
     transport = UCXTransport(host="127.0.0.1", port=0, *, num_lanes=4, timeout_s=30.0,
                              max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, network_lane_min_bytes=2 << 20,
-                             shared_memory="auto", rma_reads=False)
+                             shared_memory="auto", rma_reads=False, cma_reads=True)
     await transport.start(); transport.address -> "host:port"; await transport.close()
     transport.register_buffer(name, numpy_array_or_torch_tensor_or_cuda_array); transport.unregister_buffer(name)
     # receiver of a push (e.g. decode worker): one-time token from the reservation
@@ -26,6 +26,12 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
     receive; it replies REJECT{reason} (nothing written) or READY{push_id, random payload tag base}.
  3. other lanes: DATA{push_id, pieces} -> READY/REJECT likewise; then the payload pieces, tagged
     base|index, straight from/into the registered memory; the receiver answers DONE{nbytes} or FAILED.
+ 3a. same-host reads (cma_reads=True, the default; host memory on both ends, peers sharing memory): HELLO also
+    carries the sender's pid and a probe (an address and the bytes there), which the receiver reads by CMA to prove
+    it may; then a push is one OPEN_CMA{token, dst regions, dst pieces, the sender's source addresses} on one lane:
+    the receiver checks the token and regions exactly as for OPEN, copies the pieces out of the sender's memory with
+    process_vm_readv itself (cma.py; a sender that died makes the syscall fail, not the reader) and answers DONE,
+    or REJECT before reading anything, or UNSUPPORTED (its buffer is device memory: the sender pushes tagged).
  3b. reads (opt-in, rma_reads=True; where UCX reads in the kernel or hardware: shared memory/CMA, RDMA, CUDA): the push
     is one OPEN_READ{token, dst regions, the sender's packed rkey and buffer address, pieces} on one lane; the
     receiver checks the token and regions exactly as for OPEN, then posts one UCX RMA GET per piece from the
@@ -55,14 +61,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from pdserve.errors import InvalidRequest, KVTransferError, PeerUnavailable
 
 from .base import TransferRejected, TransferStats
 from .buffers import TransportCore
+from .cma import Cma
 from .host import host_identity, shares_memory_with
 from .memory import Memory, memory_of
 from .regions import Piece, Region, check_regions, pair_regions, split_among_lanes, total_bytes
@@ -71,7 +82,8 @@ from .ucx_env import available_transports, import_ucxx
 from .ucx_lane import Lane, LanePool, bounded, gather_or_fail
 from .ucx_native import CANCEL_WAIT_S, Mapped, TagBatch, Ucp
 from .ucx_server import TransferServer
-from .wire import CAP_RMA_READ, MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
+from .wire import (CAP_CMA_READ, CAP_CMA_SOURCE, CAP_RMA_READ, MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot,
+                   new_payload_tag_base)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +95,8 @@ class UCXTransport(TransportCore):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
                  max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, network_lane_min_bytes: int = 2 << 20,
-                 shared_memory: str = "auto", rma_reads: bool = False, native_batches: bool = True) -> None:
+                 shared_memory: str = "auto", rma_reads: bool = False, native_batches: bool = True,
+                 cma_reads: bool = True) -> None:
         if min(num_lanes, timeout_s, max_piece_bytes, lane_min_bytes, network_lane_min_bytes) <= 0:
             raise ValueError("num_lanes, timeout_s, max_piece_bytes and the lane_min_bytes must be positive")
         self.host = host
@@ -104,12 +117,18 @@ class UCXTransport(TransportCore):
         # native_batches: the pieces of an operation are posted straight into libucp and waited for together
         # (ucx_native.TagBatch); False: one ucxx request and future per piece (as before; kept for the benchmark).
         self.native_batches = native_batches
+        # cma_reads: pushes of host memory to a peer that shares memory move as OPEN_CMA (the receiver copies them out of
+        # our memory with process_vm_readv: two control messages, no READY round trip); False: tagged sends over UCX.
+        self.cma_reads = cma_reads
         super().__init__()
         self.host_id = host_identity()
         self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
         self._server: TransferServer | None = None
         self._ucxx = import_ucxx()
         self._hello_body = b""  # set in start(): asking for the worker address creates the UCX context
+        self._caps = 0  # our HELLO flags (set in start())
+        self._cma: Cma | None = None  # set in start() when cma_reads and the syscall exists
+        self._cma_probe = np.frombuffer(secrets.token_bytes(16), dtype=np.uint8).copy()  # peers read it at HELLO
         self._ucp: Ucp | None = None  # set in start() when native_batches and libucp can be called
         self._rma: Ucp | None = None  # set in start() when rma_reads and libucp offers RMA
         self._mapped: dict[str, Mapped] = {}  # buffer name -> its UCX memory handle and packed rkey (lazily)
@@ -124,11 +143,13 @@ class UCXTransport(TransportCore):
         self._ucp = ucp if self.native_batches else None
         self._rma = ucp if self.rma_reads and ucp is not None and ucp.rma else None
         self._rdma = any(t.startswith(("rc", "dc")) for t in available_transports())
-        caps = CAP_RMA_READ if self._rma is not None else 0
-        self._hello_body = BodyWriter().blob(self.host_id.encode()).blob(worker_address).u64(caps).build()
+        self._caps = CAP_RMA_READ if self._rma is not None else 0
+        self._cma = Cma.get() if self.cma_reads and self.shared_memory != "off" else None
+        self._hello_body = BodyWriter().blob(self.host_id.encode()).blob(worker_address).build()
         self._server = TransferServer(self._ucxx, self._registry, self._stats, hello_body=self._hello_body,
-                                      attach_data_endpoint=self.attach_data_endpoint, timeout_s=self.timeout_s,
-                                      ucp=self._ucp, rma=self._rma, local_memh=self._local_memh)
+                                      caps=self._caps, attach_data_endpoint=self.attach_data_endpoint,
+                                      timeout_s=self.timeout_s, ucp=self._ucp, rma=self._rma,
+                                      local_memh=self._local_memh, cma=self._cma, cma_peer=self._shares_memory)
         self.port = self._server.start(self.port)
         logger.info("transfer agent listening on %s (%d lanes per peer)", self.address, self.num_lanes)
 
@@ -221,20 +242,31 @@ class UCXTransport(TransportCore):
         except KVTransferError as exc:
             raise PeerUnavailable(str(exc)) from exc
         lane = Lane(ep, peer, self.timeout_s)
+        hello = BodyWriter()
+        if self._cma is not None:  # the listener may read our memory by CMA: our pid and a probe to check it can
+            hello.u64(self._caps | CAP_CMA_SOURCE).u64(os.getpid()).u64(int(self._cma_probe.ctypes.data))
+            hello.blob(self._cma_probe.tobytes())
+        else:
+            hello.u64(self._caps)
         try:
-            await lane.send_message(0, Slot.REQUEST_HEADER, Kind.HELLO, self._hello_body, deadline)
+            await lane.send_message(0, Slot.REQUEST_HEADER, Kind.HELLO, self._hello_body + hello.build(), deadline)
             kind, reply = await lane.recv_message(0, Slot.REPLY_HEADER, deadline)
             if kind != Kind.HELLO_REPLY:
                 raise KVTransferError(f"{peer} answered HELLO with {kind.name}")
             reader = BodyReader(reply)
             peer_host_id, peer_worker_address = reader.blob().decode(), reader.blob()
             lane.peer_caps = reader.u64() if reader.remaining() else 0
+            if self._cma is None or not self._shares_memory(peer_host_id):
+                lane.peer_caps &= ~CAP_CMA_READ
             await self.attach_data_endpoint(lane, peer_host_id, peer_worker_address)
         except BaseException:
             lane.abort()
             raise
         logger.debug("opened %r", lane)
         return lane
+
+    def _shares_memory(self, peer_host_id: str) -> bool:
+        return shares_memory_with(self.shared_memory, self.host_id, peer_host_id)
 
     async def attach_data_endpoint(self, lane: Lane, peer_host_id: str, peer_worker_address: bytes) -> None:
         """When the peers share memory, a worker-address endpoint without UCX error handling: the only kind UCX runs
@@ -260,19 +292,28 @@ class UCXTransport(TransportCore):
         nbytes = total_bytes(src)
         pool = self._pool(peer)
         mapped = self._mapping(src_buffer)
-        if mapped is not None and pool.peer_caps is None:
+        cma = self._cma is not None and not view.is_device
+        if (mapped is not None or cma) and pool.peer_caps is None:
             await self._release(pool, await self._acquire(pool, 1, deadline), True)  # learn what the peer offers
-        if mapped is not None and (pool.peer_caps or 0) & CAP_RMA_READ and self._reads_pay(pool, mapped):
+        caps = pool.peer_caps or 0
+        read = mapped is not None and caps & CAP_RMA_READ and self._reads_pay(pool, mapped)
+        if read or (cma and caps & CAP_CMA_READ):
             try:
-                await self._push_read(pool, token, mapped, dst, pieces, deadline)
+                if read:
+                    assert mapped is not None
+                    await self._push_read(pool, token, mapped, dst, pieces, deadline)
+                    moved = True
+                else:
+                    moved = await self._push_cma(pool, token, view, dst, pieces, deadline)
             except BaseException as exc:
                 self._count_error(exc)
-                raise
-            finally:
                 self._stats.seconds_sending += time.perf_counter() - started
-            self._stats.bytes_sent += nbytes
-            self._stats.num_pushes += 1
-            return nbytes
+                raise
+            if moved:
+                self._stats.seconds_sending += time.perf_counter() - started
+                self._stats.bytes_sent += nbytes
+                self._stats.num_pushes += 1
+                return nbytes
         lanes = await self._acquire(pool, self._num_lanes(pool, nbytes), deadline)
         groups = split_among_lanes(pieces, len(lanes))
         clean = False  # lanes stay usable only after success or a rejected OPEN (nothing else was sent)
@@ -322,6 +363,35 @@ class UCXTransport(TransportCore):
             if kind != Kind.DONE:
                 raise KVTransferError(f"{lane.peer} answered OPEN_READ with {kind.name}")
             clean = True
+        finally:
+            await self._release(pool, lanes, clean)
+
+    async def _push_cma(self, pool: LanePool, token: bytes, view: Memory, dst: list[Region], pieces: list[Piece],
+                        deadline: float) -> bool:
+        """OPEN_CMA{token, dst regions, dst pieces, our source addresses} on one lane: the receiver checks the token,
+        copies the pieces out of our memory and answers DONE (True), REJECT (raised), or UNSUPPORTED (False: nothing
+        was checked or written; the caller pushes tagged)."""
+        lanes = await self._acquire(pool, 1, deadline)
+        lane = lanes[0]
+        clean = False
+        try:
+            if not lane.peer_caps & CAP_CMA_READ:
+                clean = True
+                return False
+            body = (BodyWriter().blob(token).regions(dst).regions([(p.dst_offset, p.nbytes) for p in pieces])
+                    .regions([(view.ptr + p.src_offset, p.nbytes) for p in pieces]).build())
+            seq = lane.next_seq()
+            await lane.send_message(seq, Slot.REQUEST_HEADER, Kind.OPEN_CMA, body, deadline)
+            kind, reply = await lane.recv_message(seq, Slot.REPLY_HEADER, deadline)
+            if kind in (Kind.REJECT, Kind.UNSUPPORTED):
+                clean = True
+                if kind == Kind.UNSUPPORTED:
+                    return False
+                raise TransferRejected(f"{lane.peer} rejected OPEN_CMA: {bytes(reply).decode(errors='replace')}")
+            if kind != Kind.DONE:
+                raise KVTransferError(f"{lane.peer} answered OPEN_CMA with {kind.name}")
+            clean = True
+            return True
         finally:
             await self._release(pool, lanes, clean)
 

@@ -73,6 +73,7 @@ class Lane:
         self.broken = False
         self.closed = False
         self.peer_caps = 0  # the peer's HELLO capability flags (wire.CAP_*)
+        self.cma_pid = 0  # server side: the client's pid when this lane serves OPEN_CMA (its probe read succeeded)
         self._next_seq = 1  # seq 0 is the HELLO exchange
 
     def __repr__(self) -> str:

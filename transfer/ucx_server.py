@@ -1,5 +1,6 @@
-"""Listener side of the UCX backend: accepts lanes and serves OPEN/DATA (writes into expectations) and PULL
-(reads from exposures), one request at a time per lane, asking the TokenRegistry before any receive or send.
+"""Listener side of the UCX backend: accepts lanes and serves OPEN/DATA (writes into expectations), OPEN_CMA and
+OPEN_READ (reads the sender's memory into expectations) and PULL (reads from exposures), one request at a time per
+lane, asking the TokenRegistry before any receive, read or send.
 """
 
 from __future__ import annotations
@@ -13,24 +14,27 @@ from typing import Any
 from pdserve.errors import KVTransferError, KVTransferTimeout
 
 from .base import TransferRejected, TransferStats
+from .cma import Cma, CmaBatch
 from .memory import Memory
 from .tokens import Expectation, Push, TokenRegistry
 from .ucx_lane import Lane, bounded, gather_or_fail
 from .ucx_native import CANCEL_WAIT_S, ReadBatch, TagBatch, Ucp
-from .wire import BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
+from .wire import CAP_CMA_READ, CAP_CMA_SOURCE, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
 logger = logging.getLogger(__name__)
 
 AttachDataEndpoint = Callable[[Lane, str, bytes], Awaitable[None]]  # (lane, peer host id, peer worker address)
 LocalMemh = Callable[[Memory], "int | None"]  # our UCX memory handle of a registered buffer (None: unmapped)
+CMA_INLINE_BYTES = 8 << 20  # a CMA read up to this size runs on the event loop (about 1 ms here); larger on threads
 
 
 class TransferServer:
     """A ucxx listener and the lanes peers opened to it."""
 
-    def __init__(self, ucxx: Any, registry: TokenRegistry, stats: TransferStats, *, hello_body: bytes,
+    def __init__(self, ucxx: Any, registry: TokenRegistry, stats: TransferStats, *, hello_body: bytes, caps: int,
                  attach_data_endpoint: AttachDataEndpoint, timeout_s: float, ucp: Ucp | None = None,
-                 rma: Ucp | None = None, local_memh: LocalMemh | None = None) -> None:
+                 rma: Ucp | None = None, local_memh: LocalMemh | None = None, cma: Cma | None = None,
+                 cma_peer: Callable[[str], bool] | None = None, cma_threads: int = 2) -> None:
         self._ucxx = ucxx
         self._ucp = ucp  # posts an operation's pieces straight into libucp when set
         self._rma = rma  # serves OPEN_READ when set (our HELLO says so)
@@ -39,6 +43,10 @@ class TransferServer:
         self._registry = registry
         self._stats = stats
         self._hello_body = hello_body  # our host identity and worker address
+        self._caps = caps  # our HELLO_REPLY flags; CAP_CMA_READ is added per lane
+        self._cma = cma  # serves OPEN_CMA from peers whose memory we may read (set: same-host reads are on)
+        self._cma_peer = cma_peer or (lambda peer_host_id: False)  # whether a peer shares our memory (host.py)
+        self._cma_threads = max(1, cma_threads)
         self._attach_data_endpoint = attach_data_endpoint
         self._timeout_s = timeout_s
         self._listener: Any = None
@@ -103,7 +111,14 @@ class TransferServer:
             reader = BodyReader(body)
             peer_host_id, peer_worker_address = reader.blob().decode(), reader.blob()
             lane.peer_caps = reader.u64() if reader.remaining() else 0
-            await lane.send_message(0, Slot.REPLY_HEADER, Kind.HELLO_REPLY, self._hello_body, self._deadline())
+            caps = self._caps
+            if lane.peer_caps & CAP_CMA_SOURCE and reader.remaining():
+                pid, probe_addr, probe = reader.u64(), reader.u64(), reader.blob()
+                if self._cma is not None and self._cma_peer(peer_host_id) and self._cma.probe(pid, probe_addr, probe):
+                    lane.cma_pid = pid
+                    caps |= CAP_CMA_READ
+            reply = self._hello_body + BodyWriter().u64(caps).build()
+            await lane.send_message(0, Slot.REPLY_HEADER, Kind.HELLO_REPLY, reply, self._deadline())
             await self._attach_data_endpoint(lane, peer_host_id, peer_worker_address)
             logger.debug("accepted %r from host %s", lane, peer_host_id)
             seq = 1
@@ -144,6 +159,17 @@ class TransferServer:
                 raise KVTransferError("OPEN_READ: destination and source pieces differ")
             _, push = self._registry.open_push(token, claim, pieces)
             await self._read(lane, seq, push, rkey, src_base, pieces, src_pieces)
+        elif kind == Kind.OPEN_CMA and lane.cma_pid:
+            token, claim, pieces, src_pieces = reader.blob(), reader.regions(), reader.regions(), reader.regions()
+            reader.finish()
+            if len(pieces) != len(src_pieces) or any(d[1] != s[1] for d, s in zip(pieces, src_pieces)):
+                raise KVTransferError("OPEN_CMA: destination and source pieces differ")
+            memory = self._registry.expectation_memory(token)
+            if memory is not None and memory.is_device:  # nothing checked or claimed: the sender sends tagged
+                await lane.send_message(seq, Slot.REPLY_HEADER, Kind.UNSUPPORTED, b"device memory", self._deadline())
+                return
+            _, push = self._registry.open_push(token, claim, pieces)
+            await self._cma_read(lane, seq, push, pieces, src_pieces)
         elif kind == Kind.PULL:
             token, tag_base, pieces = reader.blob(), reader.u64(), reader.regions()
             reader.finish()
@@ -229,6 +255,71 @@ class TransferServer:
             exp.lanes.discard(batch)
             self._stats.seconds_receiving += time.perf_counter() - started
         await self._landed(lane, seq, Slot.REPLY_HEADER, exp, pieces)
+
+    async def _cma_read(self, lane: Lane, seq: int, push: Push, pieces: list[tuple[int, int]],
+                        src_pieces: list[tuple[int, int]]) -> None:
+        """Copies the sender's pieces into the expectation's buffer by CMA after the token check (small reads on the
+        loop, large ones on threads in chunks, stopped by a cancel), then says DONE; a failure (the sender died, a bad
+        address) fails the expectation and drops the lane."""
+        assert self._cma is not None and lane.cma_pid
+        started = time.perf_counter()
+        exp = push.expectation
+        reads = [(exp.memory.ptr + offset, src, nbytes) for (offset, nbytes), (src, _) in zip(pieces, src_pieces)]
+        nbytes = sum(n for _, n in pieces)
+        try:
+            if nbytes <= CMA_INLINE_BYTES:
+                self._cma.read(lane.cma_pid, reads)
+            else:
+                await self._cma_read_threads(lane.cma_pid, exp, reads, nbytes)
+        except BaseException as exc:
+            raise self._fail(exp, exc) from exc
+        finally:
+            self._stats.seconds_receiving += time.perf_counter() - started
+        await self._landed(lane, seq, Slot.REPLY_HEADER, exp, pieces)
+
+    async def _cma_read_threads(self, pid: int, exp: Expectation, reads: list[tuple[int, int, int]],
+                                nbytes: int) -> None:
+        """The reads split by bytes over up to cma_threads threads; cancel or expiry stops them between chunks, and
+        this returns only once every thread stopped (nothing lands after)."""
+        assert self._cma is not None
+        cma = self._cma
+        parts: list[list[tuple[int, int, int]]] = [[] for _ in range(min(self._cma_threads, len(reads)))]
+        share = -(-nbytes // len(parts))
+        part, filled = 0, 0
+        for local, remote, n in reads:  # cut at byte boundaries so every thread gets about the same share
+            while n > 0:
+                take = min(n, share - filled) if part < len(parts) - 1 else n
+                parts[part].append((local, remote, take))
+                local, remote, n, filled = local + take, remote + take, n - take, filled + take
+                if filled >= share and part < len(parts) - 1:
+                    part, filled = part + 1, 0
+        batch = CmaBatch()
+
+        def read(part_reads: list[tuple[int, int, int]]) -> None:
+            try:
+                cma.read(pid, part_reads, batch.stop)
+            except BaseException:
+                batch.abort()  # the other threads stop too
+                raise
+
+        async def read_all() -> None:  # returns only once every thread returned
+            results = await asyncio.gather(*(asyncio.to_thread(read, p) for p in parts if p), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+        exp.lanes.add(batch)
+        future = self._track(exp.token, read_all())
+        try:
+            await bounded(asyncio.shield(future), exp.deadline, "CMA read")
+            if exp.error is not None:
+                raise exp.error
+        except BaseException:
+            batch.abort()
+            await asyncio.wait([future], timeout=self._timeout_s)
+            raise
+        finally:
+            exp.lanes.discard(batch)
 
     async def _serve_pull(self, lane: Lane, seq: int, token: bytes, tag_base: int,
                           pieces: list[tuple[int, int]]) -> None:

@@ -30,17 +30,19 @@ MAX_PIECES_PER_OP = 1 << PIECE_INDEX_BITS
 
 class Kind(IntEnum):
     # client -> server requests
-    HELLO = 1  # body: host identity, worker address, capability flags (u64)
+    HELLO = 1  # body: host identity, worker address, capability flags (u64)[, pid, probe address, probe bytes]
     OPEN = 2  # body: token, claimed dst regions, this lane's pieces (dst_offset, nbytes)
     DATA = 3  # body: push_id, this lane's pieces (dst_offset, nbytes)
     PULL = 4  # body: token, pieces (src_offset, nbytes) in the owner's buffer
     OPEN_READ = 5  # body: token, claimed dst regions, sender's packed rkey, src base address, dst pieces, src pieces
+    OPEN_CMA = 6  # body: token, claimed dst regions, dst pieces, src pieces (absolute addresses in the sender)
     # server -> client replies
     HELLO_REPLY = 10  # body: host identity, worker address, capability flags (u64)
     READY = 11  # body: push_id, payload tag base
     DONE = 12  # body: nbytes landed
     REJECT = 13  # body: reason (utf-8); nothing was written, the lane stays usable
     FAILED = 14  # body: reason (utf-8); the operation broke, the lane is dropped
+    UNSUPPORTED = 15  # body: reason; OPEN_CMA cannot be served (e.g. device memory): nothing checked or written
 
 
 class Slot(IntEnum):
@@ -55,6 +57,8 @@ class Slot(IntEnum):
 
 
 CAP_RMA_READ = 1  # HELLO flag: this peer serves OPEN_READ (reads the sender's memory with UCX RMA GET)
+CAP_CMA_SOURCE = 2  # HELLO flag (client): my memory may be read by CMA; my pid, a probe address and its bytes follow
+CAP_CMA_READ = 4  # HELLO_REPLY flag: this lane serves OPEN_CMA (the probe read of the client's memory succeeded)
 
 
 def message_tag(seq: int, slot: Slot) -> int:

@@ -22,12 +22,14 @@ BUF_BYTES = 8 << 20
 
 def make_transport(backend: str, *, timeout_s: float = 5.0, small_pieces: bool = False) -> KVTransport:
     """A real transport of `backend`; small_pieces cuts pushes into 1 MiB pieces (and UCX spreads them over lanes).
-    "ucx" pushes as tagged messages (the default), "ucx-reads" as one batch of RMA reads by the receiver (opt-in)."""
-    if backend in ("ucx", "ucx-reads"):
+    "ucx" pushes by CMA reads of the receiver (the default on one host), "ucx-tagged" as tagged messages (what the
+    default does between hosts), "ucx-reads" as one batch of UCX RMA reads by the receiver (opt-in)."""
+    if backend in ("ucx", "ucx-tagged", "ucx-reads"):
         from pdserve.transfer.ucx import UCXTransport
 
         pieces = dict(max_piece_bytes=1 << 20, lane_min_bytes=1 << 20) if small_pieces else {}
-        return UCXTransport(num_lanes=3, timeout_s=timeout_s, rma_reads=backend == "ucx-reads", **pieces)
+        return UCXTransport(num_lanes=3, timeout_s=timeout_s, rma_reads=backend == "ucx-reads",
+                            cma_reads=backend == "ucx", **pieces)
     try:
         from pdserve.transfer.mooncake import MooncakeTransport, import_engine
 
@@ -37,13 +39,13 @@ def make_transport(backend: str, *, timeout_s: float = 5.0, small_pieces: bool =
     return MooncakeTransport(timeout_s=timeout_s, **({"max_piece_bytes": 1 << 20} if small_pieces else {}))
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module", params=["ucx", "ucx-reads", "mooncake"])
+@pytest_asyncio.fixture(loop_scope="session", scope="module", params=["ucx", "ucx-tagged", "ucx-reads", "mooncake"])
 async def agents(request):
     sender = make_transport(request.param, small_pieces=True)
     receiver = make_transport(request.param)
     await sender.start()
     await receiver.start()
-    assert isinstance(sender, KVTransport) and sender.name == request.param.removesuffix("-reads")
+    assert isinstance(sender, KVTransport) and sender.name == request.param.partition("-")[0]
     src = np.random.default_rng(0).integers(0, 256, BUF_BYTES, dtype=np.uint8)
     dst = np.zeros(BUF_BYTES, dtype=np.uint8)
     sender.register_buffer("src", src)
