@@ -74,6 +74,7 @@ from pdserve.errors import InvalidRequest, KVTransferError, PeerUnavailable
 from .base import TransferRejected, TransferStats
 from .buffers import TransportCore
 from .cma import Cma
+from .cma_channel import Channel
 from .host import host_identity, shares_memory_with
 from .memory import Memory, memory_of
 from .regions import Piece, Region, check_regions, pair_regions, split_among_lanes, total_bytes
@@ -129,6 +130,7 @@ class UCXTransport(TransportCore):
         self._caps = 0  # our HELLO flags (set in start())
         self._cma: Cma | None = None  # set in start() when cma_reads and the syscall exists
         self._cma_probe = np.frombuffer(secrets.token_bytes(16), dtype=np.uint8).copy()  # peers read it at HELLO
+        self._channels: dict[str, Channel] = {}  # peer -> its CMA channel (cma_channel.py), opened on first use
         self._ucp: Ucp | None = None  # set in start() when native_batches and libucp can be called
         self._rma: Ucp | None = None  # set in start() when rma_reads and libucp offers RMA
         self._mapped: dict[str, Mapped] = {}  # buffer name -> its UCX memory handle and packed rkey (lazily)
@@ -150,7 +152,7 @@ class UCXTransport(TransportCore):
                                       caps=self._caps, attach_data_endpoint=self.attach_data_endpoint,
                                       timeout_s=self.timeout_s, ucp=self._ucp, rma=self._rma,
                                       local_memh=self._local_memh, cma=self._cma, cma_peer=self._shares_memory)
-        self.port = self._server.start(self.port)
+        self.port = await self._server.start(self.port)
         logger.info("transfer agent listening on %s (%d lanes per peer)", self.address, self.num_lanes)
 
     async def close(self) -> None:
@@ -160,6 +162,9 @@ class UCXTransport(TransportCore):
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
         if self._server is not None:
             await self._server.close()
             self._server = None
@@ -256,6 +261,8 @@ class UCXTransport(TransportCore):
             reader = BodyReader(reply)
             peer_host_id, peer_worker_address = reader.blob().decode(), reader.blob()
             lane.peer_caps = reader.u64() if reader.remaining() else 0
+            if lane.peer_caps & CAP_CMA_READ and reader.remaining():
+                lane.cma_channel = reader.blob().decode()
             if self._cma is None or not self._shares_memory(peer_host_id):
                 lane.peer_caps &= ~CAP_CMA_READ
             await self.attach_data_endpoint(lane, peer_host_id, peer_worker_address)
@@ -371,29 +378,54 @@ class UCXTransport(TransportCore):
         """OPEN_CMA{token, dst regions, dst pieces, our source addresses} on one lane: the receiver checks the token,
         copies the pieces out of our memory and answers DONE (True), REJECT (raised), or UNSUPPORTED (False: nothing
         was checked or written; the caller pushes tagged)."""
-        lanes = await self._acquire(pool, 1, deadline)
+        body = (BodyWriter().blob(token).regions(dst).regions([(p.dst_offset, p.nbytes) for p in pieces])
+                .regions([(view.ptr + p.src_offset, p.nbytes) for p in pieces]).build())
+        channel = await self._channel(pool, deadline)
+        if channel is not None:
+            kind, reply = await channel.request(Kind.OPEN_CMA, body, deadline)
+            return self._cma_reply(pool.peer, kind, reply)
+        lanes = await self._acquire(pool, 1, deadline)  # no channel: the request goes over a lane
         lane = lanes[0]
         clean = False
         try:
             if not lane.peer_caps & CAP_CMA_READ:
                 clean = True
                 return False
-            body = (BodyWriter().blob(token).regions(dst).regions([(p.dst_offset, p.nbytes) for p in pieces])
-                    .regions([(view.ptr + p.src_offset, p.nbytes) for p in pieces]).build())
             seq = lane.next_seq()
             await lane.send_message(seq, Slot.REQUEST_HEADER, Kind.OPEN_CMA, body, deadline)
             kind, reply = await lane.recv_message(seq, Slot.REPLY_HEADER, deadline)
-            if kind in (Kind.REJECT, Kind.UNSUPPORTED):
-                clean = True
-                if kind == Kind.UNSUPPORTED:
-                    return False
-                raise TransferRejected(f"{lane.peer} rejected OPEN_CMA: {bytes(reply).decode(errors='replace')}")
-            if kind != Kind.DONE:
-                raise KVTransferError(f"{lane.peer} answered OPEN_CMA with {kind.name}")
-            clean = True
-            return True
+            clean = kind in (Kind.REJECT, Kind.UNSUPPORTED, Kind.DONE)
+            return self._cma_reply(lane.peer, kind, reply)
         finally:
             await self._release(pool, lanes, clean)
+
+    @staticmethod
+    def _cma_reply(peer: str, kind: Kind, reply: bytes | bytearray) -> bool:
+        """True for DONE, False for UNSUPPORTED (push tagged); raises for REJECT (TransferRejected) and the rest."""
+        reason = bytes(reply).decode(errors="replace")
+        if kind == Kind.DONE:
+            return True
+        if kind == Kind.UNSUPPORTED:
+            return False
+        if kind == Kind.REJECT:
+            raise TransferRejected(f"{peer} rejected OPEN_CMA: {reason}")
+        raise KVTransferError(f"{peer} answered OPEN_CMA with {kind.name}: {reason}")
+
+    async def _channel(self, pool: LanePool, deadline: float) -> Channel | None:
+        """The peer's CMA channel, connected on first use; None when it offers none or it cannot be reached."""
+        channel = self._channels.get(pool.peer)
+        if channel is not None and not channel.closed:
+            return channel
+        name = pool.cma_channel
+        if not name:
+            return None
+        try:
+            channel = self._channels[pool.peer] = await Channel.connect(name, deadline)
+        except (OSError, KVTransferError) as exc:
+            logger.warning("cannot open the CMA channel to %s (%s): OPEN_CMA goes over UCX", pool.peer, exc)
+            pool.cma_channel_failed = True
+            return None
+        return channel
 
     def _reads_pay(self, pool: LanePool, mapped: Mapped) -> bool:
         """Reads where UCX does them in hardware or the kernel: shared memory (CMA), RDMA, CUDA (cuda_ipc, GPUDirect).

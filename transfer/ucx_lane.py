@@ -74,6 +74,7 @@ class Lane:
         self.closed = False
         self.peer_caps = 0  # the peer's HELLO capability flags (wire.CAP_*)
         self.cma_pid = 0  # server side: the client's pid when this lane serves OPEN_CMA (its probe read succeeded)
+        self.cma_channel = ""  # client side: the peer's CMA channel name (cma_channel.py), "" if none
         self._next_seq = 1  # seq 0 is the HELLO exchange
 
     def __repr__(self) -> str:
@@ -140,6 +141,7 @@ class LanePool:
         self._lanes: set[Lane] = set()  # idle and checked out
         self._num_open = 0  # lanes open or being opened
         self._changed = asyncio.Condition()
+        self.cma_channel_failed = False  # connecting the peer's CMA channel failed once: OPEN_CMA goes over lanes
 
     @property
     def shares_memory(self) -> bool | None:
@@ -147,6 +149,15 @@ class LanePool:
         for lane in self._lanes:
             return lane.data_out is not lane.ctrl
         return None
+
+    @property
+    def cma_channel(self) -> str:
+        """The peer's CMA channel name ("" if it offers none, no lane is open, or connecting it failed)."""
+        if self.cma_channel_failed:
+            return ""
+        for lane in self._lanes:
+            return lane.cma_channel
+        return ""
 
     @property
     def peer_caps(self) -> int | None:

@@ -15,6 +15,7 @@ from pdserve.errors import KVTransferError, KVTransferTimeout
 
 from .base import TransferRejected, TransferStats
 from .cma import Cma, CmaBatch
+from .cma_channel import ChannelServer
 from .memory import Memory
 from .tokens import Expectation, Push, TokenRegistry
 from .ucx_lane import Lane, bounded, gather_or_fail
@@ -47,14 +48,22 @@ class TransferServer:
         self._cma = cma  # serves OPEN_CMA from peers whose memory we may read (set: same-host reads are on)
         self._cma_peer = cma_peer or (lambda peer_host_id: False)  # whether a peer shares our memory (host.py)
         self._cma_threads = max(1, cma_threads)
+        self._cma_pids: set[int] = set()  # clients whose memory a probe showed we may read
+        self._channel = ChannelServer(self.serve_cma, self._cma_pids.__contains__) if cma is not None else None
         self._attach_data_endpoint = attach_data_endpoint
         self._timeout_s = timeout_s
         self._listener: Any = None
         self._lanes: set[Lane] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def start(self, port: int) -> int:
-        """Starts listening (port 0: any free port); returns the port."""
+    async def start(self, port: int) -> int:
+        """Starts listening (port 0: any free port), and the CMA channel's listener; returns the port."""
+        if self._channel is not None:
+            try:
+                await self._channel.start()
+            except OSError as exc:  # OPEN_CMA then goes over the lanes
+                logger.warning("no CMA channel (%s): same-host pushes ask over UCX", exc)
+                self._channel = None
         self._listener = self._ucxx.create_listener(self._serve, port=port)
         return int(self._listener.port)
 
@@ -94,6 +103,8 @@ class TransferServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._channel is not None:
+            await self._channel.close()
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self._timeout_s
@@ -116,8 +127,12 @@ class TransferServer:
                 pid, probe_addr, probe = reader.u64(), reader.u64(), reader.blob()
                 if self._cma is not None and self._cma_peer(peer_host_id) and self._cma.probe(pid, probe_addr, probe):
                     lane.cma_pid = pid
+                    self._cma_pids.add(pid)
                     caps |= CAP_CMA_READ
-            reply = self._hello_body + BodyWriter().u64(caps).build()
+            reply_body = BodyWriter().u64(caps)
+            if caps & CAP_CMA_READ and self._channel is not None and self._channel.name:
+                reply_body.blob(self._channel.name.encode())  # where OPEN_CMA may go without UCX
+            reply = self._hello_body + reply_body.build()
             await lane.send_message(0, Slot.REPLY_HEADER, Kind.HELLO_REPLY, reply, self._deadline())
             await self._attach_data_endpoint(lane, peer_host_id, peer_worker_address)
             logger.debug("accepted %r from host %s", lane, peer_host_id)
@@ -160,16 +175,10 @@ class TransferServer:
             _, push = self._registry.open_push(token, claim, pieces)
             await self._read(lane, seq, push, rkey, src_base, pieces, src_pieces)
         elif kind == Kind.OPEN_CMA and lane.cma_pid:
-            token, claim, pieces, src_pieces = reader.blob(), reader.regions(), reader.regions(), reader.regions()
-            reader.finish()
-            if len(pieces) != len(src_pieces) or any(d[1] != s[1] for d, s in zip(pieces, src_pieces)):
-                raise KVTransferError("OPEN_CMA: destination and source pieces differ")
-            memory = self._registry.expectation_memory(token)
-            if memory is not None and memory.is_device:  # nothing checked or claimed: the sender sends tagged
-                await lane.send_message(seq, Slot.REPLY_HEADER, Kind.UNSUPPORTED, b"device memory", self._deadline())
-                return
-            _, push = self._registry.open_push(token, claim, pieces)
-            await self._cma_read(lane, seq, push, pieces, src_pieces)
+            reply_kind, reply = await self.serve_cma(lane.cma_pid, kind, body)
+            await lane.send_message(seq, Slot.REPLY_HEADER, reply_kind, reply, self._deadline())
+            if reply_kind == Kind.FAILED:
+                raise KVTransferError(f"OPEN_CMA failed: {reply.decode(errors='replace')}")
         elif kind == Kind.PULL:
             token, tag_base, pieces = reader.blob(), reader.u64(), reader.regions()
             reader.finish()
@@ -224,11 +233,15 @@ class TransferServer:
 
     async def _landed(self, lane: Lane, seq: int, slot: Slot, exp: Expectation, pieces: list[tuple[int, int]]) -> None:
         """A served push's pieces are all in the buffer: counts them, finishes the expectation once whole, says DONE."""
+        nbytes = self._count_landed(exp, pieces)
+        await lane.send_message(seq, slot, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
+
+    def _count_landed(self, exp: Expectation, pieces: list[tuple[int, int]]) -> int:
         nbytes = sum(n for _, n in pieces)
         self._stats.bytes_received += nbytes
         self._stats.num_served += 1
         self._registry.land(exp, nbytes)
-        await lane.send_message(seq, slot, Kind.DONE, BodyWriter().u64(nbytes).build(), self._deadline())
+        return nbytes
 
     async def _read(self, lane: Lane, seq: int, push: Push, rkey: bytes, src_base: int,
                     pieces: list[tuple[int, int]], src_pieces: list[tuple[int, int]]) -> None:
@@ -256,26 +269,48 @@ class TransferServer:
             self._stats.seconds_receiving += time.perf_counter() - started
         await self._landed(lane, seq, Slot.REPLY_HEADER, exp, pieces)
 
-    async def _cma_read(self, lane: Lane, seq: int, push: Push, pieces: list[tuple[int, int]],
-                        src_pieces: list[tuple[int, int]]) -> None:
-        """Copies the sender's pieces into the expectation's buffer by CMA after the token check (small reads on the
-        loop, large ones on threads in chunks, stopped by a cancel), then says DONE; a failure (the sender died, a bad
-        address) fails the expectation and drops the lane."""
-        assert self._cma is not None and lane.cma_pid
+    async def serve_cma(self, pid: int, kind: Kind, body: bytes | bytearray) -> tuple[Kind, bytes]:
+        """OPEN_CMA{token, dst regions, dst pieces, src pieces} from process `pid` (over a lane or the CMA channel):
+        checks the token and regions as for OPEN, copies the pieces out of the sender's memory by CMA (small reads on
+        the loop, large ones on threads in chunks, stopped by a cancel) -> (DONE, nbytes); (REJECT, reason) before
+        reading anything; (UNSUPPORTED, reason) for a device destination, nothing checked; (FAILED, reason) when the
+        read broke (the sender died, a bad address), the expectation failed with it."""
+        if kind != Kind.OPEN_CMA or self._cma is None:
+            return Kind.FAILED, f"unexpected request {kind.name}".encode()
+        try:
+            reader = BodyReader(body)
+            token, claim, pieces, src_pieces = reader.blob(), reader.regions(), reader.regions(), reader.regions()
+            reader.finish()
+            if len(pieces) != len(src_pieces) or any(d[1] != s[1] for d, s in zip(pieces, src_pieces)):
+                raise KVTransferError("OPEN_CMA: destination and source pieces differ")
+            memory = self._registry.expectation_memory(token)
+            if memory is not None and memory.is_device:  # nothing checked or claimed: the sender sends tagged
+                return Kind.UNSUPPORTED, b"device memory"
+            _, push = self._registry.open_push(token, claim, pieces)
+        except TransferRejected as exc:
+            self._stats.num_rejected += 1
+            logger.info("process %d: rejected OPEN_CMA: %s", pid, exc)
+            return Kind.REJECT, str(exc).encode()
+        except KVTransferError as exc:
+            return Kind.FAILED, str(exc).encode()
         started = time.perf_counter()
         exp = push.expectation
         reads = [(exp.memory.ptr + offset, src, nbytes) for (offset, nbytes), (src, _) in zip(pieces, src_pieces)]
         nbytes = sum(n for _, n in pieces)
         try:
             if nbytes <= CMA_INLINE_BYTES:
-                self._cma.read(lane.cma_pid, reads)
+                self._cma.read(pid, reads)
             else:
-                await self._cma_read_threads(lane.cma_pid, exp, reads, nbytes)
+                await self._cma_read_threads(pid, exp, reads, nbytes)
         except BaseException as exc:
-            raise self._fail(exp, exc) from exc
+            error = self._fail(exp, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return Kind.FAILED, str(error).encode()
         finally:
             self._stats.seconds_receiving += time.perf_counter() - started
-        await self._landed(lane, seq, Slot.REPLY_HEADER, exp, pieces)
+        self._count_landed(exp, pieces)
+        return Kind.DONE, BodyWriter().u64(nbytes).build()
 
     async def _cma_read_threads(self, pid: int, exp: Expectation, reads: list[tuple[int, int, int]],
                                 nbytes: int) -> None:
@@ -283,7 +318,7 @@ class TransferServer:
         this returns only once every thread stopped (nothing lands after)."""
         assert self._cma is not None
         cma = self._cma
-        parts: list[list[tuple[int, int, int]]] = [[] for _ in range(min(self._cma_threads, len(reads)))]
+        parts: list[list[tuple[int, int, int]]] = [[] for _ in range(self._cma_threads)]
         share = -(-nbytes // len(parts))
         part, filled = 0, 0
         for local, remote, n in reads:  # cut at byte boundaries so every thread gets about the same share

@@ -109,6 +109,7 @@ async def test_push_between_same_host_peers_moves_by_cma(nbytes) -> None:
         before = cma.calls
         await sender.push(receiver.address, token, "src", [(half, half)], [(0, half)])
         assert cma.calls > before  # the second push was a CMA read
+        assert not sender._channels[receiver.address].closed  # asked over the CMA channel, not a UCX lane
         await exp.wait()
         assert np.array_equal(dst[half:], src[:half]) and np.array_equal(dst[:half], src[half:])
     finally:
@@ -171,3 +172,33 @@ async def test_device_destination_answers_unsupported_and_the_push_goes_tagged(m
     finally:
         await sender.close()
         await receiver.close()
+
+
+@needs_cma
+@pytestmark_async
+@pytest.mark.timeout(30)
+async def test_channel_refuses_a_process_that_did_not_pass_the_probe_and_serves_one_that_did() -> None:
+    from pdserve.transfer.cma_channel import Channel, ChannelServer
+    from pdserve.transfer.wire import Kind
+
+    async def serve(pid, kind, body):
+        return Kind.DONE, body + str(pid).encode()
+
+    allowed: set[int] = set()
+    server = ChannelServer(serve, allowed.__contains__)
+    name = await server.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        refused = await Channel.connect(name, deadline)
+        with pytest.raises(KVTransferError):
+            await refused.request(Kind.OPEN_CMA, b"x", deadline)
+        assert refused.closed
+        allowed.add(os.getpid())
+        channel = await Channel.connect(name, deadline)
+        replies = await asyncio.gather(*(channel.request(Kind.OPEN_CMA, b"%d:" % i, deadline) for i in range(5)))
+        assert replies == [(Kind.DONE, b"%d:%d" % (i, os.getpid())) for i in range(5)]  # matched by request id
+        channel.close()
+        with pytest.raises(KVTransferError):
+            await channel.request(Kind.OPEN_CMA, b"x", deadline)
+    finally:
+        await server.close()
