@@ -194,9 +194,12 @@ async def run(args: argparse.Namespace) -> dict:
         kv.kv.view(torch.int16).random_(-1000, 1000)
         lay = kv.layout()
         # Two senders in this process, one receiver: the same bytes as one batch of RMA reads and as tagged sends.
-        transports = {BATCH: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s),
-                      TAGGED: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, native_batches=False),
-                      READS: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, rma_reads=True)}
+        # cma_reads=False: these rows measure UCX's paths (one host pushes by CMA reads of the receiver by default).
+        transports = {BATCH: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, cma_reads=False),
+                      TAGGED: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, native_batches=False,
+                                           cma_reads=False),
+                      READS: UCXTransport(num_lanes=args.lanes, timeout_s=args.timeout_s, rma_reads=True,
+                                          cma_reads=False)}
         for transport in transports.values():
             await transport.start()
             transport.register_buffer("kv", kv.kv)
