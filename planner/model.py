@@ -7,9 +7,11 @@ The model, per worker (rates in requests/s, times in seconds; P = computed promp
 O = output tokens per request):
 
     step(B, T) = fixed_s + per_seq_s * B + per_token_s * T      B decode sequences, T prefill tokens
-    disaggregated (np prefill, nd decode workers):
-        prefill: rho_p = (lam/np) P per_token_s        TTFT = P per_token_s / (1 - rho_p) + fixed_s
-        decode:  B = (lam/nd) O TPOT (Little)          TPOT = (fixed_s + handoff_s/(O-1)) / (1 - per_seq_s (lam/nd) O)
+    disaggregated (np prefill, nd decode workers; s = remote_share of the prompt tokens goes to the prefill pool,
+    the rest the decode workers prefill themselves, as conditional disaggregation does; s = 1 when unobserved):
+        prefill: rho_p = (lam/np) s P per_token_s      TTFT_remote = P per_token_s / (1 - rho_p) + fixed_s
+        decode:  rho_l = (lam/nd) (1-s) P per_token_s  TTFT_local as colocated's below
+                 B = (lam/nd) O TPOT (Little)          TPOT = (fixed_s/(1-rho_l) + handoff_s/(O-1)) / (1 - per_seq_s (lam/nd) O/(1-rho_l))
     colocated (N workers): a worker's decode steps also carry its prefills, and a request's first decode step
     waits behind the prompts queued on its worker (stall_s, measured as the first gap's excess):
         rho_p = (lam/N) P per_token_s                  TPOT = (fixed_s/(1-rho_p) + stall_s/(O-1)) / (1 - per_seq_s (lam/N) O/(1-rho_p))
@@ -90,6 +92,10 @@ class Load:
     stall_s: float = 0.0  # colocated: a request's first decode step waits this long behind queued prompts
     handoff_s: float = 0.01  # disaggregated: KV tail and decode admission between first and second token
     workers: tuple[StepModel, ...] = ()  # each worker's own step model; () = every worker runs `step`
+    # disaggregated: the share of computed prompt tokens the prefill pool takes; the rest the decode workers
+    # prefill themselves (conditional disaggregation: short prompts, overflow). Observed where the window saw
+    # remote prefills; 1 (every prompt remote) where it did not
+    remote_share: float = 1.0
 
 
 HETEROGENEOUS_RATIO = 2.0  # a worker's learnt step term this many times off the pool's: its own speed
@@ -190,10 +196,17 @@ def predict(split: Split, load: Load, ttft_target_s: float, tpot_target_s: float
             return Prediction(split, inf, inf, 0.0, 0.0, inf)  # mixed splits are not candidates
         by_prefill_speed = sorted(steps, key=lambda st: st.per_token_s)
         pre, dec = pooled(by_prefill_speed[:np_]), pooled(by_prefill_speed[np_:])
-        rho_p = lam / np_ * p * pre.per_token_s
+        share = min(1.0, max(0.0, load.remote_share))
+        rho_p = lam / np_ * share * p * pre.per_token_s
+        rho_l = lam / nd * (1 - share) * p * dec.per_token_s  # the decode workers' own prefills
         rho_d = lam / nd * o * dec.per_seq_s
-        capacity = min(np_ / (p * pre.per_token_s), nd / (o * dec.per_seq_s) if dec.per_seq_s > 0 else inf)
-        ttft = inf if rho_p >= 1 else p * pre.per_token_s / (1 - rho_p) + pre.fixed_s
-        tpot = inf if rho_d >= 1 else (dec.fixed_s + load.handoff_s / max(1.0, o - 1)) / (1 - rho_d)
+        per_decode = o * dec.per_seq_s + (1 - share) * p * dec.per_token_s
+        capacity = min(np_ / (share * p * pre.per_token_s) if share > 0 else inf,
+                       nd / per_decode if per_decode > 0 else inf)
+        remote_ttft = inf if rho_p >= 1 else p * pre.per_token_s / (1 - rho_p) + pre.fixed_s
+        local_ttft = inf if rho_l + rho_d >= 1 else p * dec.per_token_s / (1 - rho_l - rho_d) + dec.fixed_s
+        ttft = remote_ttft if share >= 1 else share * remote_ttft + (1 - share) * local_ttft
+        tpot = inf if rho_l + rho_d >= 1 else \
+            (dec.fixed_s / (1 - rho_l) + load.handoff_s / max(1.0, o - 1)) / (1 - rho_d / (1 - rho_l))
     meet = min(share_meeting(ttft, ttft_target_s), share_meeting(tpot, tpot_target_s))
     return Prediction(split, ttft, tpot, capacity, lam * meet, lam / capacity if capacity > 0 else inf)

@@ -153,10 +153,14 @@ class SignalWindow:
             stall = 0.5 * max(0.0, statistics.fmean(r.ttft_s for r in reqs) - computed * prefill_s_per_token) \
                 if reqs else 0.0
         handoff = statistics.fmean(max(0.0, r.gap1_s - r.gaps_s) for r in remote) if remote else 0.01
+        # conditional disaggregation's split of the prefill work, where this window saw a prefill pool at work
+        remote_computed = sum(max(0, r.prompt_tokens - r.cached_tokens) for r in reqs if r.remote)
+        all_computed = sum(max(0, r.prompt_tokens - r.cached_tokens) for r in reqs)
+        remote_share = remote_computed / all_computed if remote_computed and all_computed else 1.0
         # a worker that never decoded (a prefill worker) decodes as the measured ones do, on average
         decoded = [w.step(base, step) for w in workers if w.decode_fit is not None]
         fallback = pooled(decoded) if decoded else step
         steps = distinct_speeds(w.step(base, fallback) for w in workers)
         load = Load(rate, computed, output, pooled(steps) if steps else step, stall_s=stall, handoff_s=handoff,
-                    workers=steps)
+                    workers=steps, remote_share=remote_share)
         return Snapshot(n, rate, prompt, cached, output, ttft, tpot, load, na, backlog)

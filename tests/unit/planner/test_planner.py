@@ -377,3 +377,29 @@ def test_a_queued_backlog_counts_as_load_still_to_serve():
     assert queued.arrival_rate == pytest.approx(light.arrival_rate + 2.0)
     assert "backlog 20" in queued.describe() and "backlog" not in light.describe()
     assert queued.load.arrival_rate == pytest.approx(queued.arrival_rate)
+
+
+def test_conditional_disaggregation_share_of_the_prefill_work():
+    """Where the window saw a prefill pool at work, the share of the computed prompt tokens it took (the rest
+    prefilled on decode workers: short prompts, overflow) is what loads it; the decode workers carry the rest.
+    A 100-worker simulation had 30P:70D predicted overloaded (every prompt on the 30 prefill workers) while
+    58 % of its prefills ran locally, and moved to 86P:14D at half the goodput."""
+    load = Load(arrival_rate=30, prompt_tokens=300, output_tokens=11, step=STEP)
+    alone = predict(Split(1, 1), load, 1.0, 0.05)
+    assert alone.utilization > 1 and alone.ttft_s == float("inf")  # 30/s x 300 x 1.2e-4 s = 1.08 on one worker
+    shared = predict(Split(1, 1), dataclasses.replace(load, remote_share=0.6), 1.0, 0.05)
+    assert shared.utilization < 1 and shared.capacity_rps > alone.capacity_rps
+    assert shared.ttft_s < 1.0 and 0 < shared.tpot_s < float("inf")  # finite: the split carries it
+    # the decode worker pays for its own prefills: TPOT above the all-remote split's at a load both carry
+    light = Load(arrival_rate=2, prompt_tokens=300, output_tokens=11, step=STEP)
+    assert predict(Split(1, 1), dataclasses.replace(light, remote_share=0.4), 1.0, 0.05).tpot_s > \
+        predict(Split(1, 1), light, 1.0, 0.05).tpot_s
+    # the window: tokens prefilled remotely over all computed tokens; no remote prefill seen -> 1
+    w = SignalWindow(window_s=60, min_requests=4)
+    for i in range(8):
+        remote = i % 2 == 0
+        w.add(FinishedRequest(finished_at=i, prompt_tokens=300 if remote else 100, cached_tokens=0, output_tokens=11,
+                              ttft_s=0.1, tpot_s=0.01, gap1_s=0.02, gaps_s=0.01, remote=remote))
+    assert w.snapshot(8, 1.2e-4, STEP, 2.0).load.remote_share == pytest.approx(0.75)
+    local = window(8, prompt=300, output=11, rate=4, gap1_s=0.02, gaps_s=0.01, remote=False)
+    assert local.snapshot(2, 1.2e-4, STEP, 2.0).load.remote_share == 1.0
