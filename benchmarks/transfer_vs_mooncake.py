@@ -11,8 +11,9 @@ table gives the median over runs and each run's ratio. Two placements:
   default before 2026-12-02 15:00 UTC), ours forced onto TCP loopback (--transfer-shared-memory off), and our
   Mooncake backend (MooncakeTransport: token check + TE read).
 - two hosts: sender and receiver in two network namespaces joined by veth pairs (deploy/netns/netns_lab.py; needs
-  root and iproute2), each method over TCP: ours = UCXTransport (host identity differs: TCP on the veth), Mooncake
-  TE = `transfer_sync_write`.
+  root and iproute2), each method over TCP: ours = UCXTransport (host identity differs: OPEN_STREAM and the payload
+  over a plain TCP stream on the veth, tcp_stream.py), Mooncake TE = `transfer_sync_write`. Extra row: ours with
+  tagged UCX sends over UCX's TCP (stream_pushes=False, the default before 2026-12-02 16:10 UTC).
 
 "ours" is end to end: the push returns after the receiver checked the one-time token, the payload landed and it
 answered DONE. Mooncake TE's `transfer_sync_write` returns once the remote write completed (no authorisation).
@@ -50,7 +51,7 @@ METHODS = {
 PLACEMENTS = {
     "one host": ["ours (UCX)", "Mooncake TE", "ours (UCX, tagged sends)", "ours (UCX, TCP only)",
                  "ours (Mooncake backend)"],
-    "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE"],
+    "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE", "ours (UCX, tagged sends)"],
 }
 
 
@@ -61,7 +62,8 @@ def _transport(kind: str, host: str, shared_memory: str, args: argparse.Namespac
 
         return UCXTransport(host, 0, num_lanes=args.ucx_lanes, timeout_s=args.timeout_s, shared_memory=shared_memory,
                             lane_min_bytes=args.ucx_lane_min_mib * MiB,
-                            network_lane_min_bytes=args.ucx_network_lane_min_mib * MiB, cma_reads=kind == "ucx")
+                            network_lane_min_bytes=args.ucx_network_lane_min_mib * MiB, cma_reads=kind == "ucx",
+                            stream_pushes=kind == "ucx")
     from pdserve.transfer.mooncake import MooncakeTransport
 
     return MooncakeTransport(host, 0, timeout_s=args.timeout_s)

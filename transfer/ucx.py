@@ -75,6 +75,7 @@ from .base import TransferRejected, TransferStats
 from .buffers import TransportCore
 from .cma import Cma
 from .cma_channel import Channel
+from .tcp_stream import StreamPool
 from .host import host_identity, shares_memory_with
 from .memory import Memory, memory_of
 from .regions import Piece, Region, check_regions, pair_regions, split_among_lanes, total_bytes
@@ -83,7 +84,7 @@ from .ucx_env import available_transports, import_ucxx
 from .ucx_lane import Lane, LanePool, bounded, gather_or_fail
 from .ucx_native import CANCEL_WAIT_S, Mapped, TagBatch, Ucp
 from .ucx_server import TransferServer
-from .wire import (CAP_CMA_READ, CAP_CMA_SOURCE, CAP_RMA_READ, MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot,
+from .wire import (CAP_CMA_READ, CAP_CMA_SOURCE, CAP_RMA_READ, CAP_STREAM, MAX_PIECES_PER_OP, BodyReader, BodyWriter, Kind, Slot,
                    new_payload_tag_base)
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class UCXTransport(TransportCore):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
                  max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, network_lane_min_bytes: int = 2 << 20,
                  shared_memory: str = "auto", rma_reads: bool = False, native_batches: bool = True,
-                 cma_reads: bool = True) -> None:
+                 cma_reads: bool = True, stream_pushes: bool = True) -> None:
         if min(num_lanes, timeout_s, max_piece_bytes, lane_min_bytes, network_lane_min_bytes) <= 0:
             raise ValueError("num_lanes, timeout_s, max_piece_bytes and the lane_min_bytes must be positive")
         self.host = host
@@ -121,6 +122,9 @@ class UCXTransport(TransportCore):
         # cma_reads: pushes of host memory to a peer that shares memory move as OPEN_CMA (the receiver copies them out of
         # our memory with process_vm_readv: two control messages, no READY round trip); False: tagged sends over UCX.
         self.cma_reads = cma_reads
+        # stream_pushes: pushes of host memory to a peer without shared memory (another host), where this process has
+        # no RDMA, go over plain TCP (tcp_stream.py: OPEN_STREAM + payload -> DONE); False: tagged sends over UCX TCP.
+        self.stream_pushes = stream_pushes
         super().__init__()
         self.host_id = host_identity()
         self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
@@ -131,6 +135,7 @@ class UCXTransport(TransportCore):
         self._cma: Cma | None = None  # set in start() when cma_reads and the syscall exists
         self._cma_probe = np.frombuffer(secrets.token_bytes(16), dtype=np.uint8).copy()  # peers read it at HELLO
         self._channels: dict[str, Channel] = {}  # peer -> its CMA channel (cma_channel.py), opened on first use
+        self._streams: dict[str, StreamPool] = {}  # peer -> its TCP stream connections (tcp_stream.py)
         self._ucp: Ucp | None = None  # set in start() when native_batches and libucp can be called
         self._rma: Ucp | None = None  # set in start() when rma_reads and libucp offers RMA
         self._mapped: dict[str, Mapped] = {}  # buffer name -> its UCX memory handle and packed rkey (lazily)
@@ -151,7 +156,8 @@ class UCXTransport(TransportCore):
         self._server = TransferServer(self._ucxx, self._registry, self._stats, hello_body=self._hello_body,
                                       caps=self._caps, attach_data_endpoint=self.attach_data_endpoint,
                                       timeout_s=self.timeout_s, ucp=self._ucp, rma=self._rma,
-                                      local_memh=self._local_memh, cma=self._cma, cma_peer=self._shares_memory)
+                                      local_memh=self._local_memh, cma=self._cma, cma_peer=self._shares_memory,
+                                      streams=self.stream_pushes)
         self.port = await self._server.start(self.port)
         logger.info("transfer agent listening on %s (%d lanes per peer)", self.address, self.num_lanes)
 
@@ -165,6 +171,9 @@ class UCXTransport(TransportCore):
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+        for streams in self._streams.values():
+            streams.close()
+        self._streams.clear()
         if self._server is not None:
             await self._server.close()
             self._server = None
@@ -263,6 +272,8 @@ class UCXTransport(TransportCore):
             lane.peer_caps = reader.u64() if reader.remaining() else 0
             if lane.peer_caps & CAP_CMA_READ and reader.remaining():
                 lane.cma_channel = reader.blob().decode()
+            if lane.peer_caps & CAP_STREAM and reader.remaining():
+                lane.stream_port = reader.u64()
             if self._cma is None or not self._shares_memory(peer_host_id):
                 lane.peer_caps &= ~CAP_CMA_READ
             await self.attach_data_endpoint(lane, peer_host_id, peer_worker_address)
@@ -300,7 +311,8 @@ class UCXTransport(TransportCore):
         pool = self._pool(peer)
         mapped = self._mapping(src_buffer)
         cma = self._cma is not None and not view.is_device
-        if (mapped is not None or cma) and pool.peer_caps is None:
+        stream = self.stream_pushes and not view.is_device and not self._rdma
+        if (mapped is not None or cma or stream) and pool.peer_caps is None:
             await self._release(pool, await self._acquire(pool, 1, deadline), True)  # learn what the peer offers
         caps = pool.peer_caps or 0
         read = mapped is not None and caps & CAP_RMA_READ and self._reads_pay(pool, mapped)
@@ -312,6 +324,18 @@ class UCXTransport(TransportCore):
                     moved = True
                 else:
                     moved = await self._push_cma(pool, token, view, dst, pieces, deadline)
+            except BaseException as exc:
+                self._count_error(exc)
+                self._stats.seconds_sending += time.perf_counter() - started
+                raise
+            if moved:
+                self._stats.seconds_sending += time.perf_counter() - started
+                self._stats.bytes_sent += nbytes
+                self._stats.num_pushes += 1
+                return nbytes
+        elif stream and caps & CAP_STREAM and pool.shares_memory is False and pool.stream_port:
+            try:
+                moved = await self._push_stream(pool, token, view, dst, pieces, deadline)
             except BaseException as exc:
                 self._count_error(exc)
                 self._stats.seconds_sending += time.perf_counter() - started
@@ -383,7 +407,7 @@ class UCXTransport(TransportCore):
         channel = await self._channel(pool, deadline)
         if channel is not None:
             kind, reply = await channel.request(Kind.OPEN_CMA, body, deadline)
-            return self._cma_reply(pool.peer, kind, reply)
+            return self._read_reply(pool.peer, kind, reply)
         lanes = await self._acquire(pool, 1, deadline)  # no channel: the request goes over a lane
         lane = lanes[0]
         clean = False
@@ -395,12 +419,27 @@ class UCXTransport(TransportCore):
             await lane.send_message(seq, Slot.REQUEST_HEADER, Kind.OPEN_CMA, body, deadline)
             kind, reply = await lane.recv_message(seq, Slot.REPLY_HEADER, deadline)
             clean = kind in (Kind.REJECT, Kind.UNSUPPORTED, Kind.DONE)
-            return self._cma_reply(lane.peer, kind, reply)
+            return self._read_reply(lane.peer, kind, reply)
         finally:
             await self._release(pool, lanes, clean)
 
+    async def _push_stream(self, pool: LanePool, token: bytes, view: Memory, dst: list[Region], pieces: list[Piece],
+                           deadline: float) -> bool:
+        """OPEN_STREAM{token, dst regions, dst pieces} and the pieces' bytes over a TCP stream to the peer: True once
+        it answered DONE, False for UNSUPPORTED (push tagged); REJECT raises TransferRejected."""
+        streams = self._streams.get(pool.peer)
+        if streams is None:
+            host = pool.peer.rpartition(":")[0]
+            streams = self._streams[pool.peer] = StreamPool(host, pool.stream_port, self.num_lanes)
+        body = BodyWriter().blob(token).regions(dst).regions([(p.dst_offset, p.nbytes) for p in pieces]).build()
+        host_view = view.host_view
+        assert host_view is not None
+        payload = [memoryview(host_view[p.src_offset:p.src_offset + p.nbytes]) for p in pieces]
+        kind, reply = await streams.request(Kind.OPEN_STREAM, body, payload, deadline)
+        return self._read_reply(pool.peer, kind, reply)
+
     @staticmethod
-    def _cma_reply(peer: str, kind: Kind, reply: bytes | bytearray) -> bool:
+    def _read_reply(peer: str, kind: Kind, reply: bytes | bytearray) -> bool:
         """True for DONE, False for UNSUPPORTED (push tagged); raises for REJECT (TransferRejected) and the rest."""
         reason = bytes(reply).decode(errors="replace")
         if kind == Kind.DONE:
@@ -408,8 +447,8 @@ class UCXTransport(TransportCore):
         if kind == Kind.UNSUPPORTED:
             return False
         if kind == Kind.REJECT:
-            raise TransferRejected(f"{peer} rejected OPEN_CMA: {reason}")
-        raise KVTransferError(f"{peer} answered OPEN_CMA with {kind.name}: {reason}")
+            raise TransferRejected(f"{peer} rejected the push: {reason}")
+        raise KVTransferError(f"{peer} answered {kind.name}: {reason}")
 
     async def _channel(self, pool: LanePool, deadline: float) -> Channel | None:
         """The peer's CMA channel, connected on first use; None when it offers none or it cannot be reached."""

@@ -75,6 +75,7 @@ class Lane:
         self.peer_caps = 0  # the peer's HELLO capability flags (wire.CAP_*)
         self.cma_pid = 0  # server side: the client's pid when this lane serves OPEN_CMA (its probe read succeeded)
         self.cma_channel = ""  # client side: the peer's CMA channel name (cma_channel.py), "" if none
+        self.stream_port = 0  # client side: the peer's TCP stream port (tcp_stream.py), 0 if none
         self._next_seq = 1  # seq 0 is the HELLO exchange
 
     def __repr__(self) -> str:
@@ -158,6 +159,13 @@ class LanePool:
         for lane in self._lanes:
             return lane.cma_channel
         return ""
+
+    @property
+    def stream_port(self) -> int:
+        """The peer's TCP stream port (0 if it offers none or no lane is open)."""
+        for lane in self._lanes:
+            return lane.stream_port
+        return 0
 
     @property
     def peer_caps(self) -> int | None:

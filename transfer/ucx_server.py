@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,11 +17,12 @@ from pdserve.errors import KVTransferError, KVTransferTimeout
 from .base import TransferRejected, TransferStats
 from .cma import Cma, CmaBatch
 from .cma_channel import ChannelServer
+from .tcp_stream import StreamServer, drain, recv_into_all
 from .memory import Memory
 from .tokens import Expectation, Push, TokenRegistry
 from .ucx_lane import Lane, bounded, gather_or_fail
 from .ucx_native import CANCEL_WAIT_S, ReadBatch, TagBatch, Ucp
-from .wire import CAP_CMA_READ, CAP_CMA_SOURCE, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
+from .wire import CAP_CMA_READ, CAP_CMA_SOURCE, CAP_STREAM, BodyReader, BodyWriter, Kind, Slot, new_payload_tag_base
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class TransferServer:
     def __init__(self, ucxx: Any, registry: TokenRegistry, stats: TransferStats, *, hello_body: bytes, caps: int,
                  attach_data_endpoint: AttachDataEndpoint, timeout_s: float, ucp: Ucp | None = None,
                  rma: Ucp | None = None, local_memh: LocalMemh | None = None, cma: Cma | None = None,
-                 cma_peer: Callable[[str], bool] | None = None, cma_threads: int = 2) -> None:
+                 cma_peer: Callable[[str], bool] | None = None, cma_threads: int = 2, streams: bool = False) -> None:
         self._ucxx = ucxx
         self._ucp = ucp  # posts an operation's pieces straight into libucp when set
         self._rma = rma  # serves OPEN_READ when set (our HELLO says so)
@@ -50,6 +52,7 @@ class TransferServer:
         self._cma_threads = max(1, cma_threads)
         self._cma_pids: set[int] = set()  # clients whose memory a probe showed we may read
         self._channel = ChannelServer(self.serve_cma, self._cma_pids.__contains__) if cma is not None else None
+        self._streams = StreamServer(self.serve_stream) if streams else None  # OPEN_STREAM over TCP (tcp_stream.py)
         self._attach_data_endpoint = attach_data_endpoint
         self._timeout_s = timeout_s
         self._listener: Any = None
@@ -64,6 +67,12 @@ class TransferServer:
             except OSError as exc:  # OPEN_CMA then goes over the lanes
                 logger.warning("no CMA channel (%s): same-host pushes ask over UCX", exc)
                 self._channel = None
+        if self._streams is not None:
+            try:
+                await self._streams.start()
+            except OSError as exc:
+                logger.warning("no TCP stream listener (%s): pushes from other hosts go through UCX", exc)
+                self._streams = None
         self._listener = self._ucxx.create_listener(self._serve, port=port)
         return int(self._listener.port)
 
@@ -105,6 +114,8 @@ class TransferServer:
             self._listener = None
         if self._channel is not None:
             await self._channel.close()
+        if self._streams is not None:
+            await self._streams.close()
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self._timeout_s
@@ -129,9 +140,13 @@ class TransferServer:
                     lane.cma_pid = pid
                     self._cma_pids.add(pid)
                     caps |= CAP_CMA_READ
+            if self._streams is not None and self._streams.port:
+                caps |= CAP_STREAM
             reply_body = BodyWriter().u64(caps)
-            if caps & CAP_CMA_READ and self._channel is not None and self._channel.name:
-                reply_body.blob(self._channel.name.encode())  # where OPEN_CMA may go without UCX
+            if caps & CAP_CMA_READ:  # where OPEN_CMA may go without UCX ("": over the lanes)
+                reply_body.blob(self._channel.name.encode() if self._channel is not None else b"")
+            if self._streams is not None and self._streams.port:
+                reply_body.u64(self._streams.port)  # where OPEN_STREAM goes
             reply = self._hello_body + reply_body.build()
             await lane.send_message(0, Slot.REPLY_HEADER, Kind.HELLO_REPLY, reply, self._deadline())
             await self._attach_data_endpoint(lane, peer_host_id, peer_worker_address)
@@ -312,6 +327,67 @@ class TransferServer:
         self._count_landed(exp, pieces)
         return Kind.DONE, BodyWriter().u64(nbytes).build()
 
+    async def serve_stream(self, sock: socket.socket, kind: Kind, body: bytes) -> tuple[Kind, bytes]:
+        """OPEN_STREAM{token, dst regions, dst pieces} with the pieces' bytes behind it on `sock`: checks the token
+        and regions as for OPEN, then reads the payload straight into the expectation's buffer on a thread -> (DONE,
+        nbytes); a refused request's payload is read and dropped -> (REJECT | UNSUPPORTED, reason); (FAILED, reason)
+        when the payload broke off (the sender died) or the request is garbage: the connection then closes."""
+        loop = asyncio.get_running_loop()
+        try:
+            if kind != Kind.OPEN_STREAM:
+                raise KVTransferError(f"unexpected request {kind.name}")
+            reader = BodyReader(body)
+            token, claim, pieces = reader.blob(), reader.regions(), reader.regions()
+            reader.finish()
+            total = sum(n for _, n in pieces)
+            if any(n <= 0 for _, n in pieces):
+                raise KVTransferError("OPEN_STREAM: empty piece")
+        except KVTransferError as exc:
+            return Kind.FAILED, str(exc).encode()
+        refusal: tuple[Kind, bytes] | None = None
+        memory = self._registry.expectation_memory(token)
+        push: Push | None = None
+        if memory is not None and memory.is_device:
+            refusal = (Kind.UNSUPPORTED, b"device memory")
+        else:
+            try:
+                _, push = self._registry.open_push(token, claim, pieces)
+            except TransferRejected as exc:
+                self._stats.num_rejected += 1
+                logger.info("stream: rejected OPEN_STREAM: %s", exc)
+                refusal = (Kind.REJECT, str(exc).encode())
+        if refusal is not None or push is None:
+            try:
+                await asyncio.to_thread(drain, sock, total, time.monotonic() + self._timeout_s)
+            except KVTransferError as exc:
+                return Kind.FAILED, str(exc).encode()
+            return refusal or (Kind.FAILED, b"no push")
+        started = time.perf_counter()
+        exp = push.expectation
+        host_view = exp.memory.host_view
+        assert host_view is not None
+        views = [memoryview(host_view[offset:offset + nbytes]) for offset, nbytes in pieces]
+        stopper = _ShutDown(sock)
+        exp.lanes.add(stopper)
+        future = self._track(exp.token, asyncio.to_thread(
+            recv_into_all, sock, views, time.monotonic() + max(0.0, exp.deadline - loop.time())))
+        try:
+            await asyncio.shield(future)
+            if exp.error is not None:
+                raise exp.error
+        except BaseException as exc:
+            stopper.abort()
+            await asyncio.wait([future], timeout=self._timeout_s)
+            error = self._fail(exp, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return Kind.FAILED, str(error).encode()
+        finally:
+            exp.lanes.discard(stopper)
+            self._stats.seconds_receiving += time.perf_counter() - started
+        self._count_landed(exp, pieces)
+        return Kind.DONE, BodyWriter().u64(total).build()
+
     async def _cma_read_threads(self, pid: int, exp: Expectation, reads: list[tuple[int, int, int]],
                                 nbytes: int) -> None:
         """The reads split by bytes over up to cma_threads threads; cancel or expiry stops them between chunks, and
@@ -390,3 +466,16 @@ class TransferServer:
         exposure.bytes_served += nbytes
         self._stats.bytes_sent += nbytes
         self._stats.num_served += 1
+
+
+class _ShutDown:
+    """A stream receiving into an expectation (an `Abortable`): abort() shuts the socket, so the read stops."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def abort(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

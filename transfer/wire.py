@@ -36,6 +36,7 @@ class Kind(IntEnum):
     PULL = 4  # body: token, pieces (src_offset, nbytes) in the owner's buffer
     OPEN_READ = 5  # body: token, claimed dst regions, sender's packed rkey, src base address, dst pieces, src pieces
     OPEN_CMA = 6  # body: token, claimed dst regions, dst pieces, src pieces (absolute addresses in the sender)
+    OPEN_STREAM = 7  # (TCP stream) body: token, claimed dst regions, dst pieces; the pieces' bytes follow it
     # server -> client replies
     HELLO_REPLY = 10  # body: host identity, worker address, capability flags (u64)
     READY = 11  # body: push_id, payload tag base
@@ -59,6 +60,7 @@ class Slot(IntEnum):
 CAP_RMA_READ = 1  # HELLO flag: this peer serves OPEN_READ (reads the sender's memory with UCX RMA GET)
 CAP_CMA_SOURCE = 2  # HELLO flag (client): my memory may be read by CMA; my pid, a probe address and its bytes follow
 CAP_CMA_READ = 4  # HELLO_REPLY flag: this lane serves OPEN_CMA (the probe read of the client's memory succeeded)
+CAP_STREAM = 8  # HELLO_REPLY flag: OPEN_STREAM is served on a TCP port (u64, after the CMA channel name if any)
 
 
 def message_tag(seq: int, slot: Slot) -> int:

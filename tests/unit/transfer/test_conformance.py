@@ -22,14 +22,16 @@ BUF_BYTES = 8 << 20
 
 def make_transport(backend: str, *, timeout_s: float = 5.0, small_pieces: bool = False) -> KVTransport:
     """A real transport of `backend`; small_pieces cuts pushes into 1 MiB pieces (and UCX spreads them over lanes).
-    "ucx" pushes by CMA reads of the receiver (the default on one host), "ucx-tagged" as tagged messages (what the
-    default does between hosts), "ucx-reads" as one batch of UCX RMA reads by the receiver (opt-in)."""
-    if backend in ("ucx", "ucx-tagged", "ucx-reads"):
+    "ucx" pushes by CMA reads of the receiver (the default on one host), "ucx-tcp" over TCP streams (the default
+    between hosts without RDMA; here shared memory off), "ucx-tagged" as tagged UCX messages, "ucx-reads" as one
+    batch of UCX RMA reads by the receiver (opt-in)."""
+    if backend in ("ucx", "ucx-tcp", "ucx-tagged", "ucx-reads"):
         from pdserve.transfer.ucx import UCXTransport
 
         pieces = dict(max_piece_bytes=1 << 20, lane_min_bytes=1 << 20) if small_pieces else {}
         return UCXTransport(num_lanes=3, timeout_s=timeout_s, rma_reads=backend == "ucx-reads",
-                            cma_reads=backend == "ucx", **pieces)
+                            cma_reads=backend == "ucx", stream_pushes=backend == "ucx-tcp",
+                            shared_memory="off" if backend == "ucx-tcp" else "auto", **pieces)
     try:
         from pdserve.transfer.mooncake import MooncakeTransport, import_engine
 
@@ -39,7 +41,7 @@ def make_transport(backend: str, *, timeout_s: float = 5.0, small_pieces: bool =
     return MooncakeTransport(timeout_s=timeout_s, **({"max_piece_bytes": 1 << 20} if small_pieces else {}))
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module", params=["ucx", "ucx-tagged", "ucx-reads", "mooncake"])
+@pytest_asyncio.fixture(loop_scope="session", scope="module", params=["ucx", "ucx-tcp", "ucx-tagged", "ucx-reads", "mooncake"])
 async def agents(request):
     sender = make_transport(request.param, small_pieces=True)
     receiver = make_transport(request.param)
