@@ -3,7 +3,7 @@ ucxx; never chooses blocks.
 
     transport = UCXTransport(host="127.0.0.1", port=0, *, num_lanes=4, timeout_s=30.0,
                              max_piece_bytes=16 << 20, lane_min_bytes=16 << 20, network_lane_min_bytes=2 << 20,
-                             shared_memory="auto", rma_reads=False, cma_reads=True)
+                             shared_memory="auto", rma_reads=False, cma_reads=True, stream_pushes=True)
     await transport.start(); transport.address -> "host:port"; await transport.close()
     transport.register_buffer(name, numpy_array_or_torch_tensor_or_cuda_array); transport.unregister_buffer(name)
     # receiver of a push (e.g. decode worker): one-time token from the reservation
@@ -32,6 +32,13 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
     the receiver checks the token and regions exactly as for OPEN, copies the pieces out of the sender's memory with
     process_vm_readv itself (cma.py; a sender that died makes the syscall fail, not the reader) and answers DONE,
     or REJECT before reading anything, or UNSUPPORTED (its buffer is device memory: the sender pushes tagged).
+ 3a'. the OPEN_CMA request and its reply go over a Unix socket between the two processes (cma_channel.py, its name
+    in HELLO_REPLY) rather than a UCX lane: one event-loop wake-up per message instead of ucxx's three.
+ 3a''. other hosts (stream_pushes=True, the default; host memory, no shared memory with the peer, no RDMA here): pushes up
+    to stream_max_bytes (8 MiB) as OPEN_STREAM{token, dst regions, pieces} and the pieces' bytes right behind it on a
+    plain TCP connection (tcp_stream.py, port in HELLO_REPLY); larger ones over UCX's lanes; the receiver checks the
+    token and regions before it reads the payload off the socket into its buffer (a refused payload is read into scratch
+    and dropped) and answers DONE / REJECT / UNSUPPORTED / FAILED: one round trip, one kernel copy per side.
  3b. reads (opt-in, rma_reads=True; where UCX reads in the kernel or hardware: shared memory/CMA, RDMA, CUDA): the push
     is one OPEN_READ{token, dst regions, the sender's packed rkey and buffer address, pieces} on one lane; the
     receiver checks the token and regions exactly as for OPEN, then posts one UCX RMA GET per piece from the
@@ -98,7 +105,7 @@ class UCXTransport(TransportCore):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
                  max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, network_lane_min_bytes: int = 2 << 20,
                  shared_memory: str = "auto", rma_reads: bool = False, native_batches: bool = True,
-                 cma_reads: bool = True, stream_pushes: bool = True) -> None:
+                 cma_reads: bool = True, stream_pushes: bool = True, stream_max_bytes: int = 8 << 20) -> None:
         if min(num_lanes, timeout_s, max_piece_bytes, lane_min_bytes, network_lane_min_bytes) <= 0:
             raise ValueError("num_lanes, timeout_s, max_piece_bytes and the lane_min_bytes must be positive")
         self.host = host
@@ -125,6 +132,9 @@ class UCXTransport(TransportCore):
         # stream_pushes: pushes of host memory to a peer without shared memory (another host), where this process has
         # no RDMA, go over plain TCP (tcp_stream.py: OPEN_STREAM + payload -> DONE); False: tagged sends over UCX TCP.
         self.stream_pushes = stream_pushes
+        # Up to this many bytes per push: one TCP stream beats UCX at 4 MiB but lost to UCX's parallel lanes from 64 MiB
+        # (two netns hosts, 2026-12-02 16:17 UTC: 0.83 vs 1.07 GB/s at 64 MiB, 0.73 vs 1.18 at 256 MiB).
+        self.stream_max_bytes = stream_max_bytes
         super().__init__()
         self.host_id = host_identity()
         self._pools: dict[str, LanePool] = {}  # peer "host:port" -> its lanes
@@ -311,7 +321,7 @@ class UCXTransport(TransportCore):
         pool = self._pool(peer)
         mapped = self._mapping(src_buffer)
         cma = self._cma is not None and not view.is_device
-        stream = self.stream_pushes and not view.is_device and not self._rdma
+        stream = self.stream_pushes and not view.is_device and not self._rdma and nbytes <= self.stream_max_bytes
         if (mapped is not None or cma or stream) and pool.peer_caps is None:
             await self._release(pool, await self._acquire(pool, 1, deadline), True)  # learn what the peer offers
         caps = pool.peer_caps or 0
