@@ -61,8 +61,12 @@ def load_kernel(verbose: bool = False):
     with open(build_dir / ".pdserve.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
+        # the resolved paths, as kernel_build_dir() hashes them: a tree of symlinks to this checkout (the A/B
+        # trees of benchmarks/serving_path.py) then writes the same build commands and reuses the build;
+        # with the unresolved paths each alternate load rewrote build.ninja and rebuilt everything
         return cpp_extension.load(
-            name=MODULE_NAME, sources=[str(_CSRC_DIR / n) for n in SOURCES], build_directory=str(build_dir),
+            name=MODULE_NAME, sources=[str(_CSRC_DIR.resolve() / n) for n in SOURCES],
+            build_directory=str(build_dir),
             extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
             verbose=verbose)
 
