@@ -39,6 +39,10 @@ class EngineConfig:
         "grow the forward pass's threads from --num-threads up to all the cores this process may use while other "
         "processes leave them idle, and give them back when those processes want them (measured from /proc/stat "
         "every 100 ms); `pdserve up` turns it on when it splits the cores among several workers"))
+    step_threads: bool = field(default=True, metadata=_h(
+        "run each kind of step (prefill or decode, by row count) on one thread or on all the forward pass's "
+        "threads, whichever its measured step times say is faster (the two take turns for a few steps, then the "
+        "faster is kept for 256 steps of that kind); off: always all"))
     seed: int = field(default=0, metadata=_h("sampling seed for requests without their own"))
     dtype: str = field(default="float32", metadata=_h("weights and KV dtype", choices=["float32", "bfloat16", "float16"]))
     device: str = field(default="cpu", metadata=_h("torch device (cpu or cuda)"))

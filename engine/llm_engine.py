@@ -29,7 +29,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
-from pdserve.engine.threads import ElasticThreads, available_cpus
+from pdserve.engine.threads import ElasticThreads, StepThreads, available_cpus
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.spec.speculator import Speculator, build_speculator
 from pdserve.engine.step_times import StepTimes
@@ -75,8 +75,12 @@ class LLMEngine:
         self.num_threads = config.num_threads or available_cpus()
         torch.set_num_threads(self.num_threads)
         # --elastic-threads: up to every allowed core while the other processes leave cores idle
-        self.elastic_threads = (ElasticThreads(self.num_threads, available_cpus())
-                                if config.elastic_threads and config.device.startswith("cpu") else None)
+        on_cpu = config.device.startswith("cpu")
+        self.elastic_threads = (ElasticThreads(self.num_threads, available_cpus(), set_threads=lambda n: None)
+                                if config.elastic_threads and on_cpu else None)
+        # one thread or all, per kind of step, from measured step times (engine/threads.py)
+        self.step_threads = StepThreads() if config.step_threads and on_cpu else None
+        self.threads_in_force = self.num_threads
         model_dir = Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
         mc = self.model_config
@@ -213,8 +217,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        if self.elastic_threads is not None:
-            self.elastic_threads.update()
+        threads, kind = self._threads_for(batch)
         num_prompt_tokens = num_decodes = 0
         hook = self.layer_hook
         on_layer_done = None if hook is None else (lambda i: hook(i, batch))
@@ -267,8 +270,24 @@ class LLMEngine:
             self.scheduler.speculator.end_step(num_prompt_tokens, sum(len(o.new_token_ids) for o in outputs))
         seconds = time.perf_counter() - started
         self.step_times.record(num_prompt_tokens, num_decodes, seconds)
+        if kind is not None:
+            self.step_threads.observe(kind, threads, seconds)
         self.scheduler.chunk_bound.observe(num_prompt_tokens, seconds)
         return outputs
+
+    def _threads_for(self, batch: list[ScheduledSeq]) -> tuple[int, tuple[bool, int] | None]:
+        """Set the forward pass's thread count for this step: the elastic share (else --num-threads), or one
+        thread where the step threads' measurements say this kind of step runs faster on one."""
+        threads = self.elastic_threads.update() if self.elastic_threads is not None else self.num_threads
+        kind = None
+        if self.step_threads is not None and threads > 1:
+            kind = StepThreads.kind(any(it.seq.num_computed_tokens < it.seq.num_prompt_tokens for it in batch),
+                                    sum(it.num_new_tokens for it in batch))
+            threads = self.step_threads.choose(kind, threads)
+        if threads != self.threads_in_force:
+            torch.set_num_threads(threads)
+            self.threads_in_force = threads
+        return threads, kind
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         """Why `seq` stops after its newest token `token` (already appended), or None."""
