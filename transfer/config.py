@@ -26,6 +26,10 @@ class TransferConfig:
         "whether KV may move through shared memory (UCX sysv/CMA) to a peer: auto (when the peer runs on this kernel "
         "in the same network and pid namespace), on (always; e.g. containers that share IPC and pid), off (never)",
         choices=list(SHARED_MEMORY_CHOICES)))
+    transfer_direct_paths: bool = field(default=False, metadata=_h(
+        "ucx backend: move KV outside UCX where that measured faster on CPU hosts: to a peer sharing memory by "
+        "process_vm_readv of the sender (control over a Unix socket), to another host's host memory up to 8 MiB "
+        "over a plain TCP connection (docs/transfer_bandwidth.md). Off: every KV byte moves through UCX"))
 
     def __post_init__(self) -> None:
         if self.kv_transport not in TRANSPORTS:

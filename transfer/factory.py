@@ -16,4 +16,5 @@ def create_transport(config: TransferConfig, host: str, port: int, *, num_lanes:
     from .ucx import UCXTransport
 
     return UCXTransport(host, port, num_lanes=num_lanes, timeout_s=timeout_s,
-                        shared_memory=config.transfer_shared_memory)
+                        shared_memory=config.transfer_shared_memory, cma_reads=config.transfer_direct_paths,
+                        stream_pushes=config.transfer_direct_paths)

@@ -26,7 +26,7 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
     receive; it replies REJECT{reason} (nothing written) or READY{push_id, random payload tag base}.
  3. other lanes: DATA{push_id, pieces} -> READY/REJECT likewise; then the payload pieces, tagged
     base|index, straight from/into the registered memory; the receiver answers DONE{nbytes} or FAILED.
- 3a. same-host reads (cma_reads=True, the default; host memory on both ends, peers sharing memory): HELLO also
+ 3a. same-host reads (cma_reads=True, opt-in: --transfer-direct-paths; host memory on both ends, peers sharing memory): HELLO also
     carries the sender's pid and a probe (an address and the bytes there), which the receiver reads by CMA to prove
     it may; then a push is one OPEN_CMA{token, dst regions, dst pieces, the sender's source addresses} on one lane:
     the receiver checks the token and regions exactly as for OPEN, copies the pieces out of the sender's memory with
@@ -34,7 +34,7 @@ Protocol, per lane (a ucxx endpoint pair; a push spreads over up to `num_lanes` 
     or REJECT before reading anything, or UNSUPPORTED (its buffer is device memory: the sender pushes tagged).
  3a'. the OPEN_CMA request and its reply go over a Unix socket between the two processes (cma_channel.py, its name
     in HELLO_REPLY) rather than a UCX lane: one event-loop wake-up per message instead of ucxx's three.
- 3a''. other hosts (stream_pushes=True, the default; host memory, no shared memory with the peer, no RDMA here): pushes up
+ 3a''. other hosts (stream_pushes=True, opt-in: --transfer-direct-paths; host memory, no shared memory with the peer, no RDMA here): pushes up
     to stream_max_bytes (8 MiB) as OPEN_STREAM{token, dst regions, pieces} and the pieces' bytes right behind it on a
     plain TCP connection (tcp_stream.py, port in HELLO_REPLY); larger ones over UCX's lanes; the receiver checks the
     token and regions before it reads the payload off the socket into its buffer (a refused payload is read into scratch
@@ -105,7 +105,7 @@ class UCXTransport(TransportCore):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, num_lanes: int = 4, timeout_s: float = 30.0,
                  max_piece_bytes: int = 16 << 20, lane_min_bytes: int = 16 << 20, network_lane_min_bytes: int = 2 << 20,
                  shared_memory: str = "auto", rma_reads: bool = False, native_batches: bool = True,
-                 cma_reads: bool = True, stream_pushes: bool = True, stream_max_bytes: int = 8 << 20) -> None:
+                 cma_reads: bool = False, stream_pushes: bool = False, stream_max_bytes: int = 8 << 20) -> None:
         if min(num_lanes, timeout_s, max_piece_bytes, lane_min_bytes, network_lane_min_bytes) <= 0:
             raise ValueError("num_lanes, timeout_s, max_piece_bytes and the lane_min_bytes must be positive")
         self.host = host

@@ -85,6 +85,7 @@ pytestmark_async = pytest.mark.asyncio(loop_scope="session")
 async def _pair(**kwargs):
     from pdserve.transfer.ucx import UCXTransport
 
+    kwargs = {"cma_reads": True, **kwargs}  # opt-in (--transfer-direct-paths)
     sender, receiver = UCXTransport(timeout_s=5.0, **kwargs), UCXTransport(timeout_s=5.0, **kwargs)
     await sender.start()
     await receiver.start()

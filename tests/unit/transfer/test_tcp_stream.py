@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)
 async def _pair(**kwargs):
     from pdserve.transfer.ucx import UCXTransport
 
+    kwargs = {"stream_pushes": True, **kwargs}  # opt-in (--transfer-direct-paths)
     sender = UCXTransport(timeout_s=5.0, shared_memory="off", **kwargs)
     receiver = UCXTransport(timeout_s=5.0, shared_memory="off", **kwargs)
     await sender.start()
