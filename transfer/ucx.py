@@ -325,27 +325,17 @@ class UCXTransport(TransportCore):
         if (mapped is not None or cma or stream) and pool.peer_caps is None:
             await self._release(pool, await self._acquire(pool, 1, deadline), True)  # learn what the peer offers
         caps = pool.peer_caps or 0
-        read = mapped is not None and caps & CAP_RMA_READ and self._reads_pay(pool, mapped)
-        if read or (cma and caps & CAP_CMA_READ):
-            try:
-                if read:
-                    assert mapped is not None
-                    await self._push_read(pool, token, mapped, dst, pieces, deadline)
-                    moved = True
-                else:
-                    moved = await self._push_cma(pool, token, view, dst, pieces, deadline)
-            except BaseException as exc:
-                self._count_error(exc)
-                self._stats.seconds_sending += time.perf_counter() - started
-                raise
-            if moved:
-                self._stats.seconds_sending += time.perf_counter() - started
-                self._stats.bytes_sent += nbytes
-                self._stats.num_pushes += 1
-                return nbytes
+        # one direct path at most (each returns False when the peer answers UNSUPPORTED: then lanes, tagged)
+        direct = None
+        if mapped is not None and caps & CAP_RMA_READ and self._reads_pay(pool, mapped):
+            direct = self._push_read(pool, token, mapped, dst, pieces, deadline)
+        elif cma and caps & CAP_CMA_READ:
+            direct = self._push_cma(pool, token, view, dst, pieces, deadline)
         elif stream and caps & CAP_STREAM and pool.shares_memory is False and pool.stream_port:
+            direct = self._push_stream(pool, token, view, dst, pieces, deadline)
+        if direct is not None:
             try:
-                moved = await self._push_stream(pool, token, view, dst, pieces, deadline)
+                moved = await direct
             except BaseException as exc:
                 self._count_error(exc)
                 self._stats.seconds_sending += time.perf_counter() - started
@@ -385,9 +375,10 @@ class UCXTransport(TransportCore):
         return nbytes
 
     async def _push_read(self, pool: LanePool, token: bytes, mapped: Mapped, dst: list[Region], pieces: list[Piece],
-                         deadline: float) -> None:
+                         deadline: float) -> bool:
         """OPEN_READ{token, dst regions, our rkey, pieces} on one lane: the receiver checks the token, reads every
-        piece from our registered memory in one batch and answers DONE (or REJECT before reading anything)."""
+        piece from our registered memory in one batch and answers DONE (True; REJECT before reading anything
+        raises)."""
         lanes = await self._acquire(pool, 1, deadline)
         lane = lanes[0]
         clean = False
@@ -406,6 +397,7 @@ class UCXTransport(TransportCore):
             clean = True
         finally:
             await self._release(pool, lanes, clean)
+        return True
 
     async def _push_cma(self, pool: LanePool, token: bytes, view: Memory, dst: list[Region], pieces: list[Piece],
                         deadline: float) -> bool:
