@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_vllm import bench, resolve_model, stop_server, wait_up  # noqa: E402
+from serving_path import pids_of  # noqa: E402
+from vs_vllm import CLK_TCK, bench, resolve_model, stop_server, wait_up  # noqa: E402
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+ENGINE_ROLES = ("worker", "prefill", "decode")
 
 
 def start(model: Path, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
@@ -53,10 +54,8 @@ async def step_counters(router: str) -> dict:
 
 def thread_cpu(pgid: int) -> dict[tuple[int, int], float]:
     """CPU seconds of every thread of the cluster's worker processes."""
-    found = subprocess.run(["pgrep", "-g", str(pgid), "-f", r"pdserve.* (worker|prefill|decode) "],
-                           capture_output=True, text=True).stdout.split()
     out = {}
-    for pid in map(int, found):
+    for pid in (pid for role in ENGINE_ROLES for pid in pids_of(pgid, role)):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -67,7 +66,7 @@ def thread_cpu(pgid: int) -> dict[tuple[int, int], float]:
             except OSError:
                 continue
             f = stat[stat.rfind(")") + 2:].split()
-            out[(pid, int(tid))] = (int(f[11]) + int(f[12])) / _CLK_TCK
+            out[(pid, int(tid))] = (int(f[11]) + int(f[12])) / CLK_TCK
     return out
 
 
