@@ -16,6 +16,7 @@ import pytest
 
 from pdserve.errors import KVTransferError
 from pdserve.transfer.cma import IOV_MAX, Cma, _advance
+from transfer_helpers import push_whole
 
 cma = Cma.get()
 needs_cma = pytest.mark.skipif(cma is None, reason="process_vm_readv is not available")
@@ -126,14 +127,8 @@ async def test_cma_off_or_shared_memory_off_pushes_tagged() -> None:
         sender, receiver = await _pair(**kwargs)
         try:
             src = np.arange(1 << 20, dtype=np.uint8)
-            dst = np.zeros_like(src)
-            sender.register_buffer("src", src)
-            receiver.register_buffer("dst", dst)
-            token = secrets.token_bytes(16)
-            exp = receiver.expect(token, "dst", [(0, src.nbytes)], 5.0)
             before = cma.calls
-            await sender.push(receiver.address, token, "src", [(0, src.nbytes)], [(0, src.nbytes)])
-            await exp.wait()
+            dst = await push_whole(sender, receiver, src)
             assert cma.calls == before, kwargs
             assert np.array_equal(dst, src)
         finally:
@@ -159,14 +154,8 @@ async def test_device_destination_answers_unsupported_and_the_push_goes_tagged(m
     sender, receiver = await _pair()
     try:
         src = np.random.default_rng(2).integers(0, 256, 2 << 20, dtype=np.uint8)
-        dst = np.zeros_like(src)
-        sender.register_buffer("src", src)
-        receiver.register_buffer("dst", dst)
-        token = secrets.token_bytes(16)
-        exp = receiver.expect(token, "dst", [(0, src.nbytes)], 5.0)
         before = cma.calls
-        await sender.push(receiver.address, token, "src", [(0, src.nbytes)], [(0, src.nbytes)])
-        await asyncio.wait_for(exp.wait(), 5)
+        dst = await push_whole(sender, receiver, src)
         assert np.array_equal(dst, src)
         assert cma.calls - before <= 1  # at most the connect-time probe; no payload read
         assert receiver.stats.num_rejected == 0

@@ -15,6 +15,7 @@ from pdserve.errors import KVTransferError
 from pdserve.transfer.base import TransferRejected
 from pdserve.transfer.tcp_stream import frame
 from pdserve.transfer.wire import BodyWriter, Kind
+from transfer_helpers import push_whole
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)]
 
@@ -58,13 +59,7 @@ async def test_stream_off_pushes_tagged() -> None:
     sender, receiver = await _pair(stream_pushes=False)
     try:
         src = np.arange(1 << 20, dtype=np.uint8)
-        dst = np.zeros_like(src)
-        sender.register_buffer("src", src)
-        receiver.register_buffer("dst", dst)
-        token = secrets.token_bytes(16)
-        exp = receiver.expect(token, "dst", [(0, src.nbytes)], 5.0)
-        await sender.push(receiver.address, token, "src", [(0, src.nbytes)], [(0, src.nbytes)])
-        await exp.wait()
+        dst = await push_whole(sender, receiver, src)
         assert np.array_equal(dst, src) and not sender._streams
     finally:
         await sender.close()
