@@ -4,16 +4,20 @@ Each method runs in a receiver process and a sender process, one pair at a time,
 --iters timed pushes after one warm-up; 1 GB = 1e9 B); --runs repeats every method, alternating their order, and the
 table gives the median over runs and each run's ratio. Two placements:
 
-- one host: both processes on 127.0.0.1, each method with its best transport here: ours = UCXTransport.push()
-  (the receiver copies the pushed regions out of the sender by CMA itself: OPEN_CMA -> DONE), Mooncake TE =
-  `transfer_sync_write` over its TCP transport (the non-CUDA wheel's only one without RDMA). Extra rows: ours with
-  tagged UCX sends over shared memory (cma_reads=False: OPEN -> READY -> payload by UCX sysv + CMA -> DONE, the
-  default before 2026-12-02 15:00 UTC), ours forced onto TCP loopback (--transfer-shared-memory off), and our
-  Mooncake backend (MooncakeTransport: token check + TE read).
+- one host: both processes on 127.0.0.1, each method with its best transport here: ours = UCXTransport.push() with
+  the workers' defaults (every byte over UCX: OPEN -> READY -> tagged payload sends over UCX shared memory, sysv +
+  CMA -> DONE), Mooncake TE = `transfer_sync_write` over its TCP transport (the non-CUDA wheel's only one without
+  RDMA). Extra rows: ours with the opt-in direct paths (`--transfer-direct-paths`: the receiver copies the pushed
+  regions out of the sender by CMA itself, OPEN_CMA -> DONE over a Unix socket), ours with the defaults forced onto
+  UCX's TCP over loopback (--transfer-shared-memory off, the like-for-like transport), and our Mooncake backend
+  (MooncakeTransport: token check + TE read).
 - two hosts: sender and receiver in two network namespaces joined by veth pairs (deploy/netns/netns_lab.py; needs
-  root and iproute2), each method over TCP: ours = UCXTransport (host identity differs: OPEN_STREAM and the payload
-  over a plain TCP stream on the veth, tcp_stream.py), Mooncake TE = `transfer_sync_write`. Extra row: ours with
-  tagged UCX sends over UCX's TCP (stream_pushes=False, the default before 2026-12-02 16:10 UTC).
+  root and iproute2), each method over TCP: ours = UCXTransport with the defaults (host identity differs: tagged
+  sends over UCX's TCP on the veth), Mooncake TE = `transfer_sync_write`. Extra row: ours with the opt-in direct
+  paths (pushes up to 8 MiB as OPEN_STREAM + payload over one plain TCP connection, tcp_stream.py).
+
+Every "ours" row that RATIO_METHODS names gets its ratio to Mooncake TE: the median over runs and each run's own
+ratio (both sides measured in that run, minutes apart at most).
 
 "ours" is end to end: the push returns after the receiver checked the one-time token, the payload landed and it
 answered DONE. Mooncake TE's `transfer_sync_write` returns once the remote write completed (no authorisation).
@@ -40,30 +44,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy" / "netns")
 from transfer_bandwidth import gbps, token_for  # noqa: E402
 
 MiB = 1 << 20
-# method -> (process kind, UCX shared memory setting)
+# method -> (process kind, UCX shared memory setting). "ucx" is UCXTransport as the workers run it by default;
+# "ucx-direct" turns on the opt-in direct paths (cma_reads, stream_pushes: --transfer-direct-paths).
 METHODS = {
-    "ours (UCX)": ("ucx", "auto"),
-    "ours (UCX, TCP only)": ("ucx", "off"),
-    "ours (UCX, tagged sends)": ("ucx-tagged", "auto"),
+    "ours (UCX, default)": ("ucx", "auto"),
+    "ours (UCX, default, TCP only)": ("ucx", "off"),
+    "ours (direct paths, opt-in)": ("ucx-direct", "auto"),
     "Mooncake TE": ("mooncake-te", ""),
     "ours (Mooncake backend)": ("mooncake-ours", ""),
 }
+RIVAL = "Mooncake TE"
+# The rows whose ratio to RIVAL the table prints (the first is the headline: what a deployment gets by default).
+RATIO_METHODS = ["ours (UCX, default)", "ours (direct paths, opt-in)"]
 PLACEMENTS = {
-    "one host": ["ours (UCX)", "Mooncake TE", "ours (UCX, tagged sends)", "ours (UCX, TCP only)",
+    "one host": ["ours (UCX, default)", "Mooncake TE", "ours (direct paths, opt-in)", "ours (UCX, default, TCP only)",
                  "ours (Mooncake backend)"],
-    "two netns hosts, TCP": ["ours (UCX)", "Mooncake TE", "ours (UCX, tagged sends)"],
+    "two netns hosts, TCP": ["ours (UCX, default)", "Mooncake TE", "ours (direct paths, opt-in)"],
 }
 
 
 # ---- the two processes ------------------------------------------------------------------------------
 def _transport(kind: str, host: str, shared_memory: str, args: argparse.Namespace):
-    if kind in ("ucx", "ucx-tagged"):
+    if kind in ("ucx", "ucx-direct"):
         from pdserve.transfer.ucx import UCXTransport
 
         return UCXTransport(host, 0, num_lanes=args.ucx_lanes, timeout_s=args.timeout_s, shared_memory=shared_memory,
                             lane_min_bytes=args.ucx_lane_min_mib * MiB,
-                            network_lane_min_bytes=args.ucx_network_lane_min_mib * MiB, cma_reads=kind == "ucx",
-                            stream_pushes=kind == "ucx")
+                            network_lane_min_bytes=args.ucx_network_lane_min_mib * MiB, cma_reads=kind == "ucx-direct",
+                            stream_pushes=kind == "ucx-direct")
     from pdserve.transfer.mooncake import MooncakeTransport
 
     return MooncakeTransport(host, 0, timeout_s=args.timeout_s)
@@ -160,16 +168,20 @@ def _run_pair(method: str, args: argparse.Namespace, recv_prefix: list[str], sen
 
 
 def _table(title: str, methods: list[str], runs: dict[str, list[dict[int, float]]], sizes_mib: list[int]) -> str:
-    """Median GB/s over the runs per method, and the first method's ratio to the second: median and each run's."""
-    base, rival = methods[0], methods[1]
-    head = f"| size | {' | '.join(f'{m} GB/s' for m in methods)} | {base} / {rival} (median; each run) |"
-    rows = [f"\n### {title}\n", head, "|---:|" + "---:|" * (len(methods) + 1)]
+    """Median GB/s over the runs per method, and each RATIO_METHODS row's ratio to RIVAL: median and each run's."""
+    ratio_methods = [m for m in RATIO_METHODS if m in methods and m != RIVAL]
+    head = (f"| size | {' | '.join(f'{m} GB/s' for m in methods)} | "
+            + " | ".join(f"{m} / {RIVAL} (median; each run)" for m in ratio_methods) + " |")
+    rows = [f"\n### {title}\n", head, "|---:|" + "---:|" * (len(methods) + len(ratio_methods))]
     for size_mib in sizes_mib:
         size = size_mib * MiB
         medians = [float(np.median([run[size] for run in runs[m]])) for m in methods]
-        ratios = [a[size] / b[size] for a, b in zip(runs[base], runs[rival])]
-        rows.append(f"| {size_mib} MiB | {' | '.join(f'{v:.2f}' for v in medians)} | "
-                    f"**{float(np.median(ratios)):.2f}x**; {' / '.join(f'{r:.2f}' for r in ratios)} |")
+        cells = []
+        for i, m in enumerate(ratio_methods):
+            ratios = [a[size] / b[size] for a, b in zip(runs[m], runs[RIVAL])]
+            median = f"{float(np.median(ratios)):.2f}x"
+            cells.append(f"{'**' + median + '**' if i == 0 else median}; {' / '.join(f'{r:.2f}' for r in ratios)}")
+        rows.append(f"| {size_mib} MiB | {' | '.join(f'{v:.2f}' for v in medians)} | {' | '.join(cells)} |")
     return "\n".join(rows)
 
 
