@@ -23,7 +23,7 @@ ratio (both sides measured in that run, minutes apart at most).
 answered DONE. Mooncake TE's `transfer_sync_write` returns once the remote write completed (no authorisation).
 Not a test; every wait is bounded.
 
-    .venv/bin/python benchmarks/transfer_vs_mooncake.py --sizes-mib 4 16 64 256 --iters 5
+    .venv/bin/python benchmarks/transfer_vs_mooncake.py --sizes-mib 4 16 64 256 --iters 20 --runs 3 --placements "one host"
 """
 
 from __future__ import annotations
