@@ -169,7 +169,7 @@ def _run_pair(method: str, args: argparse.Namespace, recv_prefix: list[str], sen
 
 def _table(title: str, methods: list[str], runs: dict[str, list[dict[int, float]]], sizes_mib: list[int]) -> str:
     """Median GB/s over the runs per method, and each RATIO_METHODS row's ratio to RIVAL: median and each run's."""
-    ratio_methods = [m for m in RATIO_METHODS if m in methods and m != RIVAL]
+    ratio_methods = [m for m in RATIO_METHODS if m in methods]
     head = (f"| size | {' | '.join(f'{m} GB/s' for m in methods)} | "
             + " | ".join(f"{m} / {RIVAL} (median; each run)" for m in ratio_methods) + " |")
     rows = [f"\n### {title}\n", head, "|---:|" + "---:|" * (len(methods) + len(ratio_methods))]
